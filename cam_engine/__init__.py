@@ -1,0 +1,58 @@
+"""cam_engine: class activation maps for PyTorch models, fast and without side effects.
+
+Drop-in for pytorch-grad-cam users::
+
+    from cam_engine import GradCAM
+    from cam_engine.targets import ClassifierOutputTarget
+    with GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
+        heatmaps = cam(input_tensor=x, targets=[ClassifierOutputTarget(281)])  # NumPy [B, H, W]
+
+Torch-native entry used by servers: ``cam_engine.create("gradcam", model, ["layer4.-1"]).explain(x)``
+returns a tensor on the model's device; ``cam_engine.methods()`` lists the registered names.
+"""
+
+from . import functional, image, reshape, targets
+from .core import BaseCAM, CAMResult
+from .layers import LayerNotFoundError, resolve_layer, resolve_layers
+from .methods import (
+    FEM,
+    KPCA_CAM,
+    EigenCAM,
+    EigenGradCAM,
+    FinerCAM,
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ShapleyCAM,
+    XGradCAM,
+)
+from .registry import create, get_method, methods
+
+__all__ = [
+    "BaseCAM",
+    "CAMResult",
+    "EigenCAM",
+    "EigenGradCAM",
+    "FEM",
+    "FinerCAM",
+    "GradCAM",
+    "GradCAMElementWise",
+    "GradCAMPlusPlus",
+    "HiResCAM",
+    "KPCA_CAM",
+    "LayerCAM",
+    "LayerNotFoundError",
+    "ShapleyCAM",
+    "XGradCAM",
+    "create",
+    "functional",
+    "get_method",
+    "image",
+    "methods",
+    "reshape",
+    "resolve_layer",
+    "resolve_layers",
+    "targets",
+]

@@ -1,0 +1,393 @@
+"""The engine: hooks, the forward pass, targets, the truncated backward and post-processing.
+
+One call of a CAM method does this, and leaves nothing behind:
+
+1. Forward hooks are registered on the target layers for the duration of the call only.
+2. For gradient methods the forward pass runs under ``torch.no_grad()`` up to the first target
+   layer; that layer's output is re-entered as a fresh leaf and gradient recording starts there.
+   Everything upstream of the target builds no graph, and ``torch.autograd.grad(score, activations)``
+   stops at the target layer: parameter gradients are never computed or stored, and the caller's
+   ``requires_grad`` flags are never touched. Gradient-free methods run under ``inference_mode``.
+3. Targets are evaluated per image and summed, so N images with N targets take one forward and one
+   backward pass (images do not interact in eval mode). Several targets per image reuse the forward
+   pass and take one extra truncated backward pass each.
+4. The CAM is computed in float32 on the model's device (ReLU, min-max scaling, bilinear resize to
+   the input size, multi-layer mean), exactly as pytorch-grad-cam defines it.
+
+A model in training mode is switched to eval mode for the call and switched back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as CF
+from .layers import layer_names, resolve_layers
+from .targets import ClassifierOutputTarget
+
+__all__ = ["BaseCAM", "CAMResult", "current_input_size", "model_scores", "AUGMENTATIONS"]
+
+# (height, width) of the input being explained; reshape transforms read it to infer token grids.
+_INPUT_SIZE: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("input_size", default=None)
+
+# aug_smooth: horizontal flip x brightness 0.9 / 1.0 / 1.1, in the reference's order.
+AUGMENTATIONS: tuple[tuple[bool, float], ...] = tuple((flip, f) for flip in (False, True) for f in (0.9, 1.0, 1.1))
+
+
+def current_input_size() -> tuple[int, ...] | None:
+    """The spatial size of the input a CAM call is explaining, or None outside a call."""
+    return _INPUT_SIZE.get()
+
+
+def model_scores(outputs: Any) -> Any:
+    """The part of a model's output that targets read.
+
+    ``logits`` of a HuggingFace ModelOutput or dict when present; the first element of a tuple of
+    tensors; otherwise the output itself (a tensor, or a list of per-image dicts for detectors).
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
+        return outputs["logits"]
+    if isinstance(outputs, tuple) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    return outputs
+
+
+def _per_image(scores: Any, index: int) -> Any:
+    return scores[index]
+
+
+def _default_targets(scores: Any, batch: int) -> list:
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(
+            "targets=None needs a model that returns class scores; pass explicit targets for this model"
+        )
+    flat = scores.reshape(scores.shape[0], -1) if scores.ndim > 2 else scores
+    return [ClassifierOutputTarget(int(c)) for c in flat.argmax(dim=-1).tolist()]
+
+
+def _tensors(structure: Any) -> list[torch.Tensor]:
+    if isinstance(structure, torch.Tensor):
+        return [structure]
+    if isinstance(structure, Mapping):
+        return [t for v in structure.values() for t in _tensors(v)]
+    if isinstance(structure, (list, tuple)):
+        return [t for v in structure for t in _tensors(v)]
+    return []
+
+
+def _map(structure: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(structure, torch.Tensor):
+        return fn(structure)
+    if isinstance(structure, Mapping):
+        return type(structure)((k, _map(v, fn)) for k, v in structure.items())
+    if isinstance(structure, tuple) and hasattr(structure, "_fields"):
+        return type(structure)(*(_map(v, fn) for v in structure))
+    if isinstance(structure, (list, tuple)):
+        return type(structure)(_map(v, fn) for v in structure)
+    return structure
+
+
+def _leaf(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.requires_grad or not tensor.is_floating_point():
+        return tensor
+    return tensor.detach().requires_grad_(True)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    training = [m for m in model.modules() if m.training]
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device, None
+    return torch.device("cpu"), None
+
+
+@dataclass
+class Capture:
+    """What one forward pass recorded at each target layer."""
+
+    layers: list[nn.Module]
+    outputs: dict[int, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CAMResult:
+    """The result of :meth:`BaseCAM.run`.
+
+    ``cams``: float32 ``[N, H, W]`` in [0, 1] on the model's device, one row per (image, target) pair
+    in ``pairs`` (image-major). ``outputs``: the model's output for the batch, detached.
+    ``targets``: per image, the targets explained.
+    """
+
+    cams: torch.Tensor
+    pairs: list[tuple[int, int]]
+    outputs: Any
+    targets: list[list[Any]]
+
+
+class BaseCAM:
+    """A CAM method bound to a model and its target layers.
+
+    Subclasses implement :meth:`cam_image` (and set ``uses_gradients = False`` when they need no
+    gradients). The drop-in call ``cam(input_tensor, targets)`` returns NumPy ``[B, H, W]``;
+    :meth:`explain` returns the same as a tensor on the model's device; :meth:`run` also returns the
+    model's outputs from the same forward pass and accepts several targets per image.
+    """
+
+    #: registry name, set by :func:`cam_engine.registry.register`
+    name: str = ""
+    uses_gradients: bool = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layers: Sequence[nn.Module | str] | nn.Module | str,
+        reshape_transform: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
+        self.model = model
+        self.target_layers = resolve_layers(model, target_layers)
+        self.reshape_transform = reshape_transform
+
+    # ------------------------------------------------------------------ method hooks
+    def cam_image(self, activations: torch.Tensor, gradients: torch.Tensor | None, eigen_smooth: bool) -> torch.Tensor:
+        """The CAM of one layer before ReLU and scaling: ``[B, C, *S]`` inputs -> ``[B, *S]``."""
+        raise NotImplementedError
+
+    def _gradients(self, loss: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool) -> list[torch.Tensor]:
+        grads = torch.autograd.grad(loss, tensors, retain_graph=retain_graph, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+
+    def _forward_context(self) -> contextlib.AbstractContextManager:
+        """A context the forward pass runs in (e.g. an attention backend that supports 2nd derivatives)."""
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> BaseCAM:
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        return None  # hooks only live inside a call: nothing to release, no exception swallowed
+
+    # ------------------------------------------------------------------ public calls
+    def __call__(
+        self,
+        input_tensor: torch.Tensor,
+        targets: Sequence[Any] | None = None,
+        aug_smooth: bool = False,
+        eigen_smooth: bool = False,
+    ) -> np.ndarray:
+        """pytorch-grad-cam's call: float32 NumPy ``[B, H, W]`` in [0, 1] at the input's size."""
+        return self.explain(input_tensor, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth).cpu().numpy()
+
+    def explain(
+        self,
+        input_tensor: torch.Tensor,
+        targets: Sequence[Any] | None = None,
+        aug_smooth: bool = False,
+        eigen_smooth: bool = False,
+    ) -> torch.Tensor:
+        """CAMs as a float32 tensor ``[B, H, W]`` in [0, 1] on the model's device.
+
+        ``targets``: one target per image, or None for each image's top class.
+        """
+        if targets is not None:
+            targets = list(targets)
+            if len(targets) != input_tensor.shape[0]:
+                raise ValueError(f"got {len(targets)} targets for a batch of {input_tensor.shape[0]} images")
+            targets = [[t] for t in targets]
+        return self.run(input_tensor, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth).cams
+
+    def run(
+        self,
+        input_tensor: torch.Tensor,
+        targets: Sequence[Sequence[Any]] | None = None,
+        aug_smooth: bool = False,
+        eigen_smooth: bool = False,
+    ) -> CAMResult:
+        """Explain a batch; ``targets[i]`` is the list of targets for image ``i`` (None: top class)."""
+        if input_tensor.ndim < 3:
+            raise ValueError(f"input_tensor must be batched [B, C, *S], got shape {tuple(input_tensor.shape)}")
+        batch = input_tensor.shape[0]
+        if targets is not None:
+            targets = [list(t) if isinstance(t, (list, tuple)) else [t] for t in targets]
+            if len(targets) != batch:
+                raise ValueError(f"got target lists for {len(targets)} images in a batch of {batch}")
+        device, dtype = _model_device_dtype(self.model)
+        x = input_tensor.to(device)
+        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)
+        token = _INPUT_SIZE.set(tuple(x.shape[2:]))
+        try:
+            with _eval_mode(self.model):
+                if not aug_smooth:
+                    return self._run(x, targets, eigen_smooth)
+                return self._run_augmented(x, targets, eigen_smooth)
+        finally:
+            _INPUT_SIZE.reset(token)
+
+    # ------------------------------------------------------------------ internals
+    def _forward(self, x: torch.Tensor) -> tuple[Any, Capture]:
+        capture = Capture(self.target_layers)
+        gradients = self.uses_gradients
+
+        def make_hook(index: int):
+            def hook(module, inputs, output):
+                if gradients:
+                    output = _map(output, _leaf)
+                    torch.set_grad_enabled(True)
+                capture.outputs[index] = output
+                return output
+
+            return hook
+
+        handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(self.target_layers)]
+        try:
+            context = torch.no_grad() if gradients else torch.inference_mode()
+            with context, self._forward_context():
+                outputs = self.model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [i for i in range(len(self.target_layers)) if i not in capture.outputs]
+        if missing:
+            names = layer_names(self.model, [self.target_layers[i] for i in missing])
+            raise RuntimeError(f"target layer(s) {', '.join(names)} did not run during the forward pass")
+        return outputs, capture
+
+    def _activation(self, structure: Any, index: int) -> torch.Tensor:
+        if self.reshape_transform is not None:
+            tensor = self.reshape_transform(structure)
+        elif isinstance(structure, torch.Tensor):
+            tensor = structure
+        elif isinstance(structure, (list, tuple)) and structure and isinstance(structure[0], torch.Tensor):
+            tensor = structure[0]
+        else:
+            name = layer_names(self.model, [self.target_layers[index]])[0]
+            raise ValueError(f"layer {name} returns {type(structure).__name__}; pass a reshape_transform for it")
+        if tensor.ndim < 3:
+            name = layer_names(self.model, [self.target_layers[index]])[0]
+            raise ValueError(f"layer {name} gives activations of shape {tuple(tensor.shape)}; CAMs need [B, C, *S]")
+        if tensor.ndim == 3 and self.reshape_transform is None:
+            name = layer_names(self.model, [self.target_layers[index]])[0]
+            raise ValueError(
+                f"layer {name} gives token activations of shape {tuple(tensor.shape)}; pass a reshape_transform "
+                "such as cam_engine.reshape.vit_reshape_transform"
+            )
+        return tensor.float()
+
+    def _grad_structure(self, structure: Any, grads: dict[int, torch.Tensor]) -> Any:
+        return _map(structure, lambda t: grads.get(id(t), torch.zeros_like(t)))
+
+    def _layer_cams(
+        self,
+        capture: Capture,
+        gradient_maps: dict[int, torch.Tensor] | None,
+        rows: torch.Tensor | None,
+        size: tuple[int, ...],
+        eigen_smooth: bool,
+    ) -> torch.Tensor:
+        """Scaled, resized, layer-averaged CAMs ``[N, *size]`` for the batch rows ``rows``."""
+        per_layer = []
+        for index in range(len(self.target_layers)):
+            structure = capture.outputs[index]
+            activations = self._activation(structure, index).detach()
+            gradients = None
+            if gradient_maps is not None:
+                gradients = self._activation(self._grad_structure(structure, gradient_maps), index).detach()
+            if rows is not None:
+                activations = activations[rows]
+                gradients = gradients[rows] if gradients is not None else None
+            cam = self.cam_image(activations, gradients, eigen_smooth).float().clamp_min(0)
+            cam = CF.scale_per_image(cam)
+            per_layer.append(_resize(cam, size))
+        stacked = torch.stack(per_layer, dim=1).clamp_min(0).mean(dim=1)
+        return CF.scale_per_image(stacked)
+
+    def _resolve_targets(self, outputs: Any, targets: list[list[Any]] | None, batch: int) -> list[list[Any]]:
+        if targets is None:
+            return [[t] for t in _default_targets(model_scores(outputs), batch)]
+        return targets
+
+    def _run(self, x: torch.Tensor, targets: list[list[Any]] | None, eigen_smooth: bool) -> CAMResult:
+        batch = x.shape[0]
+        size = tuple(x.shape[2:])
+        outputs, capture = self._forward(x)
+        scores = model_scores(outputs)
+        if isinstance(scores, torch.Tensor) and scores.dtype in (torch.float16, torch.bfloat16):
+            scores = scores.float()
+        targets = self._resolve_targets(scores, targets, batch)
+        depth = max((len(t) for t in targets), default=0)
+        pairs = [(i, t) for i in range(batch) for t in range(len(targets[i]))]
+        row_of = {pair: row for row, pair in enumerate(pairs)}
+        cams = torch.empty((len(pairs), *size), device=x.device, dtype=torch.float32)
+        if not self.uses_gradients:
+            # A gradient-free CAM does not depend on the target: compute once per image.
+            per_image = self._layer_cams(capture, None, None, size, eigen_smooth)
+            for row, (image, _) in enumerate(pairs):
+                cams[row] = per_image[image]
+        else:
+            tensors = [t for i in range(len(self.target_layers)) for t in _tensors(capture.outputs[i])]
+            tensors = [t for t in tensors if t.requires_grad]
+            for depth_index in range(depth):
+                images = [i for i in range(batch) if len(targets[i]) > depth_index]
+                loss = sum(targets[i][depth_index](_per_image(scores, i)).sum() for i in images)
+                grads = self._gradients(loss, tensors, retain_graph=depth_index < depth - 1)
+                gradient_maps = {id(t): g for t, g in zip(tensors, grads)}
+                rows = torch.tensor(images, device=x.device) if len(images) < batch else None
+                layer_cams = self._layer_cams(capture, gradient_maps, rows, size, eigen_smooth)
+                for local, image in enumerate(images):
+                    cams[row_of[(image, depth_index)]] = layer_cams[local]
+                del grads, gradient_maps
+        return CAMResult(cams, pairs, _map(outputs, lambda t: t.detach()), targets)
+
+    def _run_augmented(self, x: torch.Tensor, targets: list[list[Any]] | None, eigen_smooth: bool) -> CAMResult:
+        """aug_smooth: all six augmentations in one batched pass, de-augmented and averaged."""
+        batch = x.shape[0]
+        augmented = torch.cat([(x.flip(-1) if flip else x) * factor for flip, factor in AUGMENTATIONS])
+        aug_targets = None if targets is None else [t for _ in AUGMENTATIONS for t in targets]
+        result = self._run(augmented, aug_targets, eigen_smooth)
+        # Rows are image-major within each augmentation block; a block holds the same pair layout only
+        # when targets are given. With targets=None each augmented image has exactly one target.
+        per_block = len(result.pairs) // len(AUGMENTATIONS)
+        blocks = result.cams.reshape(len(AUGMENTATIONS), per_block, *result.cams.shape[1:])
+        restored = [b.flip(-1) if flip else b for b, (flip, _) in zip(blocks, AUGMENTATIONS)]
+        cams = torch.stack(restored).mean(dim=0)
+        pairs = [(image, t) for image, t in result.pairs[:per_block]]
+        outputs = _map(result.outputs, lambda t: t[: batch] if t.ndim and t.shape[0] == augmented.shape[0] else t)
+        if isinstance(result.outputs, list) and len(result.outputs) == augmented.shape[0]:
+            outputs = result.outputs[:batch]
+        return CAMResult(cams, pairs, outputs, result.targets[:batch])
+
+
+def _resize(cam: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Bilinear (trilinear for volumes) resize of ``[B, *S]`` to ``size``, half-pixel centres."""
+    if tuple(cam.shape[1:]) == tuple(size):
+        return cam
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(cam[:, None], size=size, mode=mode, align_corners=False)[:, 0]
