@@ -139,7 +139,7 @@ def main() -> None:
         forward_times.append(timed(forward))
         for m in args.methods:
             for lib in ("cam_engine", "grad-cam"):
-                times[(lib, m)].append(timed(lambda: call(cams[(lib, m)], m, x, targets[lib])))
+                times[(lib, m)].append(timed(lambda lib=lib, m=m: call(cams[(lib, m)], m, x, targets[lib])))
         print(f"round {round_index + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     forward_s = statistics.median(forward_times)
 

@@ -41,9 +41,10 @@ def sign_aligned_projection(batch: np.ndarray) -> np.ndarray:
 _original_projection = svd_on_activations.get_2d_projection if import_error is None else None
 
 
-@pytest.fixture
-def oracle(monkeypatch):
-    """The pytorch_grad_cam module, with eigen projections sign-aligned (see above)."""
+def oracle_module(monkeypatch):
+    """The pytorch_grad_cam module, with eigen projections sign-aligned (see above).
+
+    Used through the ``oracle`` fixture of ``tests/conftest.py``."""
     if import_error is not None:
         pytest.fail(f"the oracle grad-cam==1.5.7 is not installed: {import_error}")
     for name in _PROJECTION_USERS:

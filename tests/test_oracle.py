@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from oracle import oracle, pearson  # noqa: F401  (fixture)
+from oracle import pearson
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cam_engine
