@@ -34,8 +34,8 @@ from urllib.parse import urlsplit
 from ts_tokens import DEFAULT_INFERENCE_URL, TokenError, TokenSource, http_request, token_source_from_env
 
 FORWARDED_ROUTES = re.compile(
-    r"^/(predictions|explanations)/[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)?/?(\?.*)?$"
-    r"|^/v1/models/[A-Za-z0-9_.\-]+(:predict|:explain)?(\?.*)?$"
+    r"^/(predictions|explanations)/[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?/?(\?.*)?$"
+    r"|^/v1/models/[A-Za-z0-9][A-Za-z0-9_.\-]*(:predict|:explain)?(\?.*)?$"
 )
 # Request headers passed on to TorchServe; everything else (Authorization, hop-by-hop, Host) is dropped.
 FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "explain", "x-request-id", "traceparent")
