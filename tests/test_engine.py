@@ -305,3 +305,31 @@ def test_shapleycam_matches_its_formula_on_a_vit():
     cam = torch.nn.functional.interpolate(cam[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
     expected = cam_engine.functional.scale_per_image(cam).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_several_targets_take_one_batched_backward():
+    """T targets per image: one vmapped backward (is_grads_batched), equal to T separate passes."""
+    torch.manual_seed(0)
+    vit = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                        num_classes=6).eval()
+    x = torch.randn(2, 3, 32, 32)
+    targets = [[ClassifierOutputTarget(c) for c in (0, 2, 4, 5)], [ClassifierOutputTarget(1)]]
+    cam = cam_engine.GradCAM(vit, ["blocks.-1.norm1"], reshape_transform=reshape.vit_reshape_transform)
+    backward_calls = []
+    original = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        backward_calls.append(kwargs.get("is_grads_batched", False))
+        return original(*args, **kwargs)
+
+    torch.autograd.grad = counting_grad
+    try:
+        batched = cam.run(x, targets).cams
+        assert backward_calls == [True]
+        backward_calls.clear()
+        cam.batch_target_gradients = False
+        looped = cam.run(x, targets).cams
+        assert backward_calls == [False] * 4
+    finally:
+        torch.autograd.grad = original
+    torch.testing.assert_close(batched, looped, atol=1e-5, rtol=1e-4)
