@@ -593,6 +593,10 @@ class CamHandler:
                 requests.append(self.parse_request(index, item, explain))
             except RequestError as error:
                 responses[index] = self._error(context, index, error)
+        logger.info(
+            "batch of %d request(s): %d valid, %d explained",
+            len(data), len(requests), sum(r.explain for r in requests),
+        )
         if requests:
             batch = torch.stack([r.input for r in requests]).to(self.device)
             outputs, cams = self.explain_batch(batch, requests)

@@ -1,0 +1,37 @@
+"""Session fixtures: one real TorchServe on free loopback ports, serving every archive in ``serving.py``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A TorchServe started once per session (token auth on, model API off), stopped at the end."""
+    from serving import TEST_ARCHIVES
+
+    from model_store import serve
+    from model_store.build import build_archive
+
+    workdir = tmp_path_factory.mktemp("torchserve")
+    store = workdir / "model_store"
+    names = []
+    for spec in TEST_ARCHIVES:
+        archive = build_archive(spec, store, log=lambda line: None)
+        names.append(archive.stem)
+    ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
+    try:
+        running = serve.start(workdir, store, names, ports=ports, timeout=240)
+    except BaseException:
+        serve.stop(workdir)
+        raise
+    try:
+        yield running
+    finally:
+        serve.stop(workdir)
