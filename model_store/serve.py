@@ -122,7 +122,11 @@ def start(
     with open(workdir / "logs" / "torchserve.out", "ab") as log:
         subprocess.run(command, cwd=workdir, env=_environment(workdir), stdout=log, stderr=log, check=True)
     server = Server(workdir, ports)
-    wait_ready(server, models, timeout)
+    try:
+        wait_ready(server, models, timeout)
+    except BaseException:
+        stop(workdir)  # never leave a half-started server behind
+        raise
     return server
 
 
