@@ -36,6 +36,8 @@ def handler(tmp_path_factory: pytest.TempPathFactory) -> ClassifierHandler:
             "methods": ["gradcam", "layercam", "eigencam"],
             "max_targets": 5,
             "top_k": 3,
+            "aug_smooth": True,
+            "eigen_smooth": False,
         },
     }
     (directory / "model-config.yaml").write_text(yaml.safe_dump(config))
@@ -57,8 +59,9 @@ def decode_png(data: str) -> np.ndarray:
     return np.asarray(picture)
 
 
-def test_prediction_schema(handler: ClassifierHandler) -> None:
-    image = encode(square_image(120, 200, (10, 10, 60, 60)))
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_prediction_schema(handler: ClassifierHandler, fmt: str) -> None:
+    image = encode(square_image(120, 200, (10, 10, 60, 60)), fmt)
     (response,), context = call(handler, [image], [False])
     assert context.status == {}
     assert set(response) == {"model", "version", "weights", "predictions"}
@@ -133,8 +136,8 @@ def test_each_bad_input_gets_its_own_error_while_the_batch_succeeds(handler: Cla
 
 def test_options_a_model_does_not_allow(handler: ClassifierHandler) -> None:
     good = encode(square_image(64, 64, (10, 10, 30, 30)))
-    responses, context = call(handler, [{"image": b64(good), "aug_smooth": True}, {"image": b64(good), "method": "fem"}], [True, True])
-    assert context.status[0][0] == 400 and "aug_smooth" in responses[0]["message"]
+    responses, context = call(handler, [{"image": b64(good), "eigen_smooth": True}, {"image": b64(good), "method": "fem"}], [True, True])
+    assert context.status[0][0] == 400 and "eigen_smooth" in responses[0]["message"]
     assert context.status[1][0] == 400 and "gradcam" in responses[1]["message"]  # lists the allowed ones
 
 
@@ -143,3 +146,31 @@ def test_heatmap_of_a_224_image_is_small(handler: ClassifierHandler) -> None:
     (response,), _ = call(handler, [image], [True])
     size = len(base64.b64decode(response["explanations"][0]["heatmap"]["data"]))
     assert size <= 16 * 1024, size
+
+
+def test_aug_smooth_and_other_methods_share_a_batch(handler: ClassifierHandler) -> None:
+    """aug_smooth and a second method run on their own images; predictions still come from one batch."""
+    images = [encode(square_image(96, 96, (10 + 10 * i, 10, 50 + 10 * i, 50), seed=i)) for i in range(4)]
+    bodies = [
+        {"image": b64(images[0]), "aug_smooth": True},
+        images[1],
+        {"image": b64(images[2]), "method": "eigencam"},
+        images[3],
+    ]
+    explain = [True, True, True, False]
+    batched, context = call(handler, bodies, explain)
+    assert context.status == {}
+    assert [r["explanations"][0]["method"] for r in batched[:3]] == ["gradcam", "gradcam", "eigencam"]
+    assert "explanations" not in batched[3]
+    for body, flag, together in zip(bodies, explain, batched):
+        (alone,), _ = call(handler, [body], [flag])
+        for a, b in zip(alone["predictions"], together["predictions"]):
+            assert a["index"] == b["index"] and a["score"] == pytest.approx(b["score"], abs=1e-4)
+        if flag:
+            a = decode_png(alone["explanations"][0]["heatmap"]["data"]).astype(int)
+            b = decode_png(together["explanations"][0]["heatmap"]["data"]).astype(int)
+            assert np.abs(a - b).max() <= 2
+    # aug_smooth really changes the map (it averages flipped and brightness-scaled passes)
+    (plain,), _ = call(handler, [images[0]], [True])
+    smoothed = decode_png(batched[0]["explanations"][0]["heatmap"]["data"]).astype(int)
+    assert np.abs(decode_png(plain["explanations"][0]["heatmap"]["data"]).astype(int) - smoothed).max() > 5
