@@ -184,3 +184,14 @@ def test_describe_and_metrics(server) -> None:
     for name in ("CamMethodTime", "CamExplanations", "HeatmapBytes"):
         lines = [line for line in metrics.splitlines() if line.startswith(name + "{") and BATCH_MODEL in line]
         assert lines and float(lines[0].rsplit(" ", 1)[1]) > 0, name
+
+
+def test_workers_import_the_packages_shipped_in_the_archive(server) -> None:
+    """Archives are self-contained: workers run the archived handlers/cam_engine, not a checkout's."""
+    log = (server.workdir / "logs" / "model_log.log").read_text()
+    lines = [line for line in log.splitlines() if "handlers at " in line]
+    assert lines
+    for line in lines:
+        handlers_dir = line.split("handlers at ")[1].split(",")[0].strip()
+        engine_dir = line.split("cam_engine at ")[1].split(",")[0].strip()
+        assert handlers_dir.startswith(str(server.workdir)) and engine_dir.startswith(str(server.workdir)), line
