@@ -287,6 +287,10 @@ class BaseCAM:
                 if gradients:
                     output = _map(output, _leaf)
                     torch.set_grad_enabled(True)
+                    capture.outputs[index] = output
+                    # Downstream in-place ops (DenseNet's relu(inplace=True) after features.-1) must not
+                    # touch the leaf: hand the rest of the model a copy, gradients flow back through it.
+                    return _map(output, lambda t: t.clone() if t.requires_grad else t)
                 capture.outputs[index] = output
                 return output
 
