@@ -38,3 +38,16 @@ serve: $(ARCHIVE)
 
 stop:
 	@if [ -x $(PY) ]; then $(PY) -m model_store.serve stop; else echo "nothing to stop (no $(VENV))"; fi
+
+# Container images (needs a Docker engine; the machines here have none, so tests lint the Dockerfiles).
+REGISTRY ?= registry.example.com/ml
+VERSION  ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+.PHONY: image image-cpu image-gpu push
+image: image-cpu image-gpu
+image-cpu:
+	docker build -f deploy/docker/Dockerfile.cpu -t $(REGISTRY)/torchserve-cam:$(VERSION)-cpu .
+image-gpu:
+	docker build -f deploy/docker/Dockerfile.gpu -t $(REGISTRY)/torchserve-cam:$(VERSION)-gpu .
+push: image
+	docker push $(REGISTRY)/torchserve-cam:$(VERSION)-cpu
+	docker push $(REGISTRY)/torchserve-cam:$(VERSION)-gpu
