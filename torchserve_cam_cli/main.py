@@ -1,0 +1,237 @@
+"""``torchserve-cam``: predict and explain with a running TorchServe, or compare CAM methods offline.
+
+    torchserve-cam predict cat.jpg dog.jpg --model efficientnet_lite0 --top-k 3
+    torchserve-cam explain cat.jpg --model efficientnet_lite0 --target "Egyptian cat" --target 281 --out out/
+    torchserve-cam gallery docs/chelsea.jpg --out docs/gallery_chelsea.jpg       # no server: cam_engine locally
+
+Exit codes: 0 success, 1 the server refused at least one image (its message is printed), 2 a usage or
+setup problem (no token, server unreachable, unreadable file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from .client import (
+    DEFAULT_URL,
+    KEY_FILE_ENV,
+    TOKEN_ENV,
+    URL_ENV,
+    Client,
+    CliError,
+    Outcome,
+    ServerError,
+    parse_target,
+    resolve_token,
+)
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_SERVER, EXIT_USAGE = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchserve-cam",
+        description="Predictions and CAM heatmaps from a torchserve-cam TorchServe, and an offline method gallery.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def server_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG/PNG/WebP files")
+        sub.add_argument("--model", required=True, help="the served model name (e.g. efficientnet_lite0)")
+        sub.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL),
+                         help=f"inference address (default ${URL_ENV} or {DEFAULT_URL})")
+        sub.add_argument("--token", help=f"inference token (default ${TOKEN_ENV}, else the key file)")
+        sub.add_argument("--key-file", help=f"TorchServe's key_file.json (default ${KEY_FILE_ENV} or ./key_file.json)")
+        sub.add_argument("--no-token", action="store_true", help="send no token (a server with token auth off)")
+        sub.add_argument("--top-k", type=_positive, default=None, help="predictions to show (default: the model's top_k)")
+        sub.add_argument("--concurrency", type=_positive, default=4, help="requests in flight at once (default 4)")
+        sub.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each answer (default 120)")
+        sub.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                         help="progress on stderr: auto = for more than one image")
+
+    predict = commands.add_parser("predict", help="top-k predictions for each image, as a table")
+    server_options(predict)
+
+    explain = commands.add_parser("explain", help="write heatmap PNGs and overlay JPEGs for each image and target")
+    server_options(explain)
+    explain.add_argument("--target", action="append", default=None, metavar="LABEL_OR_INDEX",
+                         help="class to explain, repeatable (default: the top-1 class)")
+    explain.add_argument("--method", default=None, help="CAM method (default: the model's default_method)")
+    explain.add_argument("--out", type=Path, default=Path("cam_out"), help="output folder (default ./cam_out)")
+
+    from .gallery import add_gallery_parser  # the gallery's own options live next to its code
+
+    add_gallery_parser(commands)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------- output
+def slug(text: str) -> str:
+    """A file-name-safe form of a label: ``"Egyptian cat"`` -> ``"egyptian_cat"``."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "class"
+
+
+def prediction_table(predictions: Sequence[dict[str, Any]], indent: str = "  ") -> str:
+    """A fixed-width table: rank, class index, label, score (and a bar)."""
+    if not predictions:
+        return f"{indent}(no predictions)"
+    width = max(5, *(len(str(p.get("label", ""))) for p in predictions))
+    lines = [f"{indent}{'#':>2}  {'class':>5}  {'label':<{width}}  {'score':>7}"]
+    for rank, entry in enumerate(predictions, start=1):
+        score = float(entry.get("score", 0.0))
+        bar = "#" * round(score * 20)
+        lines.append(f"{indent}{rank:>2}  {entry.get('index', ''):>5}  {str(entry.get('label', '')):<{width}}  {score:>7.4f}  {bar}")
+    return "\n".join(lines)
+
+
+class Progress:
+    """``[done/total]`` on stderr: one rewritten line on a terminal, one line per image otherwise."""
+
+    def __init__(self, total: int, mode: str, stream: TextIO) -> None:
+        self.total = total
+        self.stream = stream
+        self.enabled = mode == "on" or (mode == "auto" and total > 1)
+        self.tty = stream.isatty() if hasattr(stream, "isatty") else False
+        self.done = self.failed = 0
+        self.started = time.perf_counter()
+
+    def __call__(self, outcome: Outcome) -> None:
+        self.done += 1
+        self.failed += not outcome.ok
+        if not self.enabled:
+            return
+        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+        status = "ok" if outcome.ok else "failed"
+        line = f"[{self.done}/{self.total}] {self.failed} failed, {rate:.1f} img/s"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if self.done == self.total else ""))
+        else:
+            self.stream.write(f"{line}  {outcome.image.name}: {status} ({outcome.seconds * 1000:.0f} ms)\n")
+        self.stream.flush()
+
+
+def _unique_stems(images: Sequence[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    stems = []
+    for image in images:
+        stem = slug(image.stem) if image.stem else "image"
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        stems.append(stem if count == 0 else f"{stem}_{count + 1}")
+    return stems
+
+
+def _write_explanations(body: dict[str, Any], out: Path, stem: str) -> list[tuple[str, Path]]:
+    written = []
+    for explanation in body.get("explanations", []):
+        name = f"{stem}.{explanation['target']}_{slug(str(explanation.get('label', '')))}.{slug(explanation.get('method', 'cam'))}"
+        for kind, suffix in (("heatmap", "heatmap"), ("overlay", "overlay")):
+            picture = explanation.get(kind)
+            if not picture:
+                continue
+            extension = {"png": "png", "jpeg": "jpg"}.get(picture.get("format", "png"), picture.get("format", "bin"))
+            path = out / f"{name}.{suffix}.{extension}"
+            path.write_bytes(base64.b64decode(picture["data"]))
+            written.append((kind, path))
+    return written
+
+
+# ---------------------------------------------------------------------------------------- commands
+def _serve_command(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    explain = args.command == "explain"
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        raise CliError(f"no such file: {', '.join(missing)}")
+    token = resolve_token(args.token, args.key_file, args.no_token)
+    client = Client(args.url, token, timeout=args.timeout)
+    options: dict[str, Any] = {}
+    if args.top_k is not None:
+        options["top_k"] = args.top_k
+    stems = _unique_stems(args.images)
+    if explain:
+        options["output"] = "both"
+        if args.target:
+            options["targets"] = [parse_target(t) for t in args.target]
+        if args.method:
+            options["method"] = args.method
+        args.out.mkdir(parents=True, exist_ok=True)
+
+    def work(index: int, image: Path) -> Outcome:
+        outcome = Outcome(index, image)
+        started = time.perf_counter()
+        try:
+            body = client.post("explanations" if explain else "predictions", args.model, image.read_bytes(),
+                               image.name, options)
+            outcome.response = body
+            if explain:
+                outcome.written = _write_explanations(body, args.out, stems[index])
+        except ServerError as error:
+            outcome.error = error
+        outcome.seconds = time.perf_counter() - started
+        return outcome
+
+    progress = Progress(len(args.images), args.progress, stderr)
+    failed = 0
+    for outcome in client.map(args.images, work, args.concurrency, on_done=progress):
+        if not outcome.ok:
+            failed += 1
+            print(f"error: {outcome.image}: {outcome.error}", file=stderr)
+            continue
+        body = outcome.response or {}
+        print(f"{outcome.image}  [{body.get('model', args.model)}]", file=stdout)
+        print(prediction_table(body.get("predictions", [])), file=stdout)
+        for explanation in body.get("explanations", []) if explain else []:
+            print(f"  explained {explanation['target']} {explanation.get('label', '')!r} with "
+                  f"{explanation.get('method')} at {', '.join(explanation.get('layers', []))}", file=stdout)
+        for kind, path in outcome.written:
+            print(f"    {kind:<8} {path}", file=stdout)
+    stdout.flush()
+    if failed:
+        print(f"{failed} of {len(args.images)} image(s) failed", file=stderr)
+        return EXIT_SERVER
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Run the CLI; returns the exit code. Errors are one line on stderr, never a traceback."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("predict", "explain"):
+            return _serve_command(args, stdout, stderr)
+        from .gallery import run_gallery_command
+
+        return run_gallery_command(args, stdout, stderr)
+    except CliError as error:
+        print(f"error: {error}", file=stderr)
+        return EXIT_USAGE
+    except ServerError as error:
+        print(f"error: {error}", file=stderr)
+        return EXIT_SERVER
+    except KeyboardInterrupt:
+        print("interrupted", file=stderr)
+        return 130
+
+
+def entry_point() -> None:
+    """The console script ``torchserve-cam``."""
+    sys.exit(main())
