@@ -51,3 +51,10 @@ image-gpu:
 push: image
 	docker push $(REGISTRY)/torchserve-cam:$(VERSION)-cpu
 	docker push $(REGISTRY)/torchserve-cam:$(VERSION)-gpu
+
+# The README's method gallery (docs/gallery_*.jpg): every cam_engine method, real EfficientNet-Lite0, CPU.
+.PHONY: gallery
+gallery: $(STAMP)
+	$(PY) -m torchserve_cam_cli gallery docs/chelsea.jpg --device cpu --out docs/gallery_chelsea.jpg
+	$(PY) -m torchserve_cam_cli gallery docs/chelsea.jpg docs/coffee.jpg --target "Egyptian cat" --target espresso \
+		--tile-height 100 --max-width 1040 --device cpu --out docs/gallery_cat_espresso.jpg

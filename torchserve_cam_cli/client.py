@@ -132,7 +132,9 @@ class Client:
         """One request; returns the JSON body or raises :class:`ServerError` / :class:`CliError`."""
         files = {
             "data": (filename, image, "application/octet-stream"),
-            "options": ("options.json", json.dumps(options).encode(), "application/json"),
+            # A plain form field: with a JSON content type TorchServe hands the handler a parsed dict,
+            # which handlers/base.py does not expect for multipart options (a 503 for the whole batch).
+            "options": (None, json.dumps(options)),
         }
         address = f"{self.url}/{endpoint}/{model}"
         try:

@@ -15,6 +15,7 @@ import base64
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,8 +113,13 @@ class Progress:
         self.tty = stream.isatty() if hasattr(stream, "isatty") else False
         self.done = self.failed = 0
         self.started = time.perf_counter()
+        self._lock = threading.Lock()  # called from the request threads
 
     def __call__(self, outcome: Outcome) -> None:
+        with self._lock:
+            self._update(outcome)
+
+    def _update(self, outcome: Outcome) -> None:
         self.done += 1
         self.failed += not outcome.ok
         if not self.enabled:
