@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench
+	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench torchserve_cam_cli
 
 # Archives are rebuilt when their inputs change; ports come from INFERENCE_PORT/MANAGEMENT_PORT/METRICS_PORT.
 DEFAULT_MODEL ?= efficientnet_lite0

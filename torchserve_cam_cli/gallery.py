@@ -15,13 +15,14 @@ change here; constructor options a method needs (``batch_size``, ``seed``) get t
 
 The grid: an ``input`` cell, then one cell per method; a cell holds one tile per target (stacked) and
 is captioned with the method's name and the time of its call (all targets of the image at once; the
-fastest of up to 3 calls within 2 s, so that a busy machine's hiccups stay out of the captions).
+fastest of 3 interleaved rounds, so that a busy machine's load hits every method alike).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -244,21 +245,12 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(call: Callable[[], Any], device: Any, budget: float = 2.0, repeats: int = 3) -> tuple[float, Any]:
-    """``call()`` repeated up to ``repeats`` times within ``budget`` seconds: (fastest time, first result).
-
-    The minimum over a few runs keeps a busy machine's hiccups out of the captions.
-    """
-    times: list[float] = []
-    results = []
-    while len(times) < repeats and (not times or sum(times) + times[-1] <= budget):
-        _sync(device)
-        started = time.perf_counter()
-        output = call()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-        results.append(output if not results else None)  # keep the first (RandomCAM's seeded draw)
-    return min(times), results[0]
+def _time_once(call: Callable[[], Any], device: Any) -> tuple[float, Any]:
+    _sync(device)
+    started = time.perf_counter()
+    output = call()
+    _sync(device)
+    return time.perf_counter() - started, output
 
 
 def run_methods(
@@ -267,11 +259,16 @@ def run_methods(
     targets: Sequence[int],
     methods: Sequence[str] | None = None,
     log: Callable[[str], None] = lambda line: None,
+    rounds: int = 3,
+    retime_below: float = 2.0,
 ) -> list[MethodResult]:
     """Run each method on ``x`` ``[1, 3, H, W]`` for ``targets``; a method that raises is reported, not fatal.
 
     Returns one :class:`MethodResult` per method (``cams`` ``[T, H, W]``), plus guided Grad-CAM when
     cam_engine has ``GuidedBackpropReLUModel`` (its ``picture`` is ``[T, H, W, 3]`` uint8).
+    ``seconds`` is the fastest of ``rounds`` interleaved rounds (each round calls every method once,
+    so a busy machine's load hits all methods alike); calls slower than ``retime_below`` seconds
+    (ScoreCAM) are timed once.
     """
     import torch
 
@@ -287,6 +284,7 @@ def run_methods(
     except Exception:  # noqa: BLE001, S110 - the gradcam tile reports the error itself
         pass
     results: list[MethodResult] = []
+    calls: list[tuple[MethodResult, Callable[[], Any]]] = []
     gradcam: Any = None
     for position, name in enumerate(names, start=1):
         result = MethodResult(name)
@@ -295,7 +293,9 @@ def run_methods(
             cam = cam_engine.create(name, spec.model, spec.target_layers, reshape_transform=spec.reshape_transform,
                                     **method_options(cls))
             batch_targets = [_targets_for(cls.name, targets, logits)]
-            result.seconds, output = _timed(lambda cam=cam, t=batch_targets: cam.run(x, t), x.device)
+            call = functools.partial(cam.run, x, batch_targets)
+            result.seconds, output = _time_once(call, x.device)
+            calls.append((result, call))
             result.cams = output.cams.float().cpu()
             if not torch.isfinite(result.cams).all():
                 raise ValueError("non-finite values in the CAM")
@@ -307,30 +307,43 @@ def run_methods(
         status = f"{result.seconds * 1000:.0f} ms" if result.error is None else f"failed: {result.error}"
         log(f"[{position}/{total}] {name}: {status}")
     if guided:
-        results.append(_guided_gradcam(spec, x, targets, gradcam))
-        last = results[-1]
+        last, call = _guided_gradcam(spec, x, targets, gradcam)
+        results.append(last)
+        if call is not None:
+            calls.append((last, call))
         status = f"{last.seconds * 1000:.0f} ms" if last.error is None else f"failed: {last.error}"
         log(f"[{total}/{total}] {GUIDED_NAME}: {status}")
+    quick = [(result, call) for result, call in calls if result.error is None and result.seconds < retime_below]
+    for round_number in range(2, rounds + 1):
+        if quick:
+            log(f"timing round {round_number}/{rounds} ({len(quick)} methods)")
+        for result, call in quick:
+            result.seconds = min(result.seconds, _time_once(call, x.device)[0])
     return results
 
 
-def _guided_gradcam(spec: ModelSpec, x: Any, targets: Sequence[int], gradcam: Any) -> MethodResult:
+def _guided_gradcam(
+    spec: ModelSpec, x: Any, targets: Sequence[int], gradcam: Any
+) -> tuple[MethodResult, Callable[[], Any] | None]:
     """Guided backprop times the Grad-CAM map (Selvaraju et al.), one RGB picture per target."""
     import cam_engine
     from cam_engine.image import deprocess_image
 
     result = MethodResult(GUIDED_NAME)
+    call = None
     try:
         if gradcam is None:
             raise ValueError("needs the gradcam map, which failed")
         guided = cam_engine.GuidedBackpropReLUModel(spec.model)
         batch = x.expand(len(targets), *x.shape[1:])
-        result.seconds, grads = _timed(lambda: guided.explain(batch, list(targets)), x.device)  # [T, C, H, W]
+        call = functools.partial(guided.explain, batch, list(targets))
+        result.seconds, grads = _time_once(call, x.device)  # [T, C, H, W]
         product = (gradcam[:, None] * grads.float().cpu()).permute(0, 2, 3, 1).numpy()  # [T, H, W, C]
         result.picture = np.stack([deprocess_image(p) for p in product])
     except Exception as error:  # noqa: BLE001
         result.error = f"{type(error).__name__}: {error}"
-    return result
+        call = None
+    return result, call
 
 
 # ---------------------------------------------------------------------------------------- drawing
@@ -452,6 +465,7 @@ def make_gallery(
     max_width: int = 1000,
     title: str | None = None,
     log: Callable[[str], None] = lambda line: None,
+    rounds: int = 3,
 ) -> Gallery:
     """Preprocess ``image`` (uint8 RGB ``[H, W, 3]``) as the model's config says, run every method, draw."""
     import torch
@@ -469,7 +483,7 @@ def make_gallery(
     names = [f"{spec.labels[i]} ({i}, p={float(probabilities[i]):.2f})" for i in indices]
     log(f"{spec.name} at {', '.join(spec.target_layers)}; weights {spec.weights}")
     log("targets: " + "; ".join(names))
-    results = run_methods(spec, x, indices, methods, log=log)
+    results = run_methods(spec, x, indices, methods, log=log, rounds=rounds)
     title = title or f"{spec.name} @ {', '.join(spec.target_layers)}  |  {', '.join(names)}  |  {device.type.upper()}"
     gallery = render(image, geometry, results, names, title, tile_height, max_width)
     gallery.targets = indices
@@ -497,6 +511,7 @@ def add_gallery_parser(commands: Any) -> None:
     gallery.add_argument("--tile-height", type=int, default=150, help="pixels per tile (default 150)")
     gallery.add_argument("--max-width", type=int, default=1000, help="grid width limit in pixels (default 1000)")
     gallery.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    gallery.add_argument("--rounds", type=int, default=3, help="timing rounds; the fastest is shown (default 3)")
     gallery.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -513,7 +528,8 @@ def run_gallery_command(args: argparse.Namespace, stdout: TextIO, stderr: TextIO
 
     log(f"loading {args.architecture} ...")
     spec = load_model_spec(args.architecture, args.weights, args.layer, args.random_weights, args.num_classes, device)
-    gallery = make_gallery(spec, image, args.target, args.method, args.tile_height, args.max_width, log=log)
+    gallery = make_gallery(spec, image, args.target, args.method, args.tile_height, args.max_width, log=log,
+                           rounds=args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.suffix.lower() in (".jpg", ".jpeg"):
         gallery.image.save(args.out, quality=85, optimize=True)
