@@ -215,7 +215,8 @@ def test_gallery_one_non_empty_tile_per_method(tiny_architecture, tmp_path) -> N
         assert len(tiles) == 2, name  # one tile per target
         for target, tile in enumerate(tiles):
             assert tile.shape == (60, 80, 3)
-            assert tile.std() > 2, (name, target)  # not one flat colour
+            # not one flat colour (guided Grad-CAM is mid-grey wherever the CAM is 0, so it varies less)
+            assert tile.std() > (0.5 if name == GUIDED_NAME else 2), (name, target)
             if name != "input":
                 assert np.abs(tile - inputs[target]).mean() > 5, (name, target)  # something drawn over the image
     for result in gallery.results:  # every CAM in [0, 1] at the model input, and not constant
