@@ -380,10 +380,12 @@ class CamHandler:
         if "data" in item and item["data"] is not None:
             raw, options = item["data"], {}
             extra = item.get("options")
-            if extra:
+            if isinstance(extra, Mapping):  # sent with Content-Type application/json: already parsed
+                options = dict(extra)
+            elif extra:
                 try:
                     options = json.loads(bytes(extra).decode("utf-8") if not isinstance(extra, str) else extra)
-                except (ValueError, UnicodeDecodeError):
+                except (ValueError, UnicodeDecodeError, TypeError):
                     raise RequestError("multipart field 'options' must be a JSON object") from None
                 if not isinstance(options, dict):
                     raise RequestError("multipart field 'options' must be a JSON object")

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -246,7 +247,9 @@ def build_archive(
             "--export-path", str(output),
             "--force",
         ]  # fmt: skip
-        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        # The archiver stages into $TMPDIR/<name>: a private TMPDIR keeps concurrent builds apart.
+        completed = subprocess.run(command, capture_output=True, text=True, check=False,
+                                   env={**os.environ, "TMPDIR": str(stage)})
         if completed.returncode != 0:
             raise BuildError(f"{name}: torch-model-archiver failed: {completed.stderr.strip() or completed.stdout}")
     archive = output / f"{name}.mar"
