@@ -70,6 +70,10 @@ def _options(parser) -> None:
     group.add_argument(
         "--slo", default=str(HERE / "slo.yaml"), env_var="LOAD_SLO", help="'' to skip the check"
     )
+    group.add_argument(
+        "--token-margin", type=float, default=60.0, env_var="LOAD_TOKEN_MARGIN",
+        help="renew the inference token this many seconds before it expires (below token_expiration_min)",
+    )  # fmt: skip
     group.add_argument("--allow-remote", action="store_true", env_var="LOAD_ALLOW_REMOTE")
 
 
@@ -97,7 +101,9 @@ def _prepare(environment: Environment, **_) -> None:
     management = options.management_url or f"{host.scheme}://{host.hostname}:8081"
     STATE["photos"] = photos(parse_sizes(options.sizes))
     STATE["encodings"] = encodings
-    STATE["tokens"] = TokenKeeper(options.key_file, management, static_token=options.token or None)
+    STATE["tokens"] = TokenKeeper(
+        options.key_file, management, margin_s=options.token_margin, static_token=options.token or None
+    )
     STATE["model"] = options.model
     # Tags filter tasks, not user classes: drop the classes left without a task (Locust would fail on them).
     environment.user_classes[:] = [user for user in environment.user_classes if user.tasks]
