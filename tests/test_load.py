@@ -101,13 +101,25 @@ def test_token_keeper_renews_an_expiring_token_on_the_real_server(server) -> Non
 
 
 def test_locust_smoke_run_against_the_session_server(server, tmp_path: Path) -> None:
-    """`make loadtest` in small: 15 s, 3 users, the mix; zero failures, the SLO met, reports written."""
+    """`make loadtest` in small: 15 s, 3 users, the mix; zero failures, the SLO met, reports written.
+
+    The SLO here bounds failures only (p95 under 60 s): on a loaded shared CI machine the latency of the
+    session's server says little, while a wrong or failed answer always fails the test.
+    """
+    slo = tmp_path / "slo.yaml"
+    slo.write_text("max_failure_ratio: 0.0\np95_ms:\n  predictions: 60000\n  explanations: 60000\n")
+    for path in ("predictions", "explanations"):  # warm the worker: the first calls pay lazy initialisation
+        body = (REPO_ROOT / "docs" / "chelsea.jpg").read_bytes()
+        answer = requests.post(
+            f"{server.url()}/{path}/{DEFAULT_MODEL}", data=body, headers=server.headers(), timeout=120
+        )
+        assert answer.status_code == 200, answer.text[:300]
     command = [
         sys.executable, "-m", "locust", "-f", str(REPO_ROOT / "load_tests" / "locustfile.py"),
         "--headless", "--only-summary", "-u", "3", "-r", "3", "--run-time", "15s", "--stop-timeout", "60",
         "--host", server.url(), "--management-url", server.url("management"),
         "--key-file", str(server.workdir / "key_file.json"), "--tags", "mix", "--model", DEFAULT_MODEL,
-        "--sizes", "224x224,451x300", "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "report.html"),
+        "--sizes", "224x224,451x300", "--slo", str(slo), "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "report.html"),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
