@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench torchserve_cam_cli
+	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench torchserve_cam_cli load_tests
 
 # Archives are rebuilt when their inputs change; ports come from INFERENCE_PORT/MANAGEMENT_PORT/METRICS_PORT.
 DEFAULT_MODEL ?= efficientnet_lite0
@@ -58,3 +58,33 @@ gallery: $(STAMP)
 	$(PY) -m torchserve_cam_cli gallery docs/chelsea.jpg --device cpu --out docs/gallery_chelsea.jpg
 	$(PY) -m torchserve_cam_cli gallery docs/chelsea.jpg docs/coffee.jpg --target "Egyptian cat" --target espresso \
 		--tile-height 100 --max-width 1040 --device cpu --out docs/gallery_cat_espresso.jpg
+# Load tests (Locust) against the TorchServe that `make serve` started; reports under load_tests/results/<timestamp>/.
+# make loadtest USERS=8 SPAWN_RATE=8 RUN_TIME=30s SCENARIO=mix|predictions|explanations MODEL=efficientnet_lite0
+#               MIX=predictions=2,explanations=2,explain_flag=1,method=1 SLO=load_tests/slo.yaml
+USERS ?= 8
+SPAWN_RATE ?= $(USERS)
+RUN_TIME ?= 30s
+SCENARIO ?= mix
+MODEL ?= $(DEFAULT_MODEL)
+MIX ?= predictions=2,explanations=2,explain_flag=1,method=1
+SLO ?= load_tests/slo.yaml
+RESULTS ?= load_tests/results/$(shell date -u +%Y%m%dT%H%M%SZ)
+LOAD_HOST ?= http://127.0.0.1:$(or $(INFERENCE_PORT),8080)
+LOAD_MANAGEMENT ?= http://127.0.0.1:$(or $(MANAGEMENT_PORT),8081)
+.PHONY: loadtest report
+loadtest: $(STAMP)
+	@test -f key_file.json || { echo "no key_file.json here: start the server with 'make serve' first"; exit 2; }
+	mkdir -p $(RESULTS)
+	$(VENV)/bin/locust -f load_tests/locustfile.py --headless --only-summary \
+		--host $(LOAD_HOST) --management-url $(LOAD_MANAGEMENT) --key-file key_file.json \
+		--tags $(SCENARIO) --model $(MODEL) --mix '$(MIX)' --slo '$(SLO)' \
+		-u $(USERS) -r $(SPAWN_RATE) -t $(RUN_TIME) --stop-timeout 60 \
+		--csv $(RESULTS)/locust --html $(RESULTS)/report.html
+	@echo "reports in $(RESULTS)/"
+
+# Performance report: builds its own archives, starts/stops its own TorchServe on free loopback ports.
+# make report REPORT_ARGS="--duration 20 --users 1,4,8"
+REPORT_ARGS ?=
+report: $(STAMP)
+	@$(PY) -c "import captum, matplotlib" 2>/dev/null || $(PY) -m pip install -q 'captum>=0.7' 'matplotlib>=3.7'
+	$(PY) load_tests/report.py $(REPORT_ARGS)

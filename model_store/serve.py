@@ -88,6 +88,10 @@ def effective_config(workdir: Path, ports: dict[str, int], base: Path = REPO_ROO
         if key.endswith("_address") and api in ports:
             line = f"{key}=http://127.0.0.1:{ports[api]}"
         lines.append(line)
+    keys = {line.split("=", 1)[0].strip() for line in lines}
+    for grpc in ("grpc_inference_port", "grpc_management_port"):
+        if grpc not in keys:  # TorchServe's fixed 7070/7071 would collide with any other TorchServe here
+            lines.append(f"{grpc}={free_port()}")
     path = workdir / "logs" / "config.properties"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
