@@ -12,7 +12,10 @@ returns a tensor on the model's device; ``cam_engine.methods()`` lists the regis
 """
 
 from . import functional, image, reshape, targets
+from .baselines import RandomCAM
 from .core import BaseCAM, CAMResult
+from .fullgrad import FullGrad
+from .guided_backprop import GuidedBackpropReLUModel
 from .layers import LayerNotFoundError, resolve_layer, resolve_layers
 from .methods import (
     FEM,
@@ -28,22 +31,28 @@ from .methods import (
     ShapleyCAM,
     XGradCAM,
 )
+from .perturbation import AblationCAM, ScoreCAM
 from .registry import create, get_method, methods
 
 __all__ = [
+    "AblationCAM",
     "BaseCAM",
     "CAMResult",
     "EigenCAM",
     "EigenGradCAM",
     "FEM",
     "FinerCAM",
+    "FullGrad",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GuidedBackpropReLUModel",
     "HiResCAM",
     "KPCA_CAM",
     "LayerCAM",
     "LayerNotFoundError",
+    "RandomCAM",
+    "ScoreCAM",
     "ShapleyCAM",
     "XGradCAM",
     "create",
