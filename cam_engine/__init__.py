@@ -12,10 +12,7 @@ returns a tensor on the model's device; ``cam_engine.methods()`` lists the regis
 """
 
 from . import functional, image, reshape, targets
-from .baselines import RandomCAM
 from .core import BaseCAM, CAMResult
-from .fullgrad import FullGrad
-from .guided_backprop import GuidedBackpropReLUModel
 from .layers import LayerNotFoundError, resolve_layer, resolve_layers
 from .methods import (
     FEM,
@@ -31,8 +28,14 @@ from .methods import (
     ShapleyCAM,
     XGradCAM,
 )
-from .perturbation import AblationCAM, ScoreCAM
 from .registry import create, get_method, methods
+
+# isort: split
+# Registered after the single-pass methods, so that methods() lists those first.
+from .perturbation import AblationCAM, ScoreCAM  # isort: skip
+from .fullgrad import FullGrad  # isort: skip
+from .baselines import RandomCAM  # isort: skip
+from .guided_backprop import GuidedBackpropReLUModel  # isort: skip
 
 __all__ = [
     "AblationCAM",
