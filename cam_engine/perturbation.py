@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,7 +173,9 @@ def ablation_order(activations: torch.Tensor, ratio_channels_to_ablate: float = 
     normalized = normalized - normalized.amin(dim=1, keepdim=True)
     normalized = normalized / normalized.amax(dim=1, keepdim=True)
     scores = (projection.reshape(1, -1) * normalized).sum(dim=1) / normalized.sum(dim=1)
-    order = torch.argsort(scores, stable=True).tolist()  # NaN (all-zero channels) sorts last, as in NumPy
+    # Many channels tie (score 1 when the objectness mask covers them): break ties exactly as the
+    # reference does, with NumPy's default sort of the float32 scores (NaN, from all-zero channels, last).
+    order = np.argsort(scores.detach().cpu().numpy().astype(np.float32)).tolist()
     count = int(channels * ratio_channels_to_ablate)
     return order[::-1][:count] + order[:count]
 
