@@ -160,7 +160,8 @@ def ablation_order(activations: torch.Tensor, ratio_channels_to_ablate: float = 
     ``activations``: ``[C, *S]``. With ratio 1 every channel in order. Otherwise the experimental
     objectness heuristic: ``P = |first principal component of A|`` min-max scaled and thresholded at
     0.01; each channel scores ``sum(P * n_c) / sum(n_c)`` with ``n_c`` its min-max scaled ``|A_c|``;
-    the ``int(C * ratio)`` highest-scoring channels, then the ``int(C * ratio)`` lowest.
+    the ``int(C * ratio)`` highest-scoring channels, then the ``int(C * ratio)`` lowest. Many scores
+    tie, so the order is NumPy's sort of the float32 scores, exactly as the reference's.
     """
     channels = activations.shape[0]
     if ratio_channels_to_ablate == 1.0:
@@ -263,7 +264,11 @@ class AblationCAM(BaseCAM):
         ratio_channels_to_ablate: float = 1.0,
         mode: str | None = None,
         channel_axis: int | None = None,
+        ablation_layer: Any = None,
     ) -> None:
+        # ``ablation_layer`` (grad-cam's AblationLayer / AblationLayerVit) is accepted so that drop-in
+        # code runs; the channel axis is inferred from the layer output instead (or ``channel_axis``).
+        del ablation_layer
         super().__init__(model, target_layers, reshape_transform)
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
