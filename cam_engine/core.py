@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,6 +183,8 @@ class BaseCAM:
     #: gradient-free methods whose CAM depends on the target through extra forward passes; they
     #: implement :meth:`pass_cam` instead of :meth:`cam_image`
     uses_extra_passes: bool = False
+    #: several targets per image: one vmapped backward pass instead of one pass per target
+    batch_target_gradients: bool = True
 
     def __init__(
         self,
@@ -209,6 +212,29 @@ class BaseCAM:
     def _gradients(self, loss: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool) -> list[torch.Tensor]:
         grads = torch.autograd.grad(loss, tensors, retain_graph=retain_graph, allow_unused=True)
         return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+
+    def _batched_gradients(self, losses: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[list[torch.Tensor]] | None:
+        """Gradients of several losses (one per target position) from ONE vmapped backward pass.
+
+        ``torch.autograd.grad(stack(losses), tensors, grad_outputs=eye(T), is_grads_batched=True)``:
+        the truncated backward runs once over a batch of T cotangents instead of T times. Returns
+        None (the caller then loops) when a backward op has no batching rule or the method needs
+        second derivatives.
+        """
+        if not self.batch_target_gradients:
+            return None
+        stacked = torch.stack([torch.as_tensor(loss).reshape(()) for loss in losses])
+        eye = torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # vmap fallbacks warn about speed, not correctness
+                grads = torch.autograd.grad(stacked, tensors, grad_outputs=eye, is_grads_batched=True,
+                                            retain_graph=True, allow_unused=True)
+        except (RuntimeError, NotImplementedError):
+            return None
+        return [
+            [torch.zeros_like(t) if g is None else g[d] for t, g in zip(tensors, grads)] for d in range(len(losses))
+        ]
 
     def _forward_context(self) -> contextlib.AbstractContextManager:
         """A context the forward pass runs in (e.g. an attention backend that supports 2nd derivatives)."""
@@ -288,6 +314,10 @@ class BaseCAM:
                 if gradients:
                     output = _map(output, _leaf)
                     torch.set_grad_enabled(True)
+                    capture.outputs[index] = output
+                    # Downstream in-place ops (DenseNet's relu(inplace=True) after features.-1) must not
+                    # touch the leaf: hand the rest of the model a copy, gradients flow back through it.
+                    return _map(output, lambda t: t.clone() if t.requires_grad else t)
                 capture.outputs[index] = output
                 return output
 
@@ -380,7 +410,9 @@ class BaseCAM:
         pairs = [(i, t) for i in range(batch) for t in range(len(targets[i]))]
         row_of = {pair: row for row, pair in enumerate(pairs)}
         cams = torch.empty((len(pairs), *size), device=x.device, dtype=torch.float32)
-        if self.uses_extra_passes:
+        if not pairs:
+            pass
+        elif self.uses_extra_passes:
             # ScoreCAM / AblationCAM: target-dependent CAMs from extra forward passes, which the
             # method runs under inference_mode (the capture pass above already did).
             context = PassContext(x, scores, capture, targets, pairs)
@@ -393,10 +425,15 @@ class BaseCAM:
         else:
             tensors = [t for i in range(len(self.target_layers)) for t in _tensors(capture.outputs[i])]
             tensors = [t for t in tensors if t.requires_grad]
+            image_sets = [[i for i in range(batch) if len(targets[i]) > d] for d in range(depth)]
+            losses = [sum(targets[i][d](_per_image(scores, i)).sum() for i in image_sets[d]) for d in range(depth)]
+            batched = self._batched_gradients(losses, tensors) if depth > 1 else None
             for depth_index in range(depth):
-                images = [i for i in range(batch) if len(targets[i]) > depth_index]
-                loss = sum(targets[i][depth_index](_per_image(scores, i)).sum() for i in images)
-                grads = self._gradients(loss, tensors, retain_graph=depth_index < depth - 1)
+                images = image_sets[depth_index]
+                if batched is not None:
+                    grads = batched[depth_index]
+                else:
+                    grads = self._gradients(losses[depth_index], tensors, retain_graph=depth_index < depth - 1)
                 gradient_maps = {id(t): g for t, g in zip(tensors, grads)}
                 rows = torch.tensor(images, device=x.device) if len(images) < batch else None
                 layer_cams = self._layer_cams(capture, gradient_maps, rows, size, eigen_smooth)

@@ -91,10 +91,10 @@ def show_cam_on_image(
         raise ValueError("The input image should be np.float32 in the range [0, 1]")
     if not 0 <= image_weight <= 1:
         raise ValueError(f"image_weight should be in the range [0, 1], got {image_weight}")
-    cam_t = torch.as_tensor(np.asarray(mask, dtype=np.float32))
+    # Like the reference: the mask is quantised to 8 bits, then looked up in an 8-bit colour table.
+    cam_t = torch.as_tensor(np.uint8(255 * np.asarray(mask, dtype=np.float32))).float() / 255
     heat = colormap(cam_t) if callable(colormap) else jet(cam_t)
-    heat = torch.as_tensor(np.asarray(heat, dtype=np.float32))
-    heat = (heat * 255).to(torch.uint8).float() / 255  # the reference quantises the heatmap to 8 bits
+    heat = (torch.as_tensor(np.asarray(heat, dtype=np.float32)) * 255).round() / 255
     if not use_rgb:
         heat = heat.flip(-1)
     cam = (1 - image_weight) * heat + image_weight * torch.as_tensor(np.asarray(img, dtype=np.float32))

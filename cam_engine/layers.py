@@ -65,7 +65,11 @@ def resolve_layer(model: nn.Module, layer: nn.Module | str) -> nn.Module:
         child = _child(module, part)
         if child is None:
             where = ".".join(walked) or "the model"
-            close = _suggestions(model, path)
+            prefix = f"{'.'.join(walked)}." if walked else ""
+            local = difflib.get_close_matches(part, list(module._modules), n=3, cutoff=0.3)
+            close = [prefix + name for name in local]
+            close += [c for c in _suggestions(model, path) if c not in close]
+            close = close[:5]
             hint = f" Closest valid paths: {', '.join(close)}." if close else ""
             raise LayerNotFoundError(
                 f"target layer {path!r} does not resolve: {where} has no sub-module {part!r}.{hint}"

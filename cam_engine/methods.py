@@ -138,6 +138,8 @@ class ShapleyCAM(BaseCAM):
     gradient graph is kept for the second derivative, never the parameters').
     """
 
+    batch_target_gradients = False  # the Hessian-vector product needs one graph per target
+
     def _forward_context(self):
         # Fused attention kernels have no second derivative: use the math kernel for this method.
         return sdpa_kernel([SDPBackend.MATH])
@@ -187,6 +189,9 @@ class FinerCAM(BaseCAM):
 
     def _gradients(self, loss, tensors, retain_graph):
         return self.base_cam._gradients(loss, tensors, retain_graph)
+
+    def _batched_gradients(self, losses, tensors):
+        return self.base_cam._batched_gradients(losses, tensors)
 
     def _resolve_targets(self, outputs: Any, targets, batch: int):
         if targets is not None:

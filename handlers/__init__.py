@@ -1,0 +1,9 @@
+"""TorchServe handlers: thin glue between HTTP requests and cam_engine.
+
+- :mod:`handlers.base` - the shared base (:class:`~handlers.base.CamHandler`): request parsing,
+  option validation, batching, heatmap mapping and encoding, per-request errors, metrics;
+- :mod:`handlers.classifier` - image classifiers;
+- :mod:`handlers.config` - the validated ``handler:`` section of model-config.yaml;
+- :mod:`handlers.preprocess` - resize/letterbox/crop and its exact inverse;
+- :mod:`handlers.architectures` - architecture name -> builder registry.
+"""

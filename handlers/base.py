@@ -1,0 +1,637 @@
+"""The shared TorchServe glue: decode -> validate -> batch -> cam_engine -> encode, with per-request errors.
+
+A task handler (classifier, and later CLIP, detection, segmentation, embeddings) subclasses
+:class:`CamHandler` and implements three things:
+
+- :meth:`CamHandler.parse_task_options` - validate the JSON options only that task knows
+  (``targets``, ``top_k`` for a classifier) into the :class:`ParsedRequest`;
+- :meth:`CamHandler.targets_for` - the cam_engine targets each explained request asks for;
+- :meth:`CamHandler.build_response` - the task's part of the response (``predictions`` ...).
+
+The base does the rest, once for every task: reading raw bytes / multipart ``data`` / JSON
+``{"image": "<base64>", ...}``; refusing decompression bombs before decoding; the common options
+(``method``, ``aug_smooth``, ``eigen_smooth``, ``explain``, ``output``); one batched ``cam.run`` for
+the whole batch (requests that want no explanation get an empty target list, so a mixed batch costs
+one forward pass); mapping heatmaps back onto each submitted image; PNG/JPEG encoding after one
+device-to-host copy per batch; per-request 4xx errors; custom metrics; and the management describe.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+
+import cam_engine
+from cam_engine import image as cam_image
+
+from . import architectures
+from .config import ConfigError, HandlerConfig
+from .preprocess import Geometry, preprocess, to_source
+
+__all__ = [
+    "CamHandler",
+    "ParsedRequest",
+    "RequestError",
+    "TopClassTarget",
+    "decode_image",
+    "encode_png",
+    "encode_jpeg",
+    "load_handler_config",
+]
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("heatmap", "overlay")
+COMMON_OPTIONS = ("image", "method", "aug_smooth", "eigen_smooth", "explain", "output")
+_REASONS = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Entity"}
+
+
+class RequestError(Exception):
+    """A problem with one request: answered as ``{"code", "type", "message"}`` with a 4xx status."""
+
+    def __init__(self, message: str, code: int = 400, kind: str = "InvalidInput") -> None:
+        super().__init__(message)
+        self.code = code
+        self.kind = kind
+        self.message = message
+
+    def body(self) -> dict[str, Any]:
+        return {"code": self.code, "type": self.kind, "message": self.message}
+
+
+class TopClassTarget:
+    """The score of the image's own top class: ``output[argmax(output)]`` for a row ``[num_classes]``.
+
+    Lets one batched ``cam.run`` explain "the top class" for some images and given classes for others.
+    """
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        return model_output.max(dim=-1).values
+
+    def __repr__(self) -> str:
+        return "TopClassTarget()"
+
+
+@dataclass
+class ParsedRequest:
+    """One validated request.
+
+    ``image``: uint8 RGB ``[3, h, w]`` on the CPU, as submitted (EXIF orientation applied);
+    ``input``: the normalised model input ``[3, H, W]``; ``geometry``: how one maps onto the other.
+    ``task``: the options the task handler parsed (``targets``, ``top_k``, ...).
+    """
+
+    index: int
+    image: torch.Tensor
+    input: torch.Tensor
+    geometry: Geometry
+    explain: bool
+    method: str
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
+    outputs: tuple[str, ...] = ("heatmap",)
+    task: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def decode_image(raw: bytes | bytearray, max_image_pixels: int) -> torch.Tensor:
+    """Encoded image bytes -> uint8 RGB ``[3, h, w]``.
+
+    The pixel count is read from the header and checked against ``max_image_pixels`` before any pixel
+    is decoded, so a 30000x30000 PNG of a few KB costs nothing. Raises :class:`RequestError`.
+    """
+    if not raw:
+        raise RequestError("empty body: send an image (JPEG, PNG or WebP)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            picture = Image.open(io.BytesIO(bytes(raw)))
+    except Image.DecompressionBombError as error:
+        raise RequestError(f"image too large: {error}", 413, "ImageTooLarge") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise RequestError("not an image: send JPEG, PNG or WebP bytes", 415, "UnsupportedMediaType") from None
+    width, height = picture.size
+    if width * height > max_image_pixels:
+        raise RequestError(
+            f"image too large: {width}x{height} = {width * height} pixels, the limit is {max_image_pixels}",
+            413,
+            "ImageTooLarge",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            picture.load()
+            picture = ImageOps.exif_transpose(picture)
+            picture = picture.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:
+        raise RequestError(f"cannot decode the image (truncated or corrupt): {error}", 400, "InvalidImage") from None
+    array = np.asarray(picture)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _b64(value: Any, key: str) -> bytes:
+    if not isinstance(value, str):
+        raise RequestError(f"{key} must be a base64 string, got {type(value).__name__}")
+    if value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{key} is not valid base64") from None
+
+
+def _bool_option(options: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = options.get(key, default)
+    if not isinstance(value, bool):
+        raise RequestError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+def encode_png(gray: np.ndarray) -> bytes:
+    """uint8 ``[h, w]`` -> 8-bit grayscale PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(gray).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    """uint8 ``[h, w, 3]`` -> JPEG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def load_handler_config(model_yaml_config: Mapping[str, Any] | None) -> HandlerConfig:
+    """The validated ``handler:`` section of a parsed model-config.yaml."""
+    return HandlerConfig.from_dict((model_yaml_config or {}).get("handler"))
+
+
+class _Metrics:
+    """Custom metrics: ``CamMethodTime`` (ms per batched CAM call, by method), ``CamExplanations``
+    (count, by method) and ``HeatmapBytes`` (encoded bytes per response). A no-op without TorchServe."""
+
+    def __init__(self, context: Any, model_name: str) -> None:
+        self.model_name = model_name
+        self._cam_time = self._explanations = self._heatmap_bytes = None
+        cache = getattr(context, "metrics", None)
+        if cache is None or not hasattr(cache, "add_metric_to_cache"):
+            return
+        try:
+            from ts.metrics.metric_type_enum import MetricTypes
+        except ImportError:  # pragma: no cover - TorchServe absent
+            return
+        dims = ["ModelName", "Method"]
+        self._cam_time = cache.add_metric_to_cache("CamMethodTime", "ms", dims, MetricTypes.GAUGE)
+        self._explanations = cache.add_metric_to_cache("CamExplanations", "count", dims, MetricTypes.COUNTER)
+        self._heatmap_bytes = cache.add_metric_to_cache(
+            "HeatmapBytes", "bytes", ["ModelName", "Format"], MetricTypes.GAUGE
+        )
+
+    def cam(self, method: str, milliseconds: float, explanations: int) -> None:
+        if self._cam_time is not None:
+            self._cam_time.add_or_update(round(milliseconds, 3), [self.model_name, method])
+            self._explanations.add_or_update(explanations, [self.model_name, method])
+
+    def heatmap(self, fmt: str, size: int) -> None:
+        if self._heatmap_bytes is not None:
+            self._heatmap_bytes.add_or_update(size, [self.model_name, fmt])
+
+
+# ---------------------------------------------------------------------------------------------- handler
+class CamHandler:
+    """Base TorchServe handler: subclasses add the task (see the module docstring)."""
+
+    #: JSON option names the task parses in :meth:`parse_task_options`
+    task_options: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.initialized = False
+        self.context: Any = None
+        self.config: HandlerConfig | None = None
+        self.model: nn.Module | None = None
+        self.device = torch.device("cpu")
+        self.labels: list[str] = []
+        self.cams: dict[str, cam_engine.BaseCAM] = {}
+        self.build_info: dict[str, Any] = {}
+        self.model_name = "model"
+        self.version = "1.0"
+
+    # ------------------------------------------------------------------ loading
+    def initialize(self, context: Any) -> None:
+        """Load and validate everything; any problem raises :class:`ConfigError` naming the key."""
+        self.context = context
+        properties = context.system_properties
+        model_dir = Path(properties.get("model_dir") or ".")
+        self.model_name = getattr(context, "model_name", None) or "model"
+        manifest = getattr(context, "manifest", None) or {}
+        self.version = str(manifest.get("model", {}).get("modelVersion", "1.0"))
+        gpu_id = properties.get("gpu_id")
+        if torch.cuda.is_available() and gpu_id is not None:
+            self.device = torch.device(f"cuda:{gpu_id}")
+        yaml_config = getattr(context, "model_yaml_config", None)
+        if not yaml_config and (model_dir / "model-config.yaml").exists():
+            yaml_config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+        self.config = load_handler_config(yaml_config)
+        info_path = model_dir / "build_info.json"
+        self.build_info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        self.labels = self._load_labels(model_dir)
+        self.model = self.load_model(model_dir).to(self.device).eval()
+        for parameter in self.model.parameters():  # serving never needs parameter gradients
+            parameter.requires_grad_(False)
+        self.cams = self._build_cams()
+        self._metrics = _Metrics(context, self.model_name)
+        self._warm_up()
+        self.initialized = True
+        logger.info(
+            "model %s loaded from %s: handlers at %s, cam_engine at %s, weights %s",
+            self.model_name,
+            model_dir,
+            os.path.dirname(__file__),
+            os.path.dirname(cam_engine.__file__),
+            self.weights_source,
+        )
+
+    @property
+    def weights_source(self) -> str:
+        return str(self.build_info.get("weights_source", "unknown"))
+
+    def _load_labels(self, model_dir: Path) -> list[str]:
+        labels = self.config.labels
+        if isinstance(labels, str):
+            path = model_dir / labels
+            if not path.exists():
+                raise ConfigError(f"handler.labels: file {labels!r} is not in the archive")
+            loaded = json.loads(path.read_text())
+            if isinstance(loaded, Mapping):  # TorchServe's index_to_name.json
+                loaded = [loaded[str(i)] if not isinstance(loaded[str(i)], list) else loaded[str(i)][-1] for i in range(len(loaded))]
+            labels = loaded
+        labels = list(labels or [])
+        if self.config.num_classes is not None and labels and len(labels) != self.config.num_classes:
+            raise ConfigError(f"handler.labels: {len(labels)} labels for num_classes {self.config.num_classes}")
+        if not labels:
+            if self.config.num_classes is None:
+                raise ConfigError("handler.labels: give labels or num_classes")
+            labels = [str(i) for i in range(self.config.num_classes)]
+        return labels
+
+    def load_model(self, model_dir: Path) -> nn.Module:
+        """Build the configured architecture and load the archived state dict into it (strict)."""
+        try:
+            architecture = architectures.get_architecture(self.config.architecture)
+        except KeyError as error:
+            raise ConfigError(f"handler.architecture: {error.args[0]}") from None
+        model = architecture.builder(len(self.labels))
+        if self.config.weights:
+            path = model_dir / self.config.weights
+            if not path.exists():
+                raise ConfigError(f"handler.weights: file {self.config.weights!r} is not in the archive")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as error:
+                raise ConfigError(f"handler.weights: does not fit {self.config.architecture}: {error}") from None
+        return model
+
+    def reshape_transform(self) -> Any:
+        """The reshape transform for the configured ``reshape`` (``auto`` asks the architecture)."""
+        reshape = self.config.explanation.reshape
+        if reshape == "auto":
+            try:
+                reshape = architectures.get_architecture(self.config.architecture).reshape
+            except KeyError:
+                reshape = "none"
+        return {
+            "none": None,
+            "vit": cam_engine.reshape.vit_reshape_transform,
+            "swin": cam_engine.reshape.swin_reshape_transform,
+        }[reshape]
+
+    def _build_cams(self) -> dict[str, cam_engine.BaseCAM]:
+        explanation = self.config.explanation
+        layers = []
+        for path in explanation.target_layers:
+            try:
+                layers.append(cam_engine.resolve_layer(self.model, path))
+            except cam_engine.LayerNotFoundError as error:
+                raise ConfigError(f"handler.target_layers: {error}") from None
+        reshape = self.reshape_transform()
+        cams: dict[str, cam_engine.BaseCAM] = {}
+        available = cam_engine.methods()
+        for name in explanation.methods:
+            try:
+                method = cam_engine.get_method(name)
+            except ValueError:
+                raise ConfigError(
+                    f"handler.methods: {name!r} is not a cam_engine method; available: {', '.join(available)}"
+                ) from None
+            cams[method.name] = cam_engine.create(method.name, self.model, layers, reshape_transform=reshape)
+        self._method_alias = {name: cam_engine.get_method(name).name for name in explanation.methods}
+        return cams
+
+    def _warm_up(self) -> None:
+        """One explained forward pass on a blank image, so a wrong layer or reshape fails at load time."""
+        size = self.config.preprocessing.input_size
+        x = torch.zeros((1, 3, *size), device=self.device)
+        default = self._method_alias[self.config.explanation.default_method]
+        try:
+            result = self.cams[default].run(x, [[TopClassTarget()]])
+        except Exception as error:  # noqa: BLE001 - re-raised with the keys that decide it
+            raise ConfigError(
+                f"handler.target_layers / handler.reshape: explaining with {default} at "
+                f"{list(self.config.explanation.target_layers)} failed: {error}"
+            ) from error
+        if tuple(result.cams.shape[-2:]) != tuple(size):
+            raise ConfigError(f"handler.target_layers: CAMs come out {tuple(result.cams.shape)} for input {size}")
+
+    # ------------------------------------------------------------------ task hooks
+    def parse_task_options(self, request: ParsedRequest, options: Mapping[str, Any]) -> None:
+        """Validate the task's own JSON options into ``request.task``; raise :class:`RequestError`."""
+
+    def targets_for(self, request: ParsedRequest) -> list[Any]:
+        """The cam_engine targets an explained request asks for (default: its top class)."""
+        return [TopClassTarget()]
+
+    def build_response(
+        self, request: ParsedRequest, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
+    ) -> dict[str, Any]:
+        """The response for ``request`` (row ``row`` of the batch ``outputs``)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ request parsing
+    def _split_body(self, item: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        """(image bytes, JSON options) from one TorchServe request item."""
+        if "data" in item and item["data"] is not None:
+            raw, options = item["data"], {}
+            extra = item.get("options")
+            if extra:
+                try:
+                    options = json.loads(bytes(extra).decode("utf-8") if not isinstance(extra, str) else extra)
+                except (ValueError, UnicodeDecodeError):
+                    raise RequestError("multipart field 'options' must be a JSON object") from None
+                if not isinstance(options, dict):
+                    raise RequestError("multipart field 'options' must be a JSON object")
+        elif "body" in item:
+            raw, options = item["body"], {}
+        else:
+            raise RequestError("no image: send raw bytes, a multipart field 'data' or JSON {\"image\": ...}")
+        if isinstance(raw, (bytes, bytearray)) and raw[:1] == b"{":
+            try:
+                raw = json.loads(bytes(raw).decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                raise RequestError("the body starts like JSON but is not valid JSON") from None
+        if isinstance(raw, str):
+            raw = raw.encode("latin-1", errors="ignore")
+        if isinstance(raw, Mapping):
+            options = dict(raw)
+            if "image" not in options:
+                raise RequestError('JSON requests need "image": "<base64 image>"')
+            raw = _b64(options.pop("image"), "image")
+        elif not isinstance(raw, (bytes, bytearray)):
+            raise RequestError(f"the JSON body must be an object, got {type(raw).__name__}")
+        return bytes(raw), options
+
+    def parse_request(self, index: int, item: Mapping[str, Any], explain_header: bool) -> ParsedRequest:
+        """Validate request ``index`` of the batch; raises :class:`RequestError`."""
+        raw, options = self._split_body(item)
+        unknown = [key for key in options if key not in COMMON_OPTIONS + self.task_options]
+        if unknown:
+            allowed = ", ".join(k for k in COMMON_OPTIONS + self.task_options if k != "image")
+            raise RequestError(f"unknown option(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
+        explanation = self.config.explanation
+        explain = _bool_option(options, "explain", explanation.explain_on_predict) or explain_header
+        method = options.get("method", explanation.default_method)
+        if not isinstance(method, str):
+            raise RequestError(f"method must be a string, got {type(method).__name__}")
+        try:
+            method = cam_engine.get_method(method).name
+        except ValueError:
+            method = method.lower()
+        if method not in self.cams:
+            raise RequestError(f"unknown method {options.get('method')!r}; this model allows: {', '.join(self.cams)}")
+        aug_smooth = _bool_option(options, "aug_smooth", False)
+        eigen_smooth = _bool_option(options, "eigen_smooth", False)
+        if aug_smooth and not explanation.aug_smooth:
+            raise RequestError("aug_smooth is not enabled for this model")
+        if eigen_smooth and not explanation.eigen_smooth:
+            raise RequestError("eigen_smooth is not enabled for this model")
+        outputs = options.get("output", "heatmap")
+        if isinstance(outputs, str):
+            outputs = ["heatmap", "overlay"] if outputs == "both" else [outputs]
+        if not isinstance(outputs, list) or not outputs or not all(o in OUTPUTS for o in outputs):
+            raise RequestError(f"output must be 'heatmap', 'overlay', 'both' or a list of those, got {outputs!r}")
+        image = decode_image(raw, self.config.max_image_pixels)
+        model_input, geometry = preprocess(image, self.config.preprocessing)
+        request = ParsedRequest(
+            index=index,
+            image=image,
+            input=model_input,
+            geometry=geometry,
+            explain=explain,
+            method=method,
+            aug_smooth=aug_smooth,
+            eigen_smooth=eigen_smooth,
+            outputs=tuple(dict.fromkeys(outputs)),
+        )
+        self.parse_task_options(request, options)
+        return request
+
+    # ------------------------------------------------------------------ the batch
+    def explain_batch(
+        self, batch: torch.Tensor, requests: list[ParsedRequest]
+    ) -> tuple[Any, list[torch.Tensor | None]]:
+        """Model outputs for the whole batch and, per request, its CAMs ``[T, H, W]`` (None if unexplained).
+
+        One ``cam.run`` over the whole batch serves every request with the most common (method,
+        eigen_smooth) among those without aug_smooth; requests that want no explanation ride along with
+        an empty target list. Other combinations run on their own images only.
+        """
+        cams: list[torch.Tensor | None] = [None] * len(requests)
+        groups: dict[tuple[str, bool, bool], list[int]] = {}
+        for position, request in enumerate(requests):
+            if request.explain:
+                groups.setdefault((request.method, request.aug_smooth, request.eigen_smooth), []).append(position)
+        plain = [key for key in groups if not key[1]]
+        main = max(plain, key=lambda k: len(groups[k])) if plain else None
+        if main is None:
+            with torch.inference_mode():
+                outputs = self.model(batch)
+        else:
+            members = set(groups[main])
+            targets = [self.targets_for(r) if i in members else [] for i, r in enumerate(requests)]
+            outputs = self._run(main, batch, targets, list(range(len(requests))), cams)
+        for key, positions in groups.items():
+            if key != main:
+                targets = [self.targets_for(requests[i]) for i in positions]
+                self._run(key, batch[positions], targets, positions, cams)
+        return outputs, cams
+
+    def _run(
+        self,
+        key: tuple[str, bool, bool],
+        batch: torch.Tensor,
+        targets: list[list[Any]],
+        positions: list[int],
+        cams: list[torch.Tensor | None],
+    ) -> Any:
+        method, aug_smooth, eigen_smooth = key
+        start = time.perf_counter()
+        result = self.cams[method].run(batch, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
+        rows: dict[int, list[int]] = {}
+        for row, (image, _) in enumerate(result.pairs):
+            rows.setdefault(image, []).append(row)
+        for local, position in enumerate(positions):
+            if local in rows:
+                first, last = rows[local][0], rows[local][-1]
+                cams[position] = result.cams[first : last + 1]
+        self._metrics.cam(method, (time.perf_counter() - start) * 1000, len(result.pairs))
+        return result.outputs
+
+    def encode_explanations(
+        self, requests: list[ParsedRequest], cams: list[torch.Tensor | None]
+    ) -> list[list[dict[str, Any]] | None]:
+        """Per request, its heatmaps/overlays mapped onto the submitted image and encoded.
+
+        All uint8 pictures of the batch are built on the model's device and copied to the host once.
+        """
+        pieces: list[torch.Tensor] = []
+        layout: list[list[tuple[int, str, tuple[int, ...], int]]] = []
+        for request, request_cams in zip(requests, cams):
+            entries: list[tuple[int, str, tuple[int, ...], int]] = []
+            if request_cams is not None:
+                mapped = to_source(request_cams, request.geometry)  # [T, h, w] in [0, 1]
+                image = request.image.to(mapped.device).permute(1, 2, 0) if "overlay" in request.outputs else None
+                for target_row in range(mapped.shape[0]):
+                    if "heatmap" in request.outputs:
+                        picture = cam_image.to_uint8(mapped[target_row])
+                        entries.append((target_row, "heatmap", tuple(picture.shape), len(pieces)))
+                        pieces.append(picture.reshape(-1))
+                    if image is not None:
+                        picture = cam_image.overlay(image, mapped[target_row])
+                        entries.append((target_row, "overlay", tuple(picture.shape), len(pieces)))
+                        pieces.append(picture.reshape(-1))
+            layout.append(entries)
+        host = torch.cat(pieces).cpu().numpy() if pieces else np.zeros(0, np.uint8)  # the one copy
+        offsets = np.cumsum([0] + [p.numel() for p in pieces])
+        quality = self.config.explanation.overlay_quality
+        encoded: list[list[dict[str, Any]] | None] = []
+        for request, entries in zip(requests, layout):
+            if not request.explain:
+                encoded.append(None)
+                continue
+            per_target: dict[int, dict[str, Any]] = {}
+            for target_row, kind, shape, piece in entries:
+                array = host[offsets[piece] : offsets[piece + 1]].reshape(shape)
+                if kind == "heatmap":
+                    data, fmt = encode_png(array), "png"
+                else:
+                    data, fmt = encode_jpeg(array, quality), "jpeg"
+                self._metrics.heatmap(fmt, len(data))
+                per_target.setdefault(target_row, {})[kind] = {
+                    "format": fmt,
+                    "width": int(shape[1]),
+                    "height": int(shape[0]),
+                    "data": base64.b64encode(data).decode("ascii"),
+                }
+            encoded.append([per_target[row] for row in sorted(per_target)])
+        return encoded
+
+    def explanation_meta(self, request: ParsedRequest) -> dict[str, Any]:
+        """Fields every explanation of ``request`` carries: method and layers."""
+        return {"method": request.method, "layers": list(self.config.explanation.target_layers)}
+
+    # ------------------------------------------------------------------ entry point
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /models/<name>?customized=true`` shows: weights source, methods, preprocessing."""
+        config = self.config
+        return {
+            "architecture": config.architecture,
+            "weights_source": self.weights_source,
+            "build": self.build_info,
+            "num_classes": len(self.labels),
+            "methods": list(self.cams),
+            "default_method": config.explanation.default_method,
+            "target_layers": list(config.explanation.target_layers),
+            "input_size": list(config.preprocessing.input_size),
+            "resize": config.preprocessing.resize,
+            "crop": config.preprocessing.crop,
+            "max_targets": config.explanation.max_targets,
+            "max_image_pixels": config.max_image_pixels,
+            "device": str(self.device),
+        }
+
+    def handle(self, data: Sequence[Mapping[str, Any]] | None, context: Any) -> list[str]:
+        """TorchServe's entry point: one JSON string per request, 4xx status for the bad ones."""
+        if not self.initialized:
+            self.initialize(context)
+        if data is None:
+            return []
+        self.context = context
+        if _header(context, 0, "describe") == "True":
+            return [json.dumps(self.describe())]
+        responses: list[str | None] = [None] * len(data)
+        requests: list[ParsedRequest] = []
+        for index, item in enumerate(data):
+            try:
+                explain = _header(context, index, "explain") == "True"
+                requests.append(self.parse_request(index, item, explain))
+            except RequestError as error:
+                responses[index] = self._error(context, index, error)
+        logger.info(
+            "batch of %d request(s): %d valid, %d explained",
+            len(data), len(requests), sum(r.explain for r in requests),
+        )
+        if requests:
+            batch = torch.stack([r.input for r in requests]).to(self.device)
+            outputs, cams = self.explain_batch(batch, requests)
+            encoded = self.encode_explanations(requests, cams)
+            for row, (request, explanations) in enumerate(zip(requests, encoded)):
+                try:
+                    body = self.build_response(request, outputs, row, explanations)
+                except RequestError as error:
+                    responses[request.index] = self._error(context, request.index, error)
+                    continue
+                responses[request.index] = json.dumps(body)
+                _content_type(context, request.index)
+        return [r if r is not None else "{}" for r in responses]
+
+    def response_header(self) -> dict[str, Any]:
+        """The first fields of every response."""
+        return {"model": self.model_name, "version": self.version, "weights": self.weights_source}
+
+    @staticmethod
+    def _error(context: Any, index: int, error: RequestError) -> str:
+        if context is not None and hasattr(context, "set_response_status"):
+            context.set_response_status(error.code, _REASONS.get(error.code, "Bad Request"), index)
+        _content_type(context, index)
+        return json.dumps(error.body())
+
+
+def _header(context: Any, index: int, key: str) -> str | None:
+    if context is None or not hasattr(context, "get_request_header"):
+        return None
+    try:
+        return context.get_request_header(index, key)
+    except (IndexError, KeyError, AttributeError, TypeError):
+        return None
+
+
+def _content_type(context: Any, index: int) -> None:
+    if context is not None and hasattr(context, "set_response_content_type"):
+        context.set_response_content_type(index, "application/json")

