@@ -341,20 +341,20 @@ class AblationCAM(BaseCAM):
         return copies
 
     def _probe(self, mode: str, index: int, context: PassContext, structure: Any, raw: torch.Tensor, axis: int,
-               first_channel: int) -> bool:
-        """Does ``mode`` reproduce image 0's scores from an unablated copy (next to an ablated one)?"""
+               image: int, first_channel: int, want: torch.Tensor) -> bool:
+        """Does ``mode`` reproduce ``image``'s scores ``want`` (``[D]``) from an unablated copy (next to an
+        ablated one)?"""
         try:
             device = raw.device
-            images = torch.zeros(2, dtype=torch.long, device=device)
+            images = torch.full((2,), image, dtype=torch.long, device=device)
             channels = torch.full((2,), first_channel, dtype=torch.long, device=device)
             values = self._ablation_values(raw, images, torch.zeros(2, device=device))
             ablated = self._ablate(raw, axis, images, channels, values)
-            ablated[0] = raw[0]
-            scores = self._downstream(mode, index, context, structure, ablated, [0, 0])
-            got = row_target_scores(scores, [0, 0], context.targets)[0]
+            ablated[0] = raw[image]
+            scores = self._downstream(mode, index, context, structure, ablated, [image, image])
+            got = row_target_scores(scores, [image, image], context.targets)[0]
         except Exception:  # noqa: BLE001 - any failure of a shortcut mode means: use the next one
             return False
-        want = row_target_scores(context.scores, [0], context.targets)[0]
         scale = max(1.0, float(want.abs().nan_to_num().max()))
         return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-4 * scale, equal_nan=True))
 
@@ -375,9 +375,13 @@ class AblationCAM(BaseCAM):
         new = torch.empty((len(items), original.shape[1]), dtype=torch.float32, device=original.device)
         with torch.inference_mode():
             candidates = [self.mode] if self.mode is not None else list(self.MODES)
-            first = orders[0][0] if orders[0] else 0
-            mode = next((m for m in candidates[:-1] if self._probe(m, index, context, structure, raw, axis, first)),
-                        candidates[-1])
+            probe_image = next(i for i in range(batch) if context.targets[i])  # pairs exist: some image has targets
+            first = orders[probe_image][0] if orders[probe_image] else 0
+            mode = next(
+                (m for m in candidates[:-1]
+                 if self._probe(m, index, context, structure, raw, axis, probe_image, first, original[probe_image])),
+                candidates[-1],
+            )
             self.last_modes[index] = mode
             if mode == "broadcast":
                 groups = [[k for k, item in enumerate(items) if item[0] == i] for i in range(batch)]

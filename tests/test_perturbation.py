@@ -258,3 +258,13 @@ def test_registry_names():
         assert name in cam_engine.methods()
         assert cam_engine.get_method(name) is cls
         assert cam_engine.get_method(cls.__name__) is cls
+
+
+def test_ablationcam_probe_uses_an_image_with_targets():
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    cam = cam_engine.AblationCAM(model, ["3"], batch_size=6)
+    result = cam.run(x, [[], [ClassifierOutputTarget(2)]])
+    assert result.pairs == [(1, 0)]
+    assert cam.last_modes == {0: "empty"}  # the probe checked image 1, the one with a target
+    np.testing.assert_allclose(result.cams[0].numpy(), cam(x[1:], [ClassifierOutputTarget(2)])[0], atol=1e-6)
