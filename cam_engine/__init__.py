@@ -30,20 +30,32 @@ from .methods import (
 )
 from .registry import create, get_method, methods
 
+# isort: split
+# Registered after the single-pass methods, so that methods() lists those first.
+from .perturbation import AblationCAM, ScoreCAM  # isort: skip
+from .fullgrad import FullGrad  # isort: skip
+from .baselines import RandomCAM  # isort: skip
+from .guided_backprop import GuidedBackpropReLUModel  # isort: skip
+
 __all__ = [
+    "AblationCAM",
     "BaseCAM",
     "CAMResult",
     "EigenCAM",
     "EigenGradCAM",
     "FEM",
     "FinerCAM",
+    "FullGrad",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GuidedBackpropReLUModel",
     "HiResCAM",
     "KPCA_CAM",
     "LayerCAM",
     "LayerNotFoundError",
+    "RandomCAM",
+    "ScoreCAM",
     "ShapleyCAM",
     "XGradCAM",
     "create",

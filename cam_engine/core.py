@@ -35,7 +35,7 @@ from . import functional as CF
 from .layers import layer_names, resolve_layers
 from .targets import ClassifierOutputTarget
 
-__all__ = ["BaseCAM", "CAMResult", "current_input_size", "model_scores", "AUGMENTATIONS"]
+__all__ = ["BaseCAM", "CAMResult", "PassContext", "current_input_size", "model_scores", "AUGMENTATIONS"]
 
 # (height, width) of the input being explained; reshape transforms read it to infer token grids.
 _INPUT_SIZE: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar("input_size", default=None)
@@ -138,6 +138,22 @@ class Capture:
 
 
 @dataclass
+class PassContext:
+    """What a method that runs extra forward passes (ScoreCAM, AblationCAM) needs from the engine.
+
+    ``input``: the batch ``[B, C, *S]`` on the model's device in the model's dtype. ``scores``: the
+    capture pass's :func:`model_scores`. ``capture``: the raw target-layer outputs. ``targets[i]``:
+    the targets of image ``i``; ``pairs``: the (image, target index) rows of the result, image-major.
+    """
+
+    input: torch.Tensor
+    scores: Any
+    capture: Capture
+    targets: list[list[Any]]
+    pairs: list[tuple[int, int]]
+
+
+@dataclass
 class CAMResult:
     """The result of :meth:`BaseCAM.run`.
 
@@ -164,6 +180,9 @@ class BaseCAM:
     #: registry name, set by :func:`cam_engine.registry.register`
     name: str = ""
     uses_gradients: bool = True
+    #: gradient-free methods whose CAM depends on the target through extra forward passes; they
+    #: implement :meth:`pass_cam` instead of :meth:`cam_image`
+    uses_extra_passes: bool = False
     #: several targets per image: one vmapped backward pass instead of one pass per target
     batch_target_gradients: bool = True
 
@@ -180,6 +199,14 @@ class BaseCAM:
     # ------------------------------------------------------------------ method hooks
     def cam_image(self, activations: torch.Tensor, gradients: torch.Tensor | None, eigen_smooth: bool) -> torch.Tensor:
         """The CAM of one layer before ReLU and scaling: ``[B, C, *S]`` inputs -> ``[B, *S]``."""
+        raise NotImplementedError
+
+    def pass_cam(self, context: PassContext, index: int, activations: torch.Tensor, eigen_smooth: bool) -> torch.Tensor:
+        """For ``uses_extra_passes`` methods: the CAM of layer ``index`` for every row of ``context.pairs``.
+
+        ``activations``: float32 ``[B, C, *S]`` (after the reshape transform). Returns ``[N, *S]``
+        before ReLU and scaling, ``N = len(context.pairs)``.
+        """
         raise NotImplementedError
 
     def _gradients(self, loss: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool) -> list[torch.Tensor]:
@@ -341,8 +368,12 @@ class BaseCAM:
         rows: torch.Tensor | None,
         size: tuple[int, ...],
         eigen_smooth: bool,
+        context: PassContext | None = None,
     ) -> torch.Tensor:
-        """Scaled, resized, layer-averaged CAMs ``[N, *size]`` for the batch rows ``rows``."""
+        """Scaled, resized, layer-averaged CAMs ``[N, *size]`` for the batch rows ``rows``.
+
+        With a ``context`` (extra-pass methods) the rows are ``context.pairs``.
+        """
         per_layer = []
         for index in range(len(self.target_layers)):
             structure = capture.outputs[index]
@@ -353,7 +384,10 @@ class BaseCAM:
             if rows is not None:
                 activations = activations[rows]
                 gradients = gradients[rows] if gradients is not None else None
-            cam = self.cam_image(activations, gradients, eigen_smooth).float().clamp_min(0)
+            if context is not None:
+                cam = self.pass_cam(context, index, activations, eigen_smooth).float().clamp_min(0)
+            else:
+                cam = self.cam_image(activations, gradients, eigen_smooth).float().clamp_min(0)
             cam = CF.scale_per_image(cam)
             per_layer.append(_resize(cam, size))
         stacked = torch.stack(per_layer, dim=1).clamp_min(0).mean(dim=1)
@@ -378,6 +412,11 @@ class BaseCAM:
         cams = torch.empty((len(pairs), *size), device=x.device, dtype=torch.float32)
         if not pairs:
             pass
+        elif self.uses_extra_passes:
+            # ScoreCAM / AblationCAM: target-dependent CAMs from extra forward passes, which the
+            # method runs under inference_mode (the capture pass above already did).
+            context = PassContext(x, scores, capture, targets, pairs)
+            cams = self._layer_cams(capture, None, None, size, eigen_smooth, context=context)
         elif not self.uses_gradients:
             # A gradient-free CAM does not depend on the target: compute once per image.
             per_image = self._layer_cams(capture, None, None, size, eigen_smooth)
