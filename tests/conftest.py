@@ -21,6 +21,17 @@ def oracle(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def trained_cnn():
+    """The localisation CNN of tests/synthetic.py, trained once per session (seconds, no downloads)."""
+    from synthetic import SmallCNN, train
+
+    model = SmallCNN()
+    accuracy = train(model, steps=80, size=64)
+    assert accuracy >= 0.95, f"the CNN did not learn the task (accuracy {accuracy:.2f})"
+    return model
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A TorchServe started once per session (token auth on, model API off), stopped at the end."""
     from serving import TEST_ARCHIVES

@@ -8,20 +8,12 @@ object's box for at least 90% of images.
 from __future__ import annotations
 
 import pytest
-from synthetic import SmallCNN, make_shapes, peak_in_box, tiny_vit, train
+from synthetic import make_shapes, peak_in_box, tiny_vit, train
 
 import cam_engine
 from cam_engine.targets import ClassifierOutputTarget
 
 LOCALISING = ["gradcam", "hirescam", "gradcam++", "xgradcam", "layercam"]
-
-
-@pytest.fixture(scope="module")
-def trained_cnn():
-    model = SmallCNN()
-    accuracy = train(model, steps=80, size=64)
-    assert accuracy >= 0.95, f"the CNN did not learn the task (accuracy {accuracy:.2f})"
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -89,18 +89,8 @@ def test_metrics_put_a_training_model_in_eval_and_restore_it(setting):
 
 
 # ------------------------------------------------------------------ faithfulness on a trained model
-@pytest.fixture(scope="module")
-def localization_model():
-    """The core issue's localisation CNN (tests/synthetic.py), trained here for seconds, same recipe."""
-    from synthetic import SmallCNN, train
-
-    model = SmallCNN()
-    accuracy = train(model, steps=80, size=64)
-    assert accuracy >= 0.95, f"the CNN did not learn the task (accuracy {accuracy:.2f})"
-    return model
-
-
-def test_road_combined_ranks_gradcam_above_randomcam(localization_model):
+def test_road_combined_ranks_gradcam_above_randomcam(trained_cnn):
+    localization_model = trained_cnn
     from synthetic import make_shapes
 
     model = localization_model
