@@ -88,6 +88,14 @@ def effective_config(workdir: Path, ports: dict[str, int], base: Path = REPO_ROO
         if key.endswith("_address") and api in ports:
             line = f"{key}=http://127.0.0.1:{ports[api]}"
         lines.append(line)
+    # TorchServe also opens gRPC servers, on 7070/7071 unless told otherwise: a second TorchServe on the
+    # machine (parallel test sessions) then dies at start-up with "Failed to bind to address /127.0.0.1:7070".
+    # Servers on non-default ports get free gRPC ports too.
+    configured = {line.split("=", 1)[0].strip() for line in lines}
+    if ports != DEFAULT_PORTS:
+        for key in ("grpc_inference_port", "grpc_management_port"):
+            if key not in configured:
+                lines.append(f"{key}={ports.get(key.removesuffix('_port'), free_port())}")
     path = workdir / "logs" / "config.properties"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
