@@ -78,8 +78,11 @@ import numpy as np
 import torch
 
 from cam_engine.core import model_scores
+from cam_engine.image import colorize, overlay, to_uint8
+from cam_engine.targets import ClassifierOutputTarget
 
 from .config import AuditConfig
+from .preprocess import to_source
 
 __all__ = [
     "Auditor",
@@ -415,7 +418,8 @@ class AuditWriter:
         self.committed = 0
         self.write_errors = 0
         self.dropped = 0
-        self.last_commit_latency_ms = 0.0
+        self.last_commit_latency_ms = 0.0  # queueing -> commit of the oldest record of the last transaction
+        self.max_commit_latency_ms = 0.0
         self._sink_open = False
         self._last_open_try = -math.inf
         self._last_error_log = -math.inf
@@ -520,6 +524,7 @@ class AuditWriter:
                 if ok:
                     self.committed += len(records)
                     self.last_commit_latency_ms = (time.perf_counter() - min(queued)) * 1000
+                    self.max_commit_latency_ms = max(self.max_commit_latency_ms, self.last_commit_latency_ms)
                 else:
                     self.write_errors += len(records)
                 self._pending -= len(records)
@@ -713,8 +718,6 @@ class Auditor:
             request_cams = cams[row] if row < len(cams) else None
             if request_cams is not None:
                 targets = list(handler.targets_for(request))[: request_cams.shape[0]]
-                from .preprocess import to_source
-
                 mapped = to_source(request_cams, request.geometry)  # [T, h, w] in [0, 1]
                 for position, target in enumerate(targets):
                     resolved, described = self._describe_target(target, scores, row)
@@ -723,8 +726,6 @@ class Auditor:
                     fields["explanations"].append({**described, **summary})
                     pairs.append(_Pair(row, len(records), resolved, request_cams[position], fields["explanations"][-1]))
                 if targets and self.config.store_heatmaps:
-                    from cam_engine.image import to_uint8
-
                     pictures = to_uint8(mapped[: len(targets)])
                     heatmap_owner.append((len(records), tuple(pictures.shape[1:]), pictures.shape[0]))
                     heatmap_parts.append(pictures.reshape(-1))
@@ -746,8 +747,6 @@ class Auditor:
 
     def _describe_target(self, target: Any, scores: Any, row: int) -> tuple[Any, dict[str, Any]]:
         """(a target fixed to a class where it named "the top class", its JSON description)."""
-        from cam_engine.targets import ClassifierOutputTarget
-
         labels = self.handler.labels
         index = getattr(target, "category", None)
         if index is None and type(target).__name__ == "TopClassTarget" and isinstance(scores, torch.Tensor):
@@ -874,8 +873,6 @@ def _data_uri(png: bytes) -> str:
 def _thumbnail(record: Mapping[str, Any], root: Path | None, size: int = 112) -> tuple[str | None, str]:
     """(a PNG data URI of the overlay - or of the colour-mapped heatmap when no input is stored -, its kind)."""
     from PIL import Image, ImageOps
-
-    from cam_engine.image import colorize, overlay
 
     explanations = record.get("explanations") or []
     heatmap_png: bytes | None = None
@@ -1038,7 +1035,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return '<span class="muted">-</span>'
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return f"{round(value, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.000"
     return html.escape(str(value))
 
 
