@@ -48,7 +48,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 AUDIT_ROOT = Path(tempfile.mkdtemp(prefix="cam-audit-tests-"))
-os.environ.setdefault("CAM_AUDIT_TEST_DIR", str(AUDIT_ROOT))
+os.environ["CAM_AUDIT_TEST_DIR"] = str(AUDIT_ROOT)  # the session TorchServe inherits it
 AUDIT_FULL, AUDIT_OFF, AUDIT_UNWRITABLE = "audit_full", "audit_off", "audit_unwritable"
 AUDIT_LABELS = [f"class_{i}" for i in range(10)]
 (AUDIT_ROOT / "blocker").write_text("a file where the unwritable model's audit directory should go\n")
