@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest
+
+# Headless Chromium for the audit report test (apt-get install only when /usr/bin/chromium is missing).
+.PHONY: chromium
+chromium:
+	@tests/ensure_chromium.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench torchserve_cam_cli load_tests

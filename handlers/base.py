@@ -41,6 +41,7 @@ import cam_engine
 from cam_engine import image as cam_image
 
 from . import architectures
+from .audit import Auditor
 from .config import ConfigError, HandlerConfig
 from .preprocess import Geometry, preprocess, to_source
 
@@ -107,6 +108,8 @@ class ParsedRequest:
     eigen_smooth: bool = False
     outputs: tuple[str, ...] = ("heatmap",)
     task: dict[str, Any] = field(default_factory=dict)
+    raw: bytes = b""  # the encoded image bytes as submitted (the audit hashes them)
+    audited: bool = False  # sampled for the audit trail (handlers.audit)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -258,6 +261,7 @@ class CamHandler:
         self.cams = self._build_cams()
         self._metrics = _Metrics(context, self.model_name)
         self._warm_up()
+        self.audit = Auditor(self, context)
         self.initialized = True
         logger.info(
             "model %s loaded from %s: handlers at %s, cam_engine at %s, weights %s",
@@ -450,6 +454,7 @@ class CamHandler:
             aug_smooth=aug_smooth,
             eigen_smooth=eigen_smooth,
             outputs=tuple(dict.fromkeys(outputs)),
+            raw=raw,
         )
         self.parse_task_options(request, options)
         return request
@@ -467,7 +472,7 @@ class CamHandler:
         cams: list[torch.Tensor | None] = [None] * len(requests)
         groups: dict[tuple[str, bool, bool], list[int]] = {}
         for position, request in enumerate(requests):
-            if request.explain:
+            if request.explain or request.audited:  # audited: a heatmap for the record, same run
                 groups.setdefault((request.method, request.aug_smooth, request.eigen_smooth), []).append(position)
         plain = [key for key in groups if not key[1]]
         main = max(plain, key=lambda k: len(groups[k])) if plain else None
@@ -516,7 +521,7 @@ class CamHandler:
         layout: list[list[tuple[int, str, tuple[int, ...], int]]] = []
         for request, request_cams in zip(requests, cams):
             entries: list[tuple[int, str, tuple[int, ...], int]] = []
-            if request_cams is not None:
+            if request_cams is not None and request.explain:
                 mapped = to_source(request_cams, request.geometry)  # [T, h, w] in [0, 1]
                 image = request.image.to(mapped.device).permute(1, 2, 0) if "overlay" in request.outputs else None
                 for target_row in range(mapped.shape[0]):
@@ -600,17 +605,21 @@ class CamHandler:
             len(data), len(requests), sum(r.explain for r in requests),
         )
         if requests:
+            self.audit.sample(requests)
             batch = torch.stack([r.input for r in requests]).to(self.device)
             outputs, cams = self.explain_batch(batch, requests)
             encoded = self.encode_explanations(requests, cams)
+            bodies: dict[int, dict[str, Any]] = {}
             for row, (request, explanations) in enumerate(zip(requests, encoded)):
                 try:
                     body = self.build_response(request, outputs, row, explanations)
                 except RequestError as error:
                     responses[request.index] = self._error(context, request.index, error)
                     continue
+                bodies[request.index] = body
                 responses[request.index] = json.dumps(body)
                 _content_type(context, request.index)
+            self.audit.record(requests, batch, outputs, cams, bodies)  # queued; written off the request path
         return [r if r is not None else "{}" for r in responses]
 
     def response_header(self) -> dict[str, Any]:

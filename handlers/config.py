@@ -34,6 +34,8 @@ __all__ = [
     "PreprocessingConfig",
     "ExplanationConfig",
     "HandlerConfig",
+    "AuditConfig",
+    "AUDIT_SINKS",
     "RESIZE_MODES",
     "RESHAPES",
     "INTERPOLATIONS",
@@ -44,6 +46,7 @@ RESIZE_MODES = ("stretch", "letterbox", "shorter_side")
 RESHAPES = ("auto", "vit", "swin", "none")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 HEATMAP_FORMATS = ("png",)
+AUDIT_SINKS = ("sqlite", "stdout")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -193,6 +196,60 @@ class ExplanationConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The ``handler.audit`` section: which requests leave an audit record, and where it goes.
+
+    - ``enabled``: off by default; ``sample_rate``: the share of valid requests audited, in [0, 1].
+    - ``store_heatmaps``: keep each audited heatmap as an 8-bit PNG (a file beside the database, or
+      base64 in the JSON line); ``faithfulness``: score each audited heatmap by the drop in target
+      confidence when its top 20% of pixels are removed (one extra batched forward per batch).
+    - ``sink``: ``sqlite`` (a WAL-mode database ``audit.sqlite3`` in ``directory``) or ``stdout``
+      (one JSON line per record, for a cluster's log pipeline).
+    - ``directory``: for ``sqlite``; ``~`` and ``$VARS`` are expanded and the result must be absolute.
+      Unset: ``$CAM_AUDIT_DIR``, else ``$LOG_LOCATION/audit`` (TorchServe's log directory).
+    - ``store_inputs``: keep the submitted image bytes (off: a record holds only their SHA-256).
+    - ``top_k``: predictions kept in a record; ``queue_size``: records waiting for the writer before
+      new ones are dropped (and counted) rather than slowing requests down.
+    """
+
+    enabled: bool = False
+    sample_rate: float = 1.0
+    store_heatmaps: bool = True
+    faithfulness: bool = False
+    sink: str = "sqlite"
+    directory: str | None = None
+    store_inputs: bool = False
+    top_k: int = 5
+    queue_size: int = 10_000
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.audit") -> AuditConfig:
+        data = {} if data is None else data
+        _check_keys(data, [f.name for f in fields(cls)], where)
+        defaults = cls()
+        rate = data.get("sample_rate", defaults.sample_rate)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"{where}.sample_rate: must be a number in [0, 1], got {rate!r}")
+        directory = data.get("directory")
+        if directory is not None and (not isinstance(directory, str) or not directory):
+            raise ConfigError(f"{where}.directory: must be a path, got {directory!r}")
+        config = cls(
+            enabled=_bool(data.get("enabled", defaults.enabled), f"{where}.enabled"),
+            sample_rate=float(rate),
+            store_heatmaps=_bool(data.get("store_heatmaps", defaults.store_heatmaps), f"{where}.store_heatmaps"),
+            faithfulness=_bool(data.get("faithfulness", defaults.faithfulness), f"{where}.faithfulness"),
+            sink=_choice(data.get("sink", defaults.sink), AUDIT_SINKS, f"{where}.sink"),
+            directory=directory,
+            store_inputs=_bool(data.get("store_inputs", defaults.store_inputs), f"{where}.store_inputs"),
+            top_k=_int(data.get("top_k", defaults.top_k), f"{where}.top_k", 1),
+            queue_size=_int(data.get("queue_size", defaults.queue_size), f"{where}.queue_size", 1),
+        )
+        if config.store_inputs and config.sink != "sqlite":
+            raise ConfigError(f"{where}.store_inputs: raw images are stored only with sink: sqlite, not in log lines")
+        return config
+
+
+@dataclass(frozen=True)
 class HandlerConfig:
     """The whole ``handler:`` section (flat keys, plus the nested ``preprocessing`` mapping).
 
@@ -201,6 +258,7 @@ class HandlerConfig:
       archive (or an inline list); ``num_classes`` defaults to the number of labels.
     - ``top_k``: predictions returned by default; ``max_image_pixels``: decoded images larger than this
       are refused before decoding (decompression bombs).
+    - ``audit``: the prediction audit trail (:class:`AuditConfig`, :mod:`handlers.audit`).
     """
 
     architecture: str
@@ -211,6 +269,7 @@ class HandlerConfig:
     max_image_pixels: int = 40_000_000
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     explanation: ExplanationConfig = field(default_factory=ExplanationConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     #: keys of the flat ``handler:`` mapping that fill :class:`ExplanationConfig`
     EXPLANATION_KEYS = tuple(f.name for f in fields(ExplanationConfig))
@@ -254,6 +313,7 @@ class HandlerConfig:
             max_image_pixels=_int(data.get("max_image_pixels", cls.max_image_pixels), f"{where}.max_image_pixels", 1),
             preprocessing=PreprocessingConfig.from_dict(data.get("preprocessing"), f"{where}.preprocessing"),
             explanation=explanation,
+            audit=AuditConfig.from_dict(data.get("audit"), f"{where}.audit"),
         )
 
 

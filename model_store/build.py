@@ -166,6 +166,8 @@ def _labels(handler: dict[str, Any]) -> list[str] | None:
 def _check_in_handler(stage: Path, config: dict[str, Any], name: str, task: str) -> dict[str, Any]:
     """Load the staged archive contents through the real handler (validation + warm-up)."""
     handler_class = {"classifier": ClassifierHandler}[task]
+    # The check must not create audit directories or writer threads on the build machine.
+    config = _merge(config, {"handler": {"audit": {"enabled": False}}})
     context = SimpleNamespace(
         system_properties={"model_dir": str(stage), "gpu_id": None, "batch_size": config.get("batchSize", 1)},
         model_name=name,

@@ -36,3 +36,51 @@ TEST_ARCHIVES: list[ArchiveSpec] = [
 def register(spec: ArchiveSpec) -> None:
     """Add an archive to the session's TorchServe (call at import time of a test module's conftest)."""
     TEST_ARCHIVES.append(spec)
+
+
+# ---------------------------------------------------------------------------------- prediction auditing
+# tests/test_audit_serving.py: a tiny random-init timm model (64x64 input) whose audit trail goes under
+# AUDIT_ROOT, a fresh directory per test session. The archives name their directory through
+# $CAM_AUDIT_TEST_DIR (expanded by the worker), so a test can serve the same archive from its own short-lived
+# TorchServe with another directory.
+import os  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+AUDIT_ROOT = Path(tempfile.mkdtemp(prefix="cam-audit-tests-"))
+os.environ["CAM_AUDIT_TEST_DIR"] = str(AUDIT_ROOT)  # the session TorchServe inherits it
+AUDIT_FULL, AUDIT_OFF, AUDIT_UNWRITABLE = "audit_full", "audit_off", "audit_unwritable"
+AUDIT_LABELS = [f"class_{i}" for i in range(10)]
+(AUDIT_ROOT / "blocker").write_text("a file where the unwritable model's audit directory should go\n")
+
+
+def _audit_archive(name: str, audit: dict) -> ArchiveSpec:
+    return ArchiveSpec(
+        config={"handler": {"architecture": "timm/test_efficientnet", "target_layers": ["bn2"]}},
+        archive_name=name,
+        allow_random_weights=True,
+        overrides={
+            "minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20, "responseTimeout": 120,
+            "handler": {"labels": AUDIT_LABELS, "preprocessing": {"input_size": [64, 64]}, "top_k": 3,
+                        "methods": ["gradcam", "layercam"], "audit": {"enabled": True, **audit}},
+        },
+    )  # fmt: skip
+
+
+TEST_ARCHIVES += [
+    _audit_archive(AUDIT_FULL, {"sample_rate": 1.0, "faithfulness": True, "store_inputs": True,
+                                "directory": "${CAM_AUDIT_TEST_DIR}/full"}),
+    _audit_archive(AUDIT_OFF, {"sample_rate": 0.0, "directory": "${CAM_AUDIT_TEST_DIR}/off"}),
+    _audit_archive(AUDIT_UNWRITABLE, {"sample_rate": 1.0, "directory": "${CAM_AUDIT_TEST_DIR}/blocker/audit"}),
+]  # fmt: skip
+
+
+def _remove_audit_root() -> None:
+    import shutil
+
+    shutil.rmtree(AUDIT_ROOT, ignore_errors=True)
+
+
+import atexit  # noqa: E402
+
+atexit.register(_remove_audit_root)

@@ -1,0 +1,201 @@
+"""Prediction auditing against a real TorchServe: records, sampling, concurrency, --stop, bad directories.
+
+The archives (tests/serving.py) serve a tiny random-init model with ``handler.audit`` on; their
+records land under ``serving.AUDIT_ROOT``. Records are written off the request path, so each test
+polls the database (bounded) for the records of the requests it sent, identified by the
+``x-request-id`` TorchServe returns.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import re
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from inputs import b64, encode, square_image
+from PIL import Image
+from serving import AUDIT_FULL, AUDIT_OFF, AUDIT_ROOT, AUDIT_UNWRITABLE
+
+from model_store import serve
+
+FULL_DB = AUDIT_ROOT / "full" / "audit.sqlite3"
+
+
+def post(server, path: str, body, **kwargs) -> requests.Response:
+    url = f"{server.url()}/{path}"
+    if isinstance(body, dict):
+        return requests.post(url, json=body, headers=server.headers(), timeout=120, **kwargs)
+    return requests.post(url, data=body, headers=server.headers(), timeout=120, **kwargs)
+
+
+def records_for(db: Path, request_ids: list[str], timeout: float = 60.0) -> dict[str, list[dict]]:
+    """request id -> its records, once every id has one (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found: dict[str, list[dict]] = {}
+        if db.exists():
+            connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+            connection.row_factory = sqlite3.Row
+            try:
+                marks = ",".join("?" * len(request_ids))
+                for row in connection.execute(f"SELECT * FROM audit_records WHERE request_id IN ({marks})", request_ids):
+                    found.setdefault(row["request_id"], []).append(dict(row))
+            finally:
+                connection.close()
+        if len(found) == len(set(request_ids)) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def png_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_every_request_leaves_one_record_with_the_right_fields(server) -> None:
+    images = [encode(square_image(60, 90, (10, 5 + 20 * i, 40, 35 + 20 * i), seed=100 + i)) for i in range(3)]
+    answers = [
+        post(server, f"explanations/{AUDIT_FULL}", images[0]),
+        post(server, f"predictions/{AUDIT_FULL}", images[1]),
+        post(server, f"explanations/{AUDIT_FULL}", {"image": b64(images[2]), "targets": [2, "class_5"]}),
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    bodies = [a.json() for a in answers]
+    assert "explanations" not in bodies[1]  # auditing does not change what the client gets
+    ids = [a.headers["x-request-id"] for a in answers]
+    found = records_for(FULL_DB, ids)
+    assert sorted(found) == sorted(ids) and all(len(v) == 1 for v in found.values())
+    for image, body, request_id, explained in zip(images, bodies, ids, (True, False, True)):
+        record = found[request_id][0]
+        assert record["model"] == AUDIT_FULL and record["version"] == "1.0"
+        assert record["weights"] == body["weights"] and record["weights"].startswith("random-init")
+        assert record["timestamp"].endswith("Z") and abs(record["epoch"] - time.time()) < 300
+        assert record["input_sha256"] == hashlib.sha256(image).hexdigest() and record["input_bytes"] == len(image)
+        assert (record["image_width"], record["image_height"]) == (90, 60)
+        assert json.loads(record["predictions"]) == body["predictions"]
+        assert (record["top_index"], record["top_score"]) == (body["predictions"][0]["index"], body["predictions"][0]["score"])
+        assert record["method"] == "gradcam" and json.loads(record["layers"]) == ["bn2"]
+        assert bool(record["explained"]) is explained
+        # store_inputs: the exact bytes, beside the database
+        assert (FULL_DB.parent / record["input_path"]).read_bytes() == image
+        explanations = json.loads(record["explanations"])
+        for entry in explanations:
+            stored = png_array((FULL_DB.parent / entry["heatmap_path"]).read_bytes())
+            assert stored.shape == (60, 90)
+            assert stored[entry["peak_y"], entry["peak_x"]] >= stored.max() - 1  # the peak, within 8-bit rounding
+            values = np.sort(stored.astype(np.float64).ravel())[::-1]
+            assert entry["top10_mass"] == pytest.approx(values[: int(np.ceil(0.1 * values.size))].sum() / values.sum(), abs=0.02)
+            p = values[values > 0] / values.sum()
+            assert entry["entropy"] == pytest.approx(-(p * np.log(p)).sum() / np.log(values.size), abs=0.02)
+            faith = entry["faithfulness"]
+            assert faith["basis"] == "softmax" and faith["drop"] == pytest.approx(faith["before"] - faith["after"], abs=2e-6)
+        assert record["faithfulness"] == explanations[0]["faithfulness"]["drop"] and record["faithfulness_ms"] > 0
+    # targets: the top class unless the request named some; the record's heatmap is the response's
+    top = bodies[0]["predictions"][0]
+    record = found[ids[0]][0]
+    assert json.loads(record["targets"]) == [{"target": top["index"], "label": top["label"]}]
+    stored = (FULL_DB.parent / json.loads(record["explanations"])[0]["heatmap_path"]).read_bytes()
+    assert np.array_equal(png_array(stored), png_array(base64.b64decode(bodies[0]["explanations"][0]["heatmap"]["data"])))
+    faith = json.loads(record["explanations"])[0]["faithfulness"]
+    assert faith["before"] == pytest.approx(top["score"], abs=2e-6)  # confidence = the served softmax score
+    top1 = bodies[1]["predictions"][0]
+    assert json.loads(found[ids[1]][0]["targets"]) == [{"target": top1["index"], "label": top1["label"]}]
+    assert json.loads(found[ids[2]][0]["targets"]) == [{"target": 2, "label": "class_2"}, {"target": 5, "label": "class_5"}]
+
+
+def test_sample_rate_zero_leaves_no_record(server) -> None:
+    images = [encode(square_image(48, 48, (4, 4, 20, 20), seed=200 + i)) for i in range(4)]
+    answers = [post(server, f"{'explanations' if i % 2 else 'predictions'}/{AUDIT_OFF}", image) for i, image in enumerate(images)]
+    assert [a.status_code for a in answers] == [200] * 4
+    time.sleep(1.0)  # a record would be committed within milliseconds
+    db = AUDIT_ROOT / "off" / "audit.sqlite3"
+    assert db.exists()  # the sink is live (opened at load) ...
+    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        assert connection.execute("SELECT COUNT(*) FROM audit_records").fetchone()[0] == 0  # ... and empty
+    finally:
+        connection.close()
+    assert not (AUDIT_ROOT / "off" / "heatmaps").exists()
+
+
+def _tiny_pngs(count: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [encode(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def _send_concurrently(server, images: list[bytes], clients: int = 8) -> list[requests.Response]:
+    session_headers = server.headers()
+
+    def one(pair: tuple[int, bytes]) -> requests.Response:
+        index, image = pair
+        path = "explanations" if index % 5 == 0 else "predictions"
+        return requests.post(f"{server.url()}/{path}/{AUDIT_FULL}", data=image, headers=session_headers, timeout=120)
+
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, enumerate(images)))
+
+
+def test_concurrent_clients_lose_no_record_and_duplicate_none(server) -> None:
+    images = _tiny_pngs(500, seed=7)
+    started = time.monotonic()
+    answers = _send_concurrently(server, images)
+    assert [a.status_code for a in answers] == [200] * 500, {a.status_code for a in answers}
+    ids = [a.headers["x-request-id"] for a in answers]
+    assert len(set(ids)) == 500
+    found = records_for(FULL_DB, ids, timeout=60)
+    duplicates = {k: len(v) for k, v in found.items() if len(v) != 1}
+    assert len(found) == 500 and not duplicates, (len(found), duplicates)
+    for image, request_id in zip(images, ids):
+        assert found[request_id][0]["input_sha256"] == hashlib.sha256(image).hexdigest()
+    print(f"500 audited requests from 8 clients in {time.monotonic() - started:.1f}s")
+
+
+def _metric(server, name: str, model: str) -> float:
+    text = requests.get(f"{server.url('metrics')}/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'ModelName="{model}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_unwritable_directory_never_fails_a_prediction_and_is_reported(server) -> None:
+    deadline = time.monotonic() + 60
+    sent = 0
+    while True:  # the counter is published with the batch after the failed write
+        answer = post(server, f"explanations/{AUDIT_UNWRITABLE}", encode(square_image(40, 40, (5, 5, 20, 20), seed=sent)))
+        sent += 1
+        assert answer.status_code == 200 and answer.json()["predictions"] and answer.json()["explanations"]
+        if _metric(server, "AuditWriteErrors", AUDIT_UNWRITABLE) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert 1 <= _metric(server, "AuditWriteErrors", AUDIT_UNWRITABLE) <= sent
+    log = (Path(server.workdir) / "logs" / "model_log.log").read_text(errors="replace")
+    assert re.search(r"audit sink SqliteSink\('.*blocker/audit/audit\.sqlite3'\) cannot be opened", log)
+    assert not (AUDIT_ROOT / "blocker").is_dir()
+
+
+def test_records_survive_torchserve_stop_right_after_the_responses(server, tmp_path, monkeypatch) -> None:
+    """Our own short-lived TorchServe (the shared one must keep running), stopped as soon as the last
+    answer arrives: every answered request has its record."""
+    monkeypatch.setenv("CAM_AUDIT_TEST_DIR", str(tmp_path))
+    workdir = tmp_path / "ts"
+    workdir.mkdir()
+    ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
+    own = serve.start(workdir, Path(server.workdir) / "model_store", [AUDIT_FULL], ports=ports, timeout=240)
+    try:
+        answers = _send_concurrently(own, _tiny_pngs(24, seed=11))
+    finally:
+        serve.stop(workdir)
+    assert [a.status_code for a in answers] == [200] * 24
+    ids = [a.headers["x-request-id"] for a in answers]
+    found = records_for(tmp_path / "full" / "audit.sqlite3", ids, timeout=5)
+    assert sorted(found) == sorted(ids) and all(len(v) == 1 for v in found.values())
