@@ -98,12 +98,21 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
 
 def _detector(name: str) -> Callable[..., nn.Module]:
     """torchvision detectors without any download (``weights_backbone=None``), backbone BN frozen as in
-    torchvision's trained models. ``options``: ``min_size``, ``max_size``, ``box_score_thresh``, ..."""
+    torchvision's trained models. ``options``: ``min_size``, ``max_size``, ``box_score_thresh``, ...;
+    for Faster R-CNN also ``representation_size``: the width of the box head's two MLP layers (1024 in
+    torchvision's models; smaller makes tiny test models)."""
 
     def builder(num_classes: int, **options: Any) -> nn.Module:
         import torchvision
 
+        representation = options.pop("representation_size", None)
         model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes, **options)
+        if representation is not None:
+            from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+            resolution = model.roi_heads.box_roi_pool.output_size[0]
+            model.roi_heads.box_head = TwoMLPHead(model.backbone.out_channels * resolution**2, int(representation))
+            model.roi_heads.box_predictor = FastRCNNPredictor(int(representation), num_classes)
         freeze_batch_norm(model.backbone)
         return model
 
@@ -167,6 +176,7 @@ for _name in ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "fcn_resnet5
     register(_name)(_segmenter(_name))
 register("resnet18_embedding", drop_prefixes=("fc.",))(_embedder("resnet18", "fc"))
 register("resnet50_embedding", drop_prefixes=("fc.",))(_embedder("resnet50", "fc"))
+register("mobilenet_v3_small_embedding", drop_prefixes=("classifier.",))(_embedder("mobilenet_v3_small", "classifier"))
 
 
 def _reshape_for_library_name(library_name: str) -> str:
