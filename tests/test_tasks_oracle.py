@@ -172,7 +172,7 @@ def test_gradcam_at_the_fpn_dict_follows_the_formula(detector) -> None:
     assert pearson(got.numpy(), expected.detach().numpy())[0] >= 0.999
 
 
-@pytest.mark.parametrize("method", ["gradcam", "hirescam", "gradcam++", "layercam", "eigencam"])
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "eigencam"])
 def test_semantic_segmentation_target_agrees(segmenter, oracle, method: str) -> None:
     model, images = segmenter
     with torch.no_grad():
