@@ -14,48 +14,151 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Architecture", "register", "build", "get_architecture", "list_architectures"]
+__all__ = [
+    "Architecture",
+    "register",
+    "build",
+    "get_architecture",
+    "list_architectures",
+    "SegmentationLogits",
+    "freeze_batch_norm",
+]
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """A registered architecture: its builder and the reshape its CAM layers need (``none``/``vit``/``swin``)."""
+    """A registered architecture: its builder, the reshape its CAM layers need
+    (``none``/``vit``/``swin``/``fasterrcnn``) and the state-dict prefixes a full checkpoint has
+    that the built model drops (an embedding model's removed classifier head)."""
 
     name: str
-    builder: Callable[[int], nn.Module]
+    builder: Callable[..., nn.Module]
     reshape: str = "none"
+    drop_prefixes: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Architecture] = {}
 
 
-def register(name: str, reshape: str = "none") -> Callable[[Callable[[int], nn.Module]], Callable[[int], nn.Module]]:
-    """Decorator: register ``builder(num_classes) -> nn.Module`` under ``name``."""
+def register(
+    name: str, reshape: str = "none", drop_prefixes: tuple[str, ...] = ()
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``builder(num_classes, **model_options) -> nn.Module`` under ``name``."""
 
-    def decorate(builder: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
-        _REGISTRY[name] = Architecture(name, builder, reshape)
+    def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = Architecture(name, builder, reshape, drop_prefixes)
         return builder
 
     return decorate
 
 
-def _torchvision(name: str) -> Callable[[int], nn.Module]:
-    def builder(num_classes: int) -> nn.Module:
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    def builder(num_classes: int, **options: Any) -> nn.Module:
         import torchvision
 
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
 
     return builder
 
 
-def _timm(name: str) -> Callable[[int], nn.Module]:
-    def builder(num_classes: int) -> nn.Module:
+def _timm(name: str) -> Callable[..., nn.Module]:
+    def builder(num_classes: int, **options: Any) -> nn.Module:
         import timm
 
-        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **options)
+
+    return builder
+
+
+def freeze_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` under ``module`` by torchvision's ``FrozenBatchNorm2d`` (same
+    statistics), in place: torchvision builds its COCO detectors that way, so their checkpoints
+    (which carry no ``num_batches_tracked``) load strictly. Numerically identical in eval mode."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            with torch.no_grad():
+                frozen.weight.copy_(child.weight)
+                frozen.bias.copy_(child.bias)
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norm(child)
+    return module
+
+
+def _detector(name: str) -> Callable[..., nn.Module]:
+    """torchvision detectors without any download (``weights_backbone=None``), backbone BN frozen as in
+    torchvision's trained models. ``options``: ``min_size``, ``max_size``, ``box_score_thresh``, ...;
+    for Faster R-CNN also ``representation_size``: the width of the box head's two MLP layers (1024 in
+    torchvision's models; smaller makes tiny test models)."""
+
+    def builder(num_classes: int, **options: Any) -> nn.Module:
+        import torchvision
+
+        representation = options.pop("representation_size", None)
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes, **options)
+        if representation is not None:
+            from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+            resolution = model.roi_heads.box_roi_pool.output_size[0]
+            model.roi_heads.box_head = TwoMLPHead(model.backbone.out_channels * resolution**2, int(representation))
+            model.roi_heads.box_predictor = FastRCNNPredictor(int(representation), num_classes)
+        freeze_batch_norm(model.backbone)
+        return model
+
+    return builder
+
+
+class SegmentationLogits(nn.Module):
+    """A torchvision segmentation model (DeepLabV3, FCN) returning ``out`` only: ``[B, C, H, W]`` logits
+    at the input's size. Same submodules and state-dict keys as the wrapped model (``backbone.*``,
+    ``classifier.*``, ``aux_classifier.*``), so its checkpoints load strictly and layer paths match
+    the torchvision model's (``backbone.layer4``); the auxiliary head is kept but not run."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.backbone = model.backbone
+        self.classifier = model.classifier
+        self.aux_classifier = getattr(model, "aux_classifier", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(x)
+        logits = self.classifier(features["out"])
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _segmenter(name: str) -> Callable[..., nn.Module]:
+    def builder(num_classes: int, **options: Any) -> nn.Module:
+        import torchvision
+
+        options.setdefault("aux_loss", False)
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes, **options)
+        return SegmentationLogits(model)
+
+    return builder
+
+
+def _embedder(name: str, head: str) -> Callable[..., nn.Module]:
+    """A torchvision classifier with its head ``head`` replaced by ``Identity``: ``[B, D]`` embeddings."""
+
+    def builder(num_classes: int = 0, **options: Any) -> nn.Module:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, **options)
+        parent, _, attribute = head.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, attribute, nn.Identity())
+        return model
 
     return builder
 
@@ -66,6 +169,14 @@ register("vit_b_16", reshape="vit")(_torchvision("vit_b_16"))
 register("efficientnet_lite0")(_timm("efficientnet_lite0"))
 register("deit_small", reshape="vit")(_timm("deit_small_patch16_224"))
 register("swin_tiny", reshape="swin")(_timm("swin_tiny_patch4_window7_224"))
+for _name in ("fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn",
+              "retinanet_resnet50_fpn"):  # fmt: skip
+    register(_name, reshape="fasterrcnn")(_detector(_name))
+for _name in ("deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "fcn_resnet50"):
+    register(_name)(_segmenter(_name))
+register("resnet18_embedding", drop_prefixes=("fc.",))(_embedder("resnet18", "fc"))
+register("resnet50_embedding", drop_prefixes=("fc.",))(_embedder("resnet50", "fc"))
+register("mobilenet_v3_small_embedding", drop_prefixes=("classifier.",))(_embedder("mobilenet_v3_small", "classifier"))
 
 
 def _reshape_for_library_name(library_name: str) -> str:
@@ -95,9 +206,11 @@ def get_architecture(name: str) -> Architecture:
     )
 
 
-def build(name: str, num_classes: int) -> nn.Module:
-    """A randomly initialised ``name`` with ``num_classes`` outputs, in eval mode."""
-    return get_architecture(name).builder(num_classes).eval()
+def build(name: str, num_classes: int, **options: Any) -> nn.Module:
+    """A randomly initialised ``name`` with ``num_classes`` outputs, in eval mode.
+
+    ``options`` go to the builder (the config's ``model_options``)."""
+    return get_architecture(name).builder(num_classes, **options).eval()
 
 
 def list_architectures() -> list[str]:

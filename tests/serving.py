@@ -84,3 +84,52 @@ def _remove_audit_root() -> None:
 import atexit  # noqa: E402
 
 atexit.register(_remove_audit_root)
+# Detection, segmentation and embedding handlers (issue 6): small random-init archives.
+DETECTION_MODEL = "det_tiny"
+SEGMENTATION_MODEL = "seg_tiny"
+EMBEDDING_MODEL = "emb_tiny"
+DETECTION_LABELS = ["__background__", "red", "green", "blue"]
+DETECTION_MAX = 12
+TEST_ARCHIVES += [
+    # Faster R-CNN MobileNetV3-FPN, 4 classes, a 128-wide box head, at 160x160: ~26 MB.
+    ArchiveSpec(
+        config="fasterrcnn_mobilenet_v3_large_fpn",
+        archive_name=DETECTION_MODEL,
+        allow_random_weights=True,
+        overrides={
+            "batchSize": 4,
+            "maxBatchDelay": 200,
+            "handler": {
+                "labels": DETECTION_LABELS,
+                "model_options": {"box_score_thresh": 0.0, "representation_size": 128,
+                                  "box_detections_per_img": DETECTION_MAX},
+                "preprocessing": {"input_size": [160, 160]},
+                "methods": ["eigencam", "gradcam"],
+                "detection": {"score_threshold": 0.0, "max_detections": DETECTION_MAX, "explain_top": 2},
+            },
+        },
+    ),  # fmt: skip
+    # DeepLabV3 MobileNetV3, 21 VOC classes, no auxiliary head, at 128x128.
+    ArchiveSpec(
+        config="deeplabv3_mobilenet_v3_large",
+        archive_name=SEGMENTATION_MODEL,
+        allow_random_weights=True,
+        overrides={
+            "batchSize": 4,
+            "maxBatchDelay": 200,
+            "handler": {"model_options": {"aux_loss": False}, "preprocessing": {"input_size": [128, 128]}},
+        },
+    ),
+    # MobileNetV3-Small without its classifier (576-d embeddings), concepts "cat" and "coffee".
+    ArchiveSpec(
+        config="resnet50_embedding",
+        archive_name=EMBEDDING_MODEL,
+        allow_random_weights=True,
+        overrides={
+            "batchSize": 4,
+            "maxBatchDelay": 200,
+            "handler": {"architecture": "mobilenet_v3_small_embedding", "target_layers": ["features.-1"],
+                        "preprocessing": {"input_size": [96, 96]}, "embedding": {"max_references": 2}},
+        },
+    ),  # fmt: skip
+]

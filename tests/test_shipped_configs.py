@@ -9,8 +9,7 @@ import pytest
 import torch
 import yaml
 
-from handlers.classifier import ClassifierHandler
-from model_store.build import CONFIG_DIR
+from model_store.build import CONFIG_DIR, HANDLER_CLASSES
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_context import FakeContext  # noqa: E402
@@ -29,11 +28,16 @@ def test_config_loads_and_explains(name: str, tmp_path: Path) -> None:
     config = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
     handler_section = config["handler"]
     handler_section["weights"] = None  # random init: this checks keys, layers, reshape and methods
+    task = handler_section.get("task", "classifier")
     handler_section["labels"] = None
-    handler_section["num_classes"] = 1000
+    handler_section["num_classes"] = {"detection": 91, "segmentation": 21}.get(task, 1000)
+    if task == "embedding":  # concept images are staged by the build; this checks the model side
+        handler_section["embedding"]["concepts"] = {}
+    if task in ("detection", "segmentation"):  # keep the random-init check cheap on CPU
+        handler_section["preprocessing"]["input_size"] = [160, 160]
     (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(config))
     torch.manual_seed(0)
-    handler = ClassifierHandler()
+    handler = HANDLER_CLASSES[task]()
     handler.initialize(FakeContext(tmp_path, name))  # includes a warm-up CAM at the configured layers
     assert set(handler.cams) == {m.lower() for m in handler_section["methods"]}
     assert handler.config.explanation.default_method in handler.cams

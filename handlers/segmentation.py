@@ -1,0 +1,113 @@
+"""TorchServe handler for semantic segmentation (torchvision DeepLabV3, FCN): a class mask plus class CAMs.
+
+JSON options beyond the common ones (see :mod:`handlers.base`):
+
+- ``classes``: class indices or labels to explain (default: the class with the largest predicted
+  region, background excluded), at most ``max_targets``.
+
+Each explained class gets the CAM of ``SemanticSegmentationTarget`` over the pixels the model
+assigns to it in the same forward pass (a class the model does not predict anywhere gets an
+all-zero heatmap and ``"pixels": 0``).
+
+Response::
+
+    {"model": "deeplabv3_mobilenet_v3_large", "version": "1.0", "weights": "...",
+     "mask": {"format": "png", "width": 640, "height": 480, "data": "<8-bit PNG of class indices>"},
+     "classes": [{"index": 0, "label": "__background__", "pixels": 250000, "fraction": 0.81}, ...],
+     "explanations": [{"target": 15, "label": "person", "pixels": 58000, "method": "gradcam",
+                       "layers": ["backbone.16"], "heatmap": {...}}]}
+
+The mask has the submitted image's size: the logits are mapped back through the preprocessing's
+exact inverse (bilinear) before the per-pixel argmax.
+
+This module defines exactly one class, as TorchServe's class-based handler loading requires.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from handlers.base import CamHandler, ParsedRequest, RequestError, encode_png
+from handlers.config import ConfigError
+from handlers.preprocess import to_source
+from handlers.targets import PredictedRegionTarget, region_class
+
+__all__ = ["SegmentationHandler"]
+
+
+class SegmentationHandler(CamHandler):
+    """A class mask aligned with the image, the classes present, and per-class region CAMs."""
+
+    task_options = ("classes",)
+
+    def warm_up_targets(self) -> list[Any]:
+        if len(self.labels) > 256:
+            raise ConfigError(f"handler.labels: {len(self.labels)} classes do not fit the 8-bit mask PNG")
+        return [PredictedRegionTarget(None, self.config.segmentation.background_class)]
+
+    def parse_task_options(self, request: ParsedRequest, options: Mapping[str, Any]) -> None:
+        """``classes`` -> list of class indices, or None for the largest predicted class."""
+        classes = options.get("classes")
+        indices = None
+        if classes is not None:
+            if isinstance(classes, (int, str)) and not isinstance(classes, bool):
+                classes = [classes]
+            if not isinstance(classes, list) or not classes:
+                raise RequestError(f"classes must be a non-empty list of class indices or labels, got {classes!r}")
+            limit = self.config.explanation.max_targets
+            if len(classes) > limit:
+                raise RequestError(f"{len(classes)} classes asked, this model explains at most {limit} per request")
+            indices = [self._class_index(c) for c in classes]
+        request.task = {"classes": indices}
+
+    def _class_index(self, value: Any) -> int:
+        count = len(self.labels)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise RequestError(f"a class must be an index or a label, got {value!r}")
+        if isinstance(value, int):
+            if not 0 <= value < count:
+                raise RequestError(f"class {value} is out of range: this model has classes 0..{count - 1}")
+            return value
+        lowered = {label.lower(): i for i, label in reversed(list(enumerate(self.labels)))}
+        if value.strip().lower() not in lowered:
+            raise RequestError(f"unknown class {value!r}")
+        return lowered[value.strip().lower()]
+
+    def targets_for(self, request: ParsedRequest) -> list[Any]:
+        background = self.config.segmentation.background_class
+        classes = request.task["classes"] or [None]
+        return [PredictedRegionTarget(c, background) for c in classes]
+
+    def build_response(
+        self, request: ParsedRequest, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
+    ) -> dict[str, Any]:
+        logits = outputs[row].float()  # [C, H, W] at the model input
+        source = to_source(logits, request.geometry)  # [C, h, w] on the submitted image
+        mask = source.argmax(dim=0).to(torch.uint8).cpu()
+        height, width = mask.shape
+        counts = torch.bincount(mask.reshape(-1).long(), minlength=logits.shape[0]).tolist()
+        total = height * width
+        response = self.response_header()
+        response["mask"] = {
+            "format": "png",
+            "width": int(width),
+            "height": int(height),
+            "data": base64.b64encode(encode_png(mask.numpy())).decode("ascii"),
+        }
+        response["classes"] = [
+            {"index": c, "label": self.labels[c], "pixels": int(counts[c]), "fraction": round(counts[c] / total, 6)}
+            for c in sorted(range(len(counts)), key=lambda c: -counts[c])
+            if counts[c] > 0
+        ]
+        if explanations is not None:
+            classes = request.task["classes"] or [region_class(logits, self.config.segmentation.background_class)]
+            meta = self.explanation_meta(request)
+            response["explanations"] = [
+                {"target": c, "label": self.labels[c], "pixels": int(counts[c]), **meta, **pictures}
+                for c, pictures in zip(classes, explanations)
+            ]
+        return response

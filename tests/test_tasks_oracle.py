@@ -1,0 +1,279 @@
+"""Detection, segmentation and embedding CAMs: agreement with pytorch-grad-cam 1.5.7, and localisation.
+
+Same random-init models, same inputs, same targets: Pearson r >= 0.99 per image against the
+reference wherever the reference can run. The reference captures gradients only from layers that
+return a tensor, so at a detector's ``backbone`` (an FPN dict) it runs gradient-free methods only;
+the gradient path through the detector is compared at ``backbone.body.16`` (a tensor), and our
+gradient CAM at ``backbone`` (which the reference cannot compute) is checked against the formula.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracle import pearson
+from synthetic import make_shapes, peak_in_box
+
+import cam_engine
+from cam_engine import targets as ours
+from cam_engine.reshape import fasterrcnn_reshape_transform
+from handlers import architectures
+from handlers.targets import PredictedRegionTarget, RankedBoxTarget, ranked_detections
+
+R_MIN = 0.99
+
+
+def assert_agrees(got: torch.Tensor, expected: np.ndarray) -> None:
+    """Pearson r >= 0.99 per image; an image whose reference map is flat (all 0: every weighted
+    activation negative, which random-init detectors give) must be flat in ours too."""
+    got = got.detach().cpu().numpy()
+    flat = expected.reshape(expected.shape[0], -1).std(1) < 1e-6
+    assert not flat.all(), "every reference map is flat: the comparison would be empty"
+    assert np.allclose(got[flat], expected[flat], atol=1e-5)
+    r = pearson(got[~flat], expected[~flat])
+    assert (r >= R_MIN).all(), r
+
+
+def _reference(oracle, method: str):
+    return {
+        "gradcam": oracle.GradCAM,
+        "hirescam": oracle.HiResCAM,
+        "layercam": oracle.LayerCAM,
+        "gradcam++": oracle.GradCAMPlusPlus,
+        "xgradcam": oracle.XGradCAM,
+        "eigencam": oracle.EigenCAM,
+    }[method]
+
+
+@pytest.fixture(scope="module")
+def detector():
+    torch.manual_seed(0)
+    model = architectures.build(
+        "fasterrcnn_mobilenet_v3_large_fpn", 4, box_score_thresh=0.0, representation_size=128,
+        min_size=128, max_size=160, box_detections_per_img=10,
+    )  # fmt: skip
+    images = torch.rand(2, 3, 128, 160)
+    with torch.no_grad():
+        detections = model(images)
+    assert all(len(d["boxes"]) > 0 for d in detections)
+    return model, images, detections
+
+
+def calibrate_batch_norm(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Set BatchNorm running statistics from ``images`` (no gradient step). A random-init DeepLabV3
+    with unit running statistics predicts one class everywhere and every CAM is 0; calibrated, its
+    maps vary over the image, which is what a comparison needs."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+            module.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(images)
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    torch.manual_seed(0)
+    model = architectures.build("deeplabv3_mobilenet_v3_large", 21)
+    images, _, _ = make_shapes(8, size=96, seed=1)
+    calibrate_batch_norm(model, images)
+    return model, images[:2, :, :, :]
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    torch.manual_seed(0)
+    model = architectures.build("resnet18_embedding", 0)
+    images = torch.randn(3, 3, 96, 128)
+    with torch.no_grad():
+        concept = model(torch.randn(2, 3, 96, 128)).mean(0)
+    return model, images, concept
+
+
+def test_detector_eigencam_at_fpn_backbone(detector, oracle) -> None:
+    model, images, detections = detector
+    boxes = [d["boxes"][:1].numpy() for d in detections]
+    labels = [d["labels"][:1].tolist() for d in detections]
+    with oracle.EigenCAM(model, [model.backbone], reshape_transform=oracle.utils.reshape_transforms.fasterrcnn_reshape_transform
+                         if hasattr(oracle.utils, "reshape_transforms") else fasterrcnn_reshape_transform) as reference:  # fmt: skip
+        expected = reference(
+            images, [oracle.utils.model_targets.FasterRCNNBoxScoreTarget(lab, box) for lab, box in zip(labels, boxes)]
+        )
+    cam = cam_engine.create("eigencam", model, ["backbone"], reshape_transform=fasterrcnn_reshape_transform)
+    got = cam.explain(images, [ours.FasterRCNNBoxScoreTarget(lab, box) for lab, box in zip(labels, boxes)])
+    assert got.shape == (2, 128, 160)
+    assert_agrees(got, expected)
+
+
+@pytest.mark.parametrize("method", ["gradcam"])
+def test_detector_box_score_gradients_agree(detector, oracle, method: str) -> None:
+    """FasterRCNNBoxScoreTarget through the whole detector, at a tensor layer the reference can hook."""
+    model, images, detections = detector
+    boxes = [d["boxes"][:1].numpy() for d in detections]
+    labels = [d["labels"][:1].tolist() for d in detections]
+    layer = model.backbone.body["16"]
+    with _reference(oracle, method)(model, [layer]) as reference:
+        expected = reference(
+            images, [oracle.utils.model_targets.FasterRCNNBoxScoreTarget(lab, box) for lab, box in zip(labels, boxes)]
+        )
+    got = cam_engine.create(method, model, ["backbone.body.16"]).explain(
+        images, [ours.FasterRCNNBoxScoreTarget(lab, box) for lab, box in zip(labels, boxes)]
+    )
+    assert_agrees(got, expected)
+
+
+def test_ranked_box_target_is_the_box_score_target_of_that_box(detector) -> None:
+    model, images, detections = detector
+    cam = cam_engine.create("gradcam", model, ["backbone"], reshape_transform=fasterrcnn_reshape_transform)
+    rank = 1
+    explicit = []
+    for d in detections:
+        index = ranked_detections(d)[rank]
+        explicit.append(ours.FasterRCNNBoxScoreTarget([int(d["labels"][index])], [d["boxes"][index]]))
+    expected = cam.explain(images, explicit)
+    got = cam.explain(images, [RankedBoxTarget(rank), RankedBoxTarget(rank)])
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_gradcam_at_the_fpn_dict_follows_the_formula(detector) -> None:
+    """GradCAM at ``backbone`` (an FPN dict, beyond the reference): mean-pooled gradients of the
+    reshaped gradient dict weight the reshaped activations; ReLU, min-max, bilinear resize."""
+    model, images, detections = detector
+    image = images[:1]
+    target = RankedBoxTarget(0)
+    captured = {}
+
+    def hook(module, inputs, output):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in output.items()}
+        captured["features"] = leaves
+        return type(output)(leaves)
+
+    handle = model.backbone.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            output = model(image)
+            score = target(output[0]).sum()
+            grads = torch.autograd.grad(score, list(captured["features"].values()), allow_unused=True)
+    finally:
+        handle.remove()
+    features = captured["features"]
+    gradients = type(features)((k, torch.zeros_like(v) if g is None else g) for (k, v), g in zip(features.items(), grads))
+    activations = fasterrcnn_reshape_transform(features).detach()
+    weights = fasterrcnn_reshape_transform(gradients).mean(dim=(2, 3), keepdim=True)
+    expected = (weights * activations).sum(1).clamp_min(0)
+    expected = (expected - expected.min()) / (expected.max() - expected.min() + 1e-7)
+    expected = torch.nn.functional.interpolate(expected[:, None], size=image.shape[-2:], mode="bilinear")[:, 0]
+    cam = cam_engine.create("gradcam", model, ["backbone"], reshape_transform=fasterrcnn_reshape_transform)
+    got = cam.explain(image, [target])
+    assert got.max() > 0
+    assert pearson(got.numpy(), expected.detach().numpy())[0] >= 0.999
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "eigencam"])
+def test_semantic_segmentation_target_agrees(segmenter, oracle, method: str) -> None:
+    model, images = segmenter
+    with torch.no_grad():
+        logits = model(images)
+    categories = [int(logits[i].argmax(0).flatten().mode().values) for i in range(2)]
+    masks = [(logits[i].argmax(0) == c).float().numpy() for i, c in zip(range(2), categories)]
+    with _reference(oracle, method)(model, [model.backbone["16"]]) as reference:
+        expected = reference(
+            images, [oracle.utils.model_targets.SemanticSegmentationTarget(c, m) for c, m in zip(categories, masks)]
+        )
+    got = cam_engine.create(method, model, ["backbone.16"]).explain(
+        images, [PredictedRegionTarget(c, background=None) for c in categories]
+    )
+    assert got.shape == (2, 96, 96)
+    assert_agrees(got, expected)
+
+
+class TutorialSimilarityToConceptTarget:
+    """grad-cam 1.5.7 ships these two targets only in its embeddings tutorial
+    (``tutorials/Pixel Attribution for embeddings.ipynb``); this is that definition."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def __call__(self, model_output):
+        cos = torch.nn.CosineSimilarity(dim=0)
+        return cos(model_output, self.features)
+
+
+class TutorialDifferenceFromConceptTarget(TutorialSimilarityToConceptTarget):
+    def __call__(self, model_output):
+        cos = torch.nn.CosineSimilarity(dim=0)
+        return 1 - cos(model_output, self.features)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "eigencam"])
+@pytest.mark.parametrize("difference", [False, True])
+def test_similarity_to_concept_target_agrees(embedder, oracle, method: str, difference: bool) -> None:
+    model, images, concept = embedder
+    reference_target = TutorialDifferenceFromConceptTarget if difference else TutorialSimilarityToConceptTarget
+    our_target = ours.DifferenceFromConceptTarget if difference else ours.SimilarityToConceptTarget
+    with _reference(oracle, method)(model, [model.layer4[-1]]) as reference:
+        expected = reference(images, [reference_target(concept) for _ in range(3)])
+    got = cam_engine.create(method, model, ["layer4.-1"]).explain(images, [our_target(concept) for _ in range(3)])
+    assert_agrees(got, expected)
+
+
+class _TinySegmenter(torch.nn.Module):
+    """Three conv blocks (one stride 2) and a 1x1 classifier, logits upsampled to the input:
+    ``[B, 3, H, W]`` -> ``[B, 1 + classes, H, W]`` (class 0: background)."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> torch.nn.Module:
+            return torch.nn.Sequential(
+                torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(cout), torch.nn.ReLU()
+            )
+
+        self.features = torch.nn.Sequential(block(3, 16, 1), block(16, 32, 2), block(32, 32, 1))
+        self.classifier = torch.nn.Conv2d(32, classes + 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(self.features(x))
+        return torch.nn.functional.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _pixel_labels(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-pixel classes of :func:`make_shapes` images: the grey background has equal channels, the
+    object a colour; ``[N, H, W]`` with 0 background and ``1 + label`` on the object."""
+    on_object = images.std(dim=1) > 1e-3
+    return torch.where(on_object, labels[:, None, None] + 1, torch.zeros_like(labels)[:, None, None])
+
+
+def test_segmentation_heatmap_falls_on_the_object() -> None:
+    """A tiny segmenter trained here on synthetic shapes: the CAM of the predicted class over its
+    predicted region (the handler's target) peaks on the object for >= 90% of held-out images."""
+    torch.manual_seed(0)
+    model = _TinySegmenter()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(60):
+        images, labels, _ = make_shapes(32, size=48, seed=5000 + step, shape_size=(10, 16))
+        loss = torch.nn.functional.cross_entropy(model(images), _pixel_labels(images, labels))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    images, labels, boxes = make_shapes(60, size=48, seed=777, shape_size=(10, 16))
+    with torch.no_grad():
+        predicted = model(images).argmax(1)
+    truth = _pixel_labels(images, labels)
+    on_object = truth > 0
+    assert float((predicted[on_object] == truth[on_object]).float().mean()) >= 0.8, "the segmenter did not learn"
+    cams = cam_engine.create("gradcam", model, ["features.-1"]).explain(
+        images, [PredictedRegionTarget(int(c) + 1) for c in labels]
+    )
+    hit_rate = float(peak_in_box(cams, boxes).float().mean())
+    assert hit_rate >= 0.9, f"segmentation heatmap peak on the object for {hit_rate:.0%} of images"
+    # the check has teeth: a class the image does not contain has an empty region and no heatmap
+    absent = cam_engine.create("gradcam", model, ["features.-1"]).explain(
+        images[:8], [PredictedRegionTarget((int(c) + 1) % 3 + 1) for c in labels[:8]]
+    )
+    assert float(absent.max()) == 0.0
