@@ -88,6 +88,11 @@ def effective_config(workdir: Path, ports: dict[str, int], base: Path = REPO_ROO
         if key.endswith("_address") and api in ports:
             line = f"{key}=http://127.0.0.1:{ports[api]}"
         lines.append(line)
+    # gRPC is on by default at 7070/7071: two servers on one machine (parallel test sessions) then collide and
+    # the second stops seconds after starting. Give it free loopback ports unless the base config sets them.
+    for key in ("grpc_inference_port", "grpc_management_port"):
+        if not any(line.split("=", 1)[0].strip() == key for line in lines):
+            lines.append(f"{key}={free_port()}")
     path = workdir / "logs" / "config.properties"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
