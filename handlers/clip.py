@@ -81,6 +81,7 @@ class ClipHandler(CamHandler):
         self.max_tokens = 77
         self.text_cache = TextEmbeddingCache(ClipConfig.text_cache_size)
         self._cache_key = ""
+        self._cache_metrics: tuple[Any, Any] | None = None
 
     # ------------------------------------------------------------------ loading
     def load_config(self, yaml_config: Mapping[str, Any] | None, model_dir: Path) -> HandlerConfig:
@@ -176,14 +177,20 @@ class ClipHandler(CamHandler):
         return [(found[labels], hit) for labels, hit in zip(label_sets, hits)]
 
     def _metrics_cache(self, hits: int, misses: int) -> None:
-        cache = getattr(self.context, "metrics", None)
-        if cache is None or not hasattr(cache, "add_counter"):
-            return
-        try:
-            cache.add_counter("TextEmbeddingCacheHits", hits, None, [("ModelName", self.model_name)])
-            cache.add_counter("TextEmbeddingCacheMisses", misses, None, [("ModelName", self.model_name)])
-        except Exception:  # noqa: BLE001 - metrics must never fail a request
-            pass
+        """Counters ``TextEmbeddingCacheHits`` / ``TextEmbeddingCacheMisses`` (by ModelName); no-op without TorchServe."""
+        if self._cache_metrics is None:
+            cache = getattr(self.context, "metrics", None)
+            if cache is None or not hasattr(cache, "add_metric_to_cache"):
+                return
+            from ts.metrics.metric_type_enum import MetricTypes
+
+            self._cache_metrics = tuple(
+                cache.add_metric_to_cache(name, "count", ["ModelName"], MetricTypes.COUNTER)
+                for name in ("TextEmbeddingCacheHits", "TextEmbeddingCacheMisses")
+            )
+        for metric, value in zip(self._cache_metrics, (hits, misses)):
+            if value:
+                metric.add_or_update(value, [self.model_name])
 
     # ------------------------------------------------------------------ task hooks
     def parse_task_options(self, request: ParsedRequest, options: Mapping[str, Any]) -> None:

@@ -187,6 +187,10 @@ def test_served_predictions_sum_to_one_and_the_cache_is_hit(server) -> None:
     defaults = post(server, f"predictions/{CLIP_MODEL}", {"image": image}).json()
     assert sorted(p["label"] for p in defaults["predictions"]) == sorted(CLIP_LABELS)
     assert defaults["text_embeddings"]["cache"] == "hit"  # encoded at load time
+    metrics = requests.get(f"{server.url('metrics')}/metrics", timeout=30).text
+    for name in ("TextEmbeddingCacheHits", "TextEmbeddingCacheMisses"):
+        lines = [line for line in metrics.splitlines() if line.startswith(name + "{") and CLIP_MODEL in line]
+        assert lines and float(lines[0].rsplit(" ", 1)[1]) >= 1, (name, lines)
 
 
 def test_served_heatmap_per_prompt_aligned_on_a_non_square_image(server) -> None:
