@@ -251,7 +251,7 @@ class CamHandler:
         yaml_config = getattr(context, "model_yaml_config", None)
         if not yaml_config and (model_dir / "model-config.yaml").exists():
             yaml_config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
-        self.config = load_handler_config(yaml_config)
+        self.config = self.load_config(yaml_config, model_dir)
         info_path = model_dir / "build_info.json"
         self.build_info = json.loads(info_path.read_text()) if info_path.exists() else {}
         self.labels = self._load_labels(model_dir)
@@ -271,6 +271,10 @@ class CamHandler:
             os.path.dirname(cam_engine.__file__),
             self.weights_source,
         )
+
+    def load_config(self, yaml_config: Mapping[str, Any] | None, model_dir: Path) -> HandlerConfig:
+        """The validated handler config; a task with keys of its own parses them here first."""
+        return load_handler_config(yaml_config)
 
     @property
     def weights_source(self) -> str:

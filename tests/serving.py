@@ -133,3 +133,17 @@ TEST_ARCHIVES += [
         },
     ),  # fmt: skip
 ]
+# CLIP (tests/test_clip.py): the tiny random-init CLIP of tests/tiny_clip.py, its save_pretrained directory
+# created when the session builds the archives (extra_files takes a callable) and shipped as clip/.
+from tiny_clip import session_tiny_clip  # noqa: E402
+
+CLIP_MODEL = "tiny_clip"
+CLIP_LABELS = ["a photo of a cat", "a photo of a dog", "a red square", "a blue circle"]
+TEST_ARCHIVES.append(
+    ArchiveSpec(
+        config="clip_vit_b32",
+        archive_name=CLIP_MODEL,
+        extra_files={"clip": session_tiny_clip},
+        overrides={"batchSize": 4, "maxBatchDelay": 50, "handler": {"labels": CLIP_LABELS, "clip": {"max_labels": 6}}},
+    )
+)

@@ -14,7 +14,7 @@ from model_store.build import CONFIG_DIR, HANDLER_CLASSES
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_context import FakeContext  # noqa: E402
 
-CONFIGS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+CONFIGS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml") if not path.stem.startswith("clip"))  # clip: tests/test_clip.py
 
 
 def test_the_issue_lists_are_all_there() -> None:
