@@ -3,7 +3,7 @@
 Setting (issue 2): ResNet-50, batch 8, 224x224, CPU, target layer layer4. Repetitions are
 interleaved (forward, then each method with cam_engine and with grad-cam, round after round) so
 that machine noise hits all columns alike; medians are reported. Peak memory is the growth of the
-process's peak RSS over a no-grad forward pass, measured in a fresh subprocess per (library, method).
+process's peak RSS over the loaded model and input, measured in a fresh subprocess per (library, method).
 
     .venv/bin/python bench/bench_engine.py [--repeats 3] [--batch 8] [--size 224] [--no-memory]
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -80,15 +79,31 @@ def targets_for(library: str, batch: int):
 
 
 def child(library: str, name: str, batch: int, size: int) -> None:
-    """Print the peak-RSS growth (MiB) of one CAM call over a no-grad forward pass."""
+    """Print the peak-RSS growth (MiB) of one call over the process with the model and input loaded.
+
+    ``name == "forward"`` measures a no-grad forward pass, the yardstick. glibc keeps freed memory
+    for reuse, so each measurement runs in a fresh process."""
     model, x = setup(batch, size)
-    with torch.no_grad():
-        model(x)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cam = make(library, name, model)
-    call(cam, name, x, targets_for(library, batch))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (peak - base) / 1024}))
+    cam = None if name == "forward" else make(library, name, model)
+    targets = targets_for(library, batch)
+    # Reset this process's RSS high-water mark (ru_maxrss would carry the parent's peak over exec).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    if cam is None:
+        with torch.no_grad():
+            model(x)
+    else:
+        call(cam, name, x, targets)
+    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - base) / 1024}))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_memory(library: str, name: str, batch: int, size: int) -> float:
@@ -145,7 +160,8 @@ def main() -> None:
 
     print(f"\nResNet-50, batch {args.batch}, {args.size}x{args.size}, CPU ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}, median of {args.repeats} interleaved rounds")
-    print(f"no-grad forward pass: {forward_s * 1000:.0f} ms\n")
+    forward_mib = "-" if args.no_memory else f"{peak_memory('cam_engine', 'forward', args.batch, args.size):.0f} MiB peak"
+    print(f"no-grad forward pass: {forward_s * 1000:.0f} ms, {forward_mib}\n")
     print("| method | cam_engine ms | grad-cam ms | speed-up | cam_engine / forward | grad-cam / forward "
           "| peak MiB cam_engine | peak MiB grad-cam | min r | target |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")

@@ -541,13 +541,12 @@ class _AuditMetrics:
         self.published = dict.fromkeys(self.NAMES, 0)
         self.counters: dict[str, Any] = {}
         self.gauges: dict[str, Any] = {}
-        cache = getattr(context, "metrics", None)
-        if cache is None or not hasattr(cache, "add_metric_to_cache"):
+        from .base import metrics_cache
+
+        found = metrics_cache(context)
+        if found is None:
             return
-        try:
-            from ts.metrics.metric_type_enum import MetricTypes
-        except ImportError:  # pragma: no cover - TorchServe absent
-            return
+        cache, MetricTypes = found
         dims = ["ModelName", "Sink"]
         for key, name in self.NAMES.items():
             self.counters[key] = cache.add_metric_to_cache(name, "count", dims, MetricTypes.COUNTER)

@@ -186,6 +186,18 @@ def load_handler_config(model_yaml_config: Mapping[str, Any] | None) -> HandlerC
     return HandlerConfig.from_dict((model_yaml_config or {}).get("handler"))
 
 
+def metrics_cache(context: Any) -> tuple[Any, Any] | None:
+    """TorchServe's metric cache of ``context`` and its ``MetricTypes`` enum; None outside TorchServe."""
+    cache = getattr(context, "metrics", None)
+    if cache is None or not hasattr(cache, "add_metric_to_cache"):
+        return None
+    try:
+        from ts.metrics.metric_type_enum import MetricTypes
+    except ImportError:  # pragma: no cover - TorchServe absent
+        return None
+    return cache, MetricTypes
+
+
 class _Metrics:
     """Custom metrics: ``CamMethodTime`` (ms per batched CAM call, by method), ``CamExplanations``
     (count, by method) and ``HeatmapBytes`` (encoded bytes per response). A no-op without TorchServe."""
@@ -193,13 +205,10 @@ class _Metrics:
     def __init__(self, context: Any, model_name: str) -> None:
         self.model_name = model_name
         self._cam_time = self._explanations = self._heatmap_bytes = None
-        cache = getattr(context, "metrics", None)
-        if cache is None or not hasattr(cache, "add_metric_to_cache"):
+        found = metrics_cache(context)
+        if found is None:
             return
-        try:
-            from ts.metrics.metric_type_enum import MetricTypes
-        except ImportError:  # pragma: no cover - TorchServe absent
-            return
+        cache, MetricTypes = found
         dims = ["ModelName", "Method"]
         self._cam_time = cache.add_metric_to_cache("CamMethodTime", "ms", dims, MetricTypes.GAUGE)
         self._explanations = cache.add_metric_to_cache("CamExplanations", "count", dims, MetricTypes.COUNTER)
