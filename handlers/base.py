@@ -640,6 +640,40 @@ class CamHandler:
             self.audit.record(requests, batch, outputs, cams, bodies)  # queued; written off the request path
         return [r if r is not None else "{}" for r in responses]
 
+    def class_indices(self, value: Any, option: str, noun: str) -> list[int] | None:
+        """A request's class option (one index or label, or a list of them) -> class indices.
+
+        None stays None (the task's default). Labels match case-insensitively (the first of equal
+        labels wins); at most ``max_targets`` per request. ``option`` and ``noun`` word the errors
+        (``targets``/``target`` for a classifier, ``classes``/``class`` for a segmenter).
+        """
+        if value is None:
+            return None
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise RequestError(f"{option} must be a non-empty list of class indices or labels, got {value!r}")
+        limit = self.config.explanation.max_targets
+        if len(value) > limit:
+            raise RequestError(f"{len(value)} {option} asked, this model allows at most {limit} per request")
+        count = len(self.labels)
+        if not hasattr(self, "_label_index"):
+            self._label_index = {label.lower(): i for i, label in reversed(list(enumerate(self.labels)))}
+        indices = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise RequestError(f"a {noun} must be a class index or a label, got {item!r}")
+            if isinstance(item, int):
+                if not 0 <= item < count:
+                    raise RequestError(f"{noun} {item} is out of range: this model has classes 0..{count - 1}")
+                indices.append(item)
+                continue
+            index = self._label_index.get(item.strip().lower())
+            if index is None:
+                raise RequestError(f"unknown {noun} {item!r}")
+            indices.append(index)
+        return indices
+
     def response_header(self) -> dict[str, Any]:
         """The first fields of every response."""
         return {"model": self.model_name, "version": self.version, "weights": self.weights_source}

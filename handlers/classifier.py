@@ -41,33 +41,8 @@ class ClassifierHandler(CamHandler):
         top_k = options.get("top_k", self.config.top_k)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_classes:
             raise RequestError(f"top_k must be an integer in 1..{num_classes}, got {top_k!r}")
-        targets = options.get("targets")
-        indices: list[int] | None = None
-        if targets is not None:
-            if isinstance(targets, (int, str)) and not isinstance(targets, bool):
-                targets = [targets]
-            if not isinstance(targets, list) or not targets:
-                raise RequestError(f"targets must be a non-empty list of class indices or labels, got {targets!r}")
-            limit = self.config.explanation.max_targets
-            if len(targets) > limit:
-                raise RequestError(f"{len(targets)} targets asked, this model allows at most {limit} per request")
-            indices = [self._class_index(target) for target in targets]
+        indices = self.class_indices(options.get("targets"), "targets", "target")
         request.task = {"targets": indices, "top_k": top_k}
-
-    def _class_index(self, target: Any) -> int:
-        num_classes = len(self.labels)
-        if isinstance(target, bool) or not isinstance(target, (int, str)):
-            raise RequestError(f"a target must be a class index or a label, got {target!r}")
-        if isinstance(target, int):
-            if not 0 <= target < num_classes:
-                raise RequestError(f"target {target} is out of range: this model has classes 0..{num_classes - 1}")
-            return target
-        if not hasattr(self, "_label_index"):
-            self._label_index = {label.lower(): i for i, label in reversed(list(enumerate(self.labels)))}
-        index = self._label_index.get(target.strip().lower())
-        if index is None:
-            raise RequestError(f"unknown label {target!r}")
-        return index
 
     def targets_for(self, request: ParsedRequest) -> list[Any]:
         indices = request.task.get("targets")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from handlers.base import CamHandler, ParsedRequest, RequestError, encode_png
+from handlers.base import CamHandler, ParsedRequest, encode_png
 from handlers.config import ConfigError
 from handlers.preprocess import to_source
 from handlers.targets import PredictedRegionTarget, region_class
@@ -51,31 +51,7 @@ class SegmentationHandler(CamHandler):
 
     def parse_task_options(self, request: ParsedRequest, options: Mapping[str, Any]) -> None:
         """``classes`` -> list of class indices, or None for the largest predicted class."""
-        classes = options.get("classes")
-        indices = None
-        if classes is not None:
-            if isinstance(classes, (int, str)) and not isinstance(classes, bool):
-                classes = [classes]
-            if not isinstance(classes, list) or not classes:
-                raise RequestError(f"classes must be a non-empty list of class indices or labels, got {classes!r}")
-            limit = self.config.explanation.max_targets
-            if len(classes) > limit:
-                raise RequestError(f"{len(classes)} classes asked, this model explains at most {limit} per request")
-            indices = [self._class_index(c) for c in classes]
-        request.task = {"classes": indices}
-
-    def _class_index(self, value: Any) -> int:
-        count = len(self.labels)
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise RequestError(f"a class must be an index or a label, got {value!r}")
-        if isinstance(value, int):
-            if not 0 <= value < count:
-                raise RequestError(f"class {value} is out of range: this model has classes 0..{count - 1}")
-            return value
-        lowered = {label.lower(): i for i, label in reversed(list(enumerate(self.labels)))}
-        if value.strip().lower() not in lowered:
-            raise RequestError(f"unknown class {value!r}")
-        return lowered[value.strip().lower()]
+        request.task = {"classes": self.class_indices(options.get("classes"), "classes", "class")}
 
     def targets_for(self, request: ParsedRequest) -> list[Any]:
         background = self.config.segmentation.background_class
