@@ -8,6 +8,8 @@ driven through its handler's ``handle()`` exactly as TorchServe calls it, with a
 
 - detection: Faster R-CNN MobileNetV3-FPN at 320x320 (letterbox), EigenCAM (the config default) and
   GradCAM of ``FasterRCNNBoxScoreTarget`` at ``backbone`` for the top 1 and top 3 boxes;
+- detection, YOLO (when the optional ``ultralytics`` is installed): YOLOv8n at 640x640 (the shipped
+  config), EigenCAM and GradCAM of the box score at the three maps its head reads;
 - segmentation: DeepLabV3 MobileNetV3 at 320x320, GradCAM of ``SemanticSegmentationTarget`` at
   ``backbone.16`` (mask PNG in both answers);
 - embedding: ResNet-50 without its head at 224x224, GradCAM of ``SimilarityToConceptTarget`` at
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import io
 import json
 import statistics
@@ -35,7 +38,8 @@ import torch
 import yaml
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 from handlers.detection import DetectionHandler  # noqa: E402
 from handlers.embedding import EmbeddingHandler  # noqa: E402
@@ -125,6 +129,22 @@ def main() -> int:
         ("detection, EigenCAM, top box", detector, {"image": b64}),
         ("detection, GradCAM, top box", detector, {"image": b64, "method": "gradcam"}),
         ("detection, GradCAM, top 3 boxes", detector, {"image": b64, "method": "gradcam", "boxes": [0, 1, 2]}),
+    ]
+    if importlib.util.find_spec("ultralytics") is not None:
+        shipped = yaml.safe_load((REPO / "model_store" / "configs" / "yolov8n.yaml").read_text())["handler"]
+        yolo = _handler(DetectionHandler, {
+            **shipped, **common, "weights": None, "labels": None, "num_classes": 80,
+            "model_options": {**shipped["model_options"], "box_score_thresh": 0.0},
+            "detection": {**shipped["detection"], "score_threshold": 0.0, "explain_top": 1},
+        })  # fmt: skip
+        cases += [
+            ("YOLOv8n, EigenCAM, top box", yolo, {"image": b64}),
+            ("YOLOv8n, GradCAM, top box", yolo, {"image": b64, "method": "gradcam"}),
+            ("YOLOv8n, GradCAM, top 3 boxes", yolo, {"image": b64, "method": "gradcam", "boxes": [0, 1, 2]}),
+        ]
+    else:
+        print("(YOLO rows skipped: the optional 'ultralytics' package is not installed)")
+    cases += [
         ("segmentation, GradCAM, largest class", segmenter, {"image": b64}),
         ("embedding, GradCAM, similarity to a concept", embedder, {"image": b64, "concept": "thing"}),
     ]

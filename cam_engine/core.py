@@ -395,6 +395,8 @@ class BaseCAM:
 
     def _resolve_targets(self, outputs: Any, targets: list[list[Any]] | None, batch: int) -> list[list[Any]]:
         if targets is None:
+            if not self.uses_gradients and not self.uses_extra_passes and not isinstance(outputs, torch.Tensor):
+                return [[None] for _ in range(batch)]  # one target-free CAM per image (a detector's EigenCAM)
             return [[t] for t in _default_targets(model_scores(outputs), batch)]
         return targets
 

@@ -7,12 +7,14 @@ The handler builds the architecture named in its config and loads the archived s
     list_architectures()  # ['densenet121', 'deit_small', 'efficientnet_lite0', ...]
 
 ``torchvision/<name>`` and ``timm/<name>`` build any model those libraries know, for tests and
-experiments. Each entry also carries the reshape transform its transformer layers need (``auto``).
+experiments; ``ultralytics/<cfg>`` builds a YOLO detector (``ultralytics/yolov8n``, optional package,
+see :mod:`handlers.ultralytics_model`). Each entry also carries the reshape transform its transformer
+layers need (``auto``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +37,14 @@ __all__ = [
 class Architecture:
     """A registered architecture: its builder, the reshape its CAM layers need
     (``none``/``vit``/``swin``/``fasterrcnn``) and the state-dict prefixes a full checkpoint has
-    that the built model drops (an embedding model's removed classifier head)."""
+    that the built model drops (an embedding model's removed classifier head). ``read_checkpoint``
+    turns a checkpoint file of another format into a state dict (None: ``torch.load``)."""
 
     name: str
     builder: Callable[..., nn.Module]
     reshape: str = "none"
     drop_prefixes: tuple[str, ...] = ()
+    read_checkpoint: Callable[[Any], Mapping[str, Any]] | None = None
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -200,9 +204,17 @@ def get_architecture(name: str) -> Architecture:
         return Architecture(name, _torchvision(model_name), _reshape_for_library_name(model_name))
     if model_name and library == "timm":
         return Architecture(name, _timm(model_name), _reshape_for_library_name(model_name))
+    if model_name and library == "ultralytics":
+        from . import ultralytics_model
+
+        return Architecture(
+            name,
+            lambda num_classes, **options: ultralytics_model.build_yolo(name, num_classes, **options),
+            read_checkpoint=ultralytics_model.read_checkpoint,
+        )
     raise KeyError(
         f"unknown architecture {name!r}; registered: {', '.join(sorted(_REGISTRY))} "
-        "(or torchvision/<name>, timm/<name>)"
+        "(or torchvision/<name>, timm/<name>, ultralytics/<yolo config>)"
     )
 
 

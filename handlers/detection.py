@@ -1,4 +1,5 @@
-"""TorchServe handler for torchvision detectors (Faster R-CNN, RetinaNet): boxes plus a CAM per box.
+"""TorchServe handler for detectors (torchvision Faster R-CNN and RetinaNet, Ultralytics YOLO): boxes plus a
+CAM per box.
 
 JSON options beyond the common ones (see :mod:`handlers.base`):
 
@@ -15,6 +16,10 @@ The detector normalises and resizes inside (``GeneralizedRCNNTransform``). The h
 transform to the configured ``input_size`` (``min_size``/``max_size``) so it never rescales, which
 keeps the FPN maps aligned with the input: use ``resize: letterbox`` (aspect ratio kept), ``mean:
 [0, 0, 0]``, ``std: [1, 1, 1]`` and an input size divisible by 32.
+
+YOLO (``architecture: ultralytics/yolov8n``, see :mod:`handlers.ultralytics_model`) comes out of its
+wrapper in the same per-image dict, so everything above holds; it takes [0, 1] RGB as well
+(``mean: [0, 0, 0]``, ``std: [1, 1, 1]``) and an input size divisible by its largest stride.
 
 Response::
 
@@ -56,10 +61,18 @@ class DetectionHandler(CamHandler):
                 "set mean: [0, 0, 0] and std: [1, 1, 1]"
             )
         model = super().load_model(model_dir)
+        height, width = preprocessing.input_size
+        stride = getattr(model, "stride", None)
+        if isinstance(stride, int):  # a YOLO detector (handlers.ultralytics_model.YoloDetector)
+            if height % stride or width % stride:
+                raise ConfigError(
+                    f"handler.preprocessing.input_size: {[height, width]} must be divisible by {stride}, "
+                    "the detector's largest stride"
+                )
+            return model
         transform = getattr(model, "transform", None)
         if transform is None or not hasattr(transform, "min_size"):
-            raise ConfigError(f"handler.architecture: {self.config.architecture} is not a torchvision detector")
-        height, width = preprocessing.input_size
+            raise ConfigError(f"handler.architecture: {self.config.architecture} is not a torchvision or YOLO detector")
         divisor = int(getattr(transform, "size_divisible", 32))
         if height % divisor or width % divisor:
             raise ConfigError(

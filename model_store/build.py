@@ -82,7 +82,8 @@ class BuildError(RuntimeError):
 class ArchiveSpec:
     """What to build: a config (by name or inline), overrides deep-merged into it, and weights.
 
-    ``weights``: a state-dict path, ``pypi:<package>``, or None for the config's own ``weights``.
+    ``weights``: a state-dict path (or a callable returning one, called at build time), ``pypi:<package>``,
+    or None for the config's own ``weights``.
     ``archive_name``: the served model name (defaults to ``config``'s name).
     ``task``: the handler module; None takes the config's ``handler.task``, else the task its
     ``handler.architecture`` implies (``clip``), else ``classifier``.
@@ -94,7 +95,7 @@ class ArchiveSpec:
     config: str | Mapping[str, Any]
     archive_name: str | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
-    weights: str | None = None
+    weights: str | Callable[[], str | Path] | None = None
     allow_random_weights: bool = False
     task: str | None = None
     extra_files: Mapping[str, str | Path | Callable[[], str | Path]] = field(default_factory=dict)
@@ -149,11 +150,16 @@ def voc_labels() -> list[str]:
 
 
 def _load_weights(
-    model: torch.nn.Module, source: str | None, allow_random: bool, drop_prefixes: tuple[str, ...] = ()
+    model: torch.nn.Module,
+    source: str | None,
+    allow_random: bool,
+    drop_prefixes: tuple[str, ...] = (),
+    state: Mapping[str, Any] | None = None,
 ) -> str:
     """Load ``source`` into ``model``; returns a description of where the weights came from.
 
-    Keys under ``drop_prefixes`` (an embedding model's removed head) are dropped from a checkpoint."""
+    Keys under ``drop_prefixes`` (an embedding model's removed head) are dropped from a checkpoint.
+    ``state``: the checkpoint at ``source`` already read (an architecture's own checkpoint format)."""
     if source is None:
         if not allow_random:
             raise BuildError(
@@ -188,7 +194,8 @@ def _load_weights(
     path = Path(source).expanduser()
     if not path.exists():
         raise BuildError(f"weights: file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state is None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if drop_prefixes:
@@ -208,6 +215,12 @@ def _labels(handler: dict[str, Any]) -> list[str] | None:
         return coco_labels()
     if labels == "voc":
         return voc_labels()
+    if labels == "coco80":
+        from handlers.ultralytics_model import coco80_labels
+
+        return coco80_labels()
+    if labels == "checkpoint":  # read from the weights file (see _read_checkpoint)
+        return None
     if isinstance(labels, list):
         return [str(label) for label in labels]
     if isinstance(labels, str):
@@ -217,6 +230,36 @@ def _labels(handler: dict[str, Any]) -> list[str] | None:
         loaded = json.loads(path.read_text())
         return list(loaded.values()) if isinstance(loaded, dict) else list(loaded)
     return None
+
+
+def _read_checkpoint(
+    architecture: architectures.Architecture, source: str | None, handler: Mapping[str, Any], labels: list[str] | None
+) -> tuple[Mapping[str, Any] | None, list[str] | None]:
+    """For an architecture with its own checkpoint format (YOLO): the state dict at ``source`` and the
+    labels, which ``labels: checkpoint`` takes from the checkpoint's class names."""
+    wants_names = handler.get("labels") == "checkpoint"
+    if architecture.read_checkpoint is None or source is None or str(source).startswith("pypi:"):
+        if wants_names:
+            raise BuildError("handler.labels: checkpoint needs --weights: a checkpoint that carries class names")
+        return None, labels
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise BuildError(f"weights: file {path} does not exist")
+    try:
+        state = dict(architecture.read_checkpoint(path))
+    except Exception as error:  # noqa: BLE001 - any unreadable file is a build error naming it
+        raise BuildError(f"weights: cannot read {path} as a {architecture.name} checkpoint: {error}") from None
+    names = state.pop("__names__", None)
+    if wants_names:
+        if not names:
+            raise BuildError(f"handler.labels: checkpoint, but {path.name} carries no class names")
+        return state, names
+    if names and labels and len(names) != len(labels):
+        raise BuildError(
+            f"weights: {path.name} has {len(names)} classes ({', '.join(names[:5])}...), "
+            f"handler.labels has {len(labels)}"
+        )
+    return state, labels
 
 
 def _stage_concepts(handler: dict[str, Any], extra: Path) -> None:
@@ -320,19 +363,24 @@ def build_archive(
     if task in DIRECTORY_TASKS:
         weights_source = _directory_model(handler, spec, extra_files, name)
     else:
+        try:
+            architecture = architectures.get_architecture(handler["architecture"])
+        except KeyError as error:
+            raise BuildError(f"{name}: handler.architecture: {error.args[0]}") from None
+        source = spec.weights if spec.weights is not None else handler.get("weights")
+        source = str(source()) if callable(source) else source
+        state, labels = _read_checkpoint(architecture, source, handler, labels)
         num_classes = len(labels) if labels else handler.get("num_classes")
         if not num_classes and task != "embedding":
             raise BuildError(f"{name}: handler.labels or handler.num_classes is needed")
         try:
-            architecture = architectures.get_architecture(handler["architecture"])
             model = architectures.build(
                 handler["architecture"], int(num_classes or 0), **(handler.get("model_options") or {})
             )
         except KeyError as error:
             raise BuildError(f"{name}: handler.architecture: {error.args[0]}") from None
         step(f"built {handler['architecture']} with {num_classes} classes")
-        source = spec.weights if spec.weights is not None else handler.get("weights")
-        weights_source = _load_weights(model, source, spec.allow_random_weights, architecture.drop_prefixes)
+        weights_source = _load_weights(model, source, spec.allow_random_weights, architecture.drop_prefixes, state)
     step(f"weights: {weights_source}")
     with tempfile.TemporaryDirectory(prefix=f"mar-{name}-") as tmp:
         stage = Path(tmp)

@@ -147,3 +147,22 @@ TEST_ARCHIVES.append(
         overrides={"batchSize": 4, "maxBatchDelay": 50, "handler": {"labels": CLIP_LABELS, "clip": {"max_labels": 6}}},
     )
 )
+# Ultralytics YOLO (optional extra [yolo], tests/test_yolo.py): a calibrated random-init YOLOv8n saved as a
+# real Ultralytics checkpoint when the session builds the archives, served through the detection handler.
+from tiny_yolo import HAVE_ULTRALYTICS, session_yolo_checkpoint  # noqa: E402
+
+YOLO_MODEL = "yolo_tiny"
+if HAVE_ULTRALYTICS:
+    TEST_ARCHIVES.append(
+        ArchiveSpec(
+            config="yolov8n",
+            archive_name=YOLO_MODEL,
+            weights=session_yolo_checkpoint,
+            overrides={
+                "batchSize": 4,
+                "maxBatchDelay": 50,
+                "handler": {"preprocessing": {"input_size": [160, 224]}, "model_options": {"box_score_thresh": 0.01},
+                            "detection": {"score_threshold": 0.01, "max_detections": 20}},
+            },
+        )
+    )  # fmt: skip

@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 from inputs import b64, encode, square_image
 from PIL import Image
-from serving import DETECTION_LABELS, DETECTION_MAX, DETECTION_MODEL, EMBEDDING_MODEL, SEGMENTATION_MODEL
+from serving import (
+    DETECTION_LABELS,
+    DETECTION_MAX,
+    DETECTION_MODEL,
+    EMBEDDING_MODEL,
+    SEGMENTATION_MODEL,
+    YOLO_MODEL,
+)
 from test_serving import post
+from tiny_yolo import HAVE_ULTRALYTICS
 
 # Non-square on purpose: every picture that comes back must have this size.
 HEIGHT, WIDTH = 90, 150
@@ -72,6 +80,53 @@ def test_detection_defaults_threshold_and_bad_boxes(server) -> None:
         if code != 200:
             assert answer.json()["code"] == code and answer.json()["message"]
     assert "out of range" in answers[1].json()["message"]
+
+
+@pytest.mark.skipif(not HAVE_ULTRALYTICS, reason="the optional 'ultralytics' package is not installed")
+def test_yolo_boxes_and_a_heatmap_per_box(server) -> None:
+    from handlers.ultralytics_model import coco80_labels
+
+    labels = coco80_labels()
+    requests = [
+        {"image": b64(IMAGE), "boxes": [0, 2], "method": "gradcam", "output": "both"},
+        {"image": b64(OTHER)},  # defaults: EigenCAM, the best explain_top boxes
+        {"image": b64(IMAGE), "boxes": [19]},  # the 20th box: explained only if 20 boxes pass the threshold
+        {"image": b64(IMAGE), "boxes": [25]},  # beyond max_detections: refused before the model runs
+        {"image": b64(IMAGE), "method": "scorecam"},  # not allowed by the config
+        {"image": base64.b64encode(b"not an image").decode()},  # 415, even with Ultralytics imported
+    ]
+    with ThreadPoolExecutor(len(requests)) as pool:  # batched together (batchSize 4, maxBatchDelay 50)
+        answers = list(pool.map(lambda body: post(server, f"explanations/{YOLO_MODEL}", body), requests))
+    first, default = answers[0], answers[1]
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["weights"].startswith("file:yolov8n-test.pt")
+    detections = body["detections"]
+    assert 3 <= len(detections) <= 20
+    assert [d["score"] for d in detections] == sorted((d["score"] for d in detections), reverse=True)
+    for d in detections:
+        x0, y0, x1, y1 = d["box"]
+        assert 0 <= x0 <= x1 <= WIDTH and 0 <= y0 <= y1 <= HEIGHT and d["score"] >= 0.01
+        assert d["label"] == labels[d["class"]]
+    assert [e["box_index"] for e in body["explanations"]] == [0, 2]
+    maps = []
+    for e in body["explanations"]:
+        assert e["method"] == "gradcam" and e["layers"] == ["model.model.15", "model.model.18", "model.model.21"]
+        assert e["box"] == detections[e["box_index"]]["box"]
+        maps.append(_png(e["heatmap"]))
+        overlay = Image.open(io.BytesIO(base64.b64decode(e["overlay"]["data"])))
+        assert overlay.size == (WIDTH, HEIGHT)
+    assert maps[0].max() > 0 and not np.array_equal(maps[0], maps[1])
+    assert default.status_code == 200, default.text
+    default_body = default.json()
+    assert [e["method"] for e in default_body["explanations"]] == ["eigencam"] * 3
+    for e in default_body["explanations"]:
+        _png(e["heatmap"])
+    bounded = answers[2]
+    assert bounded.status_code == (200 if len(detections) > 19 else 400), bounded.text
+    assert answers[3].status_code == 400 and "out of range" in answers[3].json()["message"]
+    assert answers[4].status_code == 400 and "eigencam" in answers[4].json()["message"]
+    assert answers[5].status_code == 415, answers[5].text
 
 
 def test_segmentation_mask_has_the_image_size(server) -> None:

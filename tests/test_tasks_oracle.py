@@ -106,6 +106,10 @@ def test_detector_eigencam_at_fpn_backbone(detector, oracle) -> None:
     got = cam.explain(images, [ours.FasterRCNNBoxScoreTarget(lab, box) for lab, box in zip(labels, boxes)])
     assert got.shape == (2, 128, 160)
     assert_agrees(got, expected)
+    # a gradient-free CAM needs no target: targets=None gives one CAM per image on a detector too
+    assert torch.allclose(cam.explain(images), got)
+    with pytest.raises(ValueError, match="explicit targets"):
+        cam_engine.create("gradcam", model, ["backbone"], reshape_transform=fasterrcnn_reshape_transform).explain(images)
 
 
 @pytest.mark.parametrize("method", ["gradcam"])
