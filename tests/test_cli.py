@@ -7,6 +7,7 @@ for the test, plus one real-model run restricted to two methods.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import subprocess
@@ -27,6 +28,7 @@ import cam_engine
 from torchserve_cam_cli import main as cli_main
 from torchserve_cam_cli.gallery import GUIDED_NAME, load_model_spec, make_gallery
 from torchserve_cam_cli.main import main as cli_main_io
+from torchserve_cam_cli.main import slug
 
 REPO = Path(__file__).resolve().parent.parent
 CAT_FACE = (30, 60, 300, 370)  # (top, left, bottom, right) of chelsea's face in the 300x451 photo
@@ -253,3 +255,65 @@ def test_gallery_errors_are_one_line(tmp_path) -> None:
         code = cli_main_io(["gallery", str(image), *argv, "--out", str(tmp_path / "g.jpg"), "--quiet"], stdout, stderr)
         assert code == 2 and message in stderr.getvalue(), stderr.getvalue()
     assert not (tmp_path / "g.jpg").exists()
+
+
+# ------------------------------------------------------------------------------- other tasks' models
+def test_explain_a_detector_draws_each_explained_box(server, photos, tmp_path) -> None:
+    from serving import DETECTION_MODEL
+
+    out = tmp_path / "out"
+    done = run_cli("explain", photos["chelsea"], "--model", DETECTION_MODEL, "-o", "boxes=[0,2]", "-o",
+                   "score_threshold=0.0", "--method", "gradcam", "--out", out, *server_args(server))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    expected = requests.post(f"{server.url()}/explanations/{DETECTION_MODEL}", headers=server.headers(),
+                             files={"data": photos["chelsea"].read_bytes(),
+                                    "options": (None, '{"boxes": [0, 2], "score_threshold": 0.0, "method": "gradcam", '
+                                                      '"output": "both"}')}, timeout=120).json()  # fmt: skip
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == len(expected["detections"]) and "box [x0, y0, x1, y1]" in done.stdout
+    for explanation in expected["explanations"]:
+        stem = f"chelsea.box{explanation['box_index']}_{slug(explanation['label'])}.gradcam"
+        heatmap, overlay = out / f"{stem}.heatmap.png", out / f"{stem}.overlay.jpg"
+        assert heatmap.read_bytes() == base64.b64decode(explanation["heatmap"]["data"])
+        assert f"explained box {explanation['box_index']}" in done.stdout
+        ours = np.asarray(Image.open(overlay).convert("RGB")).astype(int)
+        theirs = np.asarray(Image.open(io.BytesIO(base64.b64decode(explanation["overlay"]["data"]))).convert("RGB")).astype(int)
+        assert ours.shape == theirs.shape == (300, 451, 3)
+        x0, y0, x1, y1 = (round(v) for v in explanation["box"])
+        outline = np.zeros(ours.shape[:2], bool)
+        outline[max(y0, 0) : y1 + 1, max(x0, 0) : min(x0 + 2, 451)] = True  # the left edge, 2 px wide
+        green = ours[outline]
+        assert (green[:, 1] > 200).mean() > 0.9 and (green[:, 0] < 90).mean() > 0.9, "box outline not drawn"
+        far = np.ones(ours.shape[:2], bool)  # away from the box (and its label) the overlay is the server's
+        far[max(y0 - 20, 0) : y1 + 20, max(x0 - 20, 0) : x1 + 20] = False
+        if far.any():
+            assert np.abs(ours[far] - theirs[far]).mean() < 4
+
+
+def test_explain_a_segmenter_writes_the_mask_and_an_embedder_names_the_concept(server, photos, tmp_path) -> None:
+    from serving import EMBEDDING_MODEL, SEGMENTATION_MODEL
+
+    out = tmp_path / "out"
+    done = run_cli("explain", photos["coffee"], "--model", SEGMENTATION_MODEL, "--out", out, *server_args(server))
+    assert done.returncode == 0, done.stderr
+    mask = Image.open(out / "coffee.mask.png")
+    assert mask.mode == "P" and mask.size == (600, 400)  # coffee is 600x400
+    assert mask.getpalette()[3:6] == [128, 0, 0]  # the VOC colours: class 1 is dark red
+    served = requests.post(f"{server.url()}/predictions/{SEGMENTATION_MODEL}", headers=server.headers(),
+                           data=photos["coffee"].read_bytes(), timeout=120).json()
+    indices = np.asarray(Image.open(io.BytesIO(base64.b64decode(served["mask"]["data"]))))
+    assert np.array_equal(np.asarray(mask), indices)  # same class indices, only a palette added
+    assert "area" in done.stdout and all(c["label"] in done.stdout for c in served["classes"])
+
+    done = run_cli("explain", photos["coffee"], "--model", EMBEDDING_MODEL, "-o", "concept=cat", "--out", out,
+                   *server_args(server))
+    assert done.returncode == 0, done.stderr
+    assert (out / "coffee.cat_similarity.gradcam.heatmap.png").is_file()
+    assert "explained similarity to 'cat'" in done.stdout
+    similarity = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("cat ")]
+    assert len(similarity) == 1 and -1 <= float(similarity[0][1]) <= 1
+    bad = run_cli("explain", photos["coffee"], "--model", EMBEDDING_MODEL, "-o", "concept=unicorn", "--out", out,
+                  *server_args(server))
+    assert bad.returncode == 1 and "unicorn" in bad.stderr and "Traceback" not in bad.stderr
+    usage = run_cli("predict", photos["coffee"], "--model", EMBEDDING_MODEL, "-o", "concept", *server_args(server))
+    assert usage.returncode == 2 and "KEY=VALUE" in usage.stderr

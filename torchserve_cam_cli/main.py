@@ -2,6 +2,8 @@
 
     torchserve-cam predict cat.jpg dog.jpg --model efficientnet_lite0 --top-k 3
     torchserve-cam explain cat.jpg --model efficientnet_lite0 --target "Egyptian cat" --target 281 --out out/
+    torchserve-cam explain street.jpg --model yolov8n -o boxes=[0,2] -o score_threshold=0.4 --method gradcam
+    torchserve-cam explain dog.jpg --model resnet50_embedding -o concept=cat
     torchserve-cam gallery docs/chelsea.jpg --out docs/gallery_chelsea.jpg       # no server: cam_engine locally
 
 Exit codes: 0 success, 1 the server refused at least one image (its message is printed), 2 a usage or
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
+import json
 import os
 import re
 import sys
@@ -60,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each answer (default 120)")
         sub.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                          help="progress on stderr: auto = for more than one image")
+        sub.add_argument("-o", "--option", action="append", default=[], type=parse_option, metavar="KEY=VALUE",
+                         help="any request option of the model's task, repeatable; VALUE is JSON when it parses "
+                              "(boxes=[0,2], score_threshold=0.4, classes=person, concept=cat)")
 
     predict = commands.add_parser("predict", help="top-k predictions for each image, as a table")
     server_options(predict)
@@ -75,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_gallery_parser(commands)
     return parser
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``"boxes=[0,2]"`` -> ``("boxes", [0, 2])``; a VALUE that is not JSON stays a string (``concept=cat``)."""
+    key, separator, value = text.partition("=")
+    if not separator or not key.strip():
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.strip(), parsed
 
 
 def _positive(text: str) -> int:
@@ -101,6 +120,100 @@ def prediction_table(predictions: Sequence[dict[str, Any]], indent: str = "  ") 
         bar = "#" * round(score * 20)
         lines.append(f"{indent}{rank:>2}  {entry.get('index', ''):>5}  {str(entry.get('label', '')):<{width}}  {score:>7.4f}  {bar}")
     return "\n".join(lines)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str, right: Sequence[bool]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    def line(cells: Sequence[str]) -> str:
+        return indent + "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
+    return "\n".join([line(header), *(line(r) for r in rows)])
+
+
+def summary_table(body: dict[str, Any], indent: str = "  ") -> str:
+    """What the model answered, whatever its task: class predictions, detections, the classes of a
+    segmentation mask, or similarities to concepts."""
+    if "detections" in body:
+        detections = body["detections"]
+        if not detections:
+            return f"{indent}(no detections above the score threshold)"
+        rows = [[str(d.get("index", "")), str(d.get("label", "")), f"{float(d.get('score', 0)):.4f}",
+                 "[" + ", ".join(f"{v:.0f}" for v in d.get("box", [])) + "]"] for d in detections]  # fmt: skip
+        return _table(["#", "label", "score", "box [x0, y0, x1, y1]"], rows, indent, [True, False, True, False])
+    if "classes" in body and "predictions" not in body:
+        classes = body["classes"]
+        if not classes:
+            return f"{indent}(no classes)"
+        rows = [[str(c.get("index", "")), str(c.get("label", "")), f"{float(c.get('fraction', 0)):.1%}",
+                 str(c.get("pixels", ""))] for c in classes]  # fmt: skip
+        return _table(["class", "label", "area", "pixels"], rows, indent, [True, False, True, True])
+    if "similarities" in body:
+        rows = [[str(e.get("concept", e.get("reference", ""))), f"{float(e.get('similarity', 0)):+.4f}"]
+                for e in body["similarities"]]  # fmt: skip
+        return _table(["concept", "cosine"], rows, indent, [False, True]) if rows else f"{indent}(no similarities)"
+    return prediction_table(body.get("predictions", []), indent)
+
+
+def explanation_name(explanation: dict[str, Any]) -> str:
+    """The file-name part and the printed subject of one explanation, by task."""
+    label = str(explanation.get("label", ""))
+    if "box_index" in explanation:
+        return f"box{explanation['box_index']}_{slug(label)}"
+    if "concept" in explanation:
+        return f"{slug(str(explanation['concept']))}_{slug(str(explanation.get('target', 'similarity')))}"
+    return f"{explanation.get('target', 'cam')}_{slug(label)}"
+
+
+def explanation_subject(explanation: dict[str, Any]) -> str:
+    label = explanation.get("label", "")
+    if "box_index" in explanation:
+        return f"box {explanation['box_index']} {label!r} ({float(explanation.get('score', 0)):.2f})"
+    if "concept" in explanation:
+        return f"{explanation.get('target', 'similarity')} to {explanation['concept']!r}"
+    return f"{explanation.get('target', '')} {label!r}"
+
+
+def draw_box(jpeg: bytes, box: Sequence[float], label: str) -> bytes:
+    """The overlay JPEG with the explained box outlined and labelled (the server's overlay has no box)."""
+    from PIL import Image, ImageDraw
+
+    with Image.open(io.BytesIO(jpeg)) as opened:
+        picture = opened.convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    width = max(3, round(min(picture.size) / 100))
+    x0, y0, x1, y1 = box
+    draw.rectangle([x0, y0, x1, y1], outline=BOX_COLOUR, width=width)
+    text_box = draw.textbbox((x0 + width + 2, y0 + width + 1), label)
+    draw.rectangle(text_box, fill=BOX_COLOUR)
+    draw.text((x0 + width + 2, y0 + width + 1), label, fill=(0, 0, 0))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=90, subsampling=0)  # 4:4:4 keeps the thin outline green
+    return buffer.getvalue()
+
+
+BOX_COLOUR = (0, 255, 0)
+
+
+def mask_picture(png: bytes) -> bytes:
+    """A class-index mask as a palette PNG: the same indices, shown in the PASCAL VOC colours."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as opened:
+        indices = opened.convert("L")
+    palette = []
+    for index in range(256):
+        red = green = blue = 0
+        value = index
+        for bit in range(8):
+            red |= ((value >> 0) & 1) << (7 - bit)
+            green |= ((value >> 1) & 1) << (7 - bit)
+            blue |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette += [red, green, blue]
+    coloured = indices.copy()
+    coloured.putpalette(palette)  # an "L" image with a palette becomes "P": indices kept, colours shown
+    buffer = io.BytesIO()
+    coloured.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class Progress:
@@ -147,15 +260,23 @@ def _unique_stems(images: Sequence[Path]) -> list[str]:
 
 def _write_explanations(body: dict[str, Any], out: Path, stem: str) -> list[tuple[str, Path]]:
     written = []
+    mask = body.get("mask")
+    if isinstance(mask, dict) and mask.get("data"):
+        path = out / f"{stem}.mask.png"
+        path.write_bytes(mask_picture(base64.b64decode(mask["data"])))
+        written.append(("mask", path))
     for explanation in body.get("explanations", []):
-        name = f"{stem}.{explanation['target']}_{slug(str(explanation.get('label', '')))}.{slug(explanation.get('method', 'cam'))}"
+        name = f"{stem}.{explanation_name(explanation)}.{slug(explanation.get('method', 'cam'))}"
         for kind, suffix in (("heatmap", "heatmap"), ("overlay", "overlay")):
             picture = explanation.get(kind)
             if not picture:
                 continue
             extension = {"png": "png", "jpeg": "jpg"}.get(picture.get("format", "png"), picture.get("format", "bin"))
             path = out / f"{name}.{suffix}.{extension}"
-            path.write_bytes(base64.b64decode(picture["data"]))
+            data = base64.b64decode(picture["data"])
+            if kind == "overlay" and "box" in explanation and extension == "jpg":
+                data = draw_box(data, explanation["box"], f"{explanation.get('label', '')} {explanation.get('score', 0):.2f}")
+            path.write_bytes(data)
             written.append((kind, path))
     return written
 
@@ -179,6 +300,7 @@ def _serve_command(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
         if args.method:
             options["method"] = args.method
         args.out.mkdir(parents=True, exist_ok=True)
+    options.update(dict(args.option))  # -o KEY=VALUE last: it may override --target / --top-k
 
     def work(index: int, image: Path) -> Outcome:
         outcome = Outcome(index, image)
@@ -203,9 +325,9 @@ def _serve_command(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
             continue
         body = outcome.response or {}
         print(f"{outcome.image}  [{body.get('model', args.model)}]", file=stdout)
-        print(prediction_table(body.get("predictions", [])), file=stdout)
+        print(summary_table(body), file=stdout)
         for explanation in body.get("explanations", []) if explain else []:
-            print(f"  explained {explanation['target']} {explanation.get('label', '')!r} with "
+            print(f"  explained {explanation_subject(explanation)} with "
                   f"{explanation.get('method')} at {', '.join(explanation.get('layers', []))}", file=stdout)
         for kind, path in outcome.written:
             print(f"    {kind:<8} {path}", file=stdout)
