@@ -167,6 +167,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
     model, _ = load_checkpoint(str(path))
     result: dict[str, Any] = {f"model.{key}": value for key, value in model.float().state_dict().items()}
+    config = getattr(model, "yaml", None)
+    if isinstance(config, dict) and config.get("yaml_file"):
+        result["__config__"] = Path(str(config["yaml_file"])).stem
     names = getattr(model, "names", None)
     if isinstance(names, dict):
         result["__names__"] = [str(names[i]) for i in sorted(names)]

@@ -29,7 +29,7 @@ def yolo():
     from handlers.ultralytics_model import read_checkpoint
 
     state = read_checkpoint(session_yolo_checkpoint())
-    names = state.pop("__names__")
+    names, _ = state.pop("__names__"), state.pop("__config__")
     model = architectures.build("ultralytics/yolov8n", len(names), box_score_thresh=0.01)
     model.load_state_dict(state, strict=True)
     images = calibration_images((192, 256))[[0, 1, 5]]  # non-square, like the served images
@@ -115,6 +115,7 @@ def test_checkpoint_formats_and_class_names(tmp_path: Path) -> None:
 
     state = read_checkpoint(session_yolo_checkpoint())
     names = state.pop("__names__")
+    assert state.pop("__config__") == "yolov8n"
     assert names == [str(i) for i in range(80)]  # a model built from the YAML names classes by index
     model = architectures.build("ultralytics/yolov8n", 80)
     assert set(state) == set(model.state_dict())
@@ -161,6 +162,10 @@ def test_build_checks_classes_and_input_size(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="divisible by 32"):
         build_archive(ArchiveSpec(config="yolov8n", weights=checkpoint,
                                   overrides={"handler": {"preprocessing": {"input_size": [200, 200]}}}),
+                      tmp_path, log=lambda line: None)  # fmt: skip
+    with pytest.raises(BuildError, match=r"built from yolov8n.yaml: set handler.architecture"):
+        build_archive(ArchiveSpec(config="yolov8n", weights=checkpoint,
+                                  overrides={"handler": {"architecture": "ultralytics/yolo11n"}}),
                       tmp_path, log=lambda line: None)  # fmt: skip
     with pytest.raises(BuildError, match="labels: checkpoint needs --weights"):
         build_archive(ArchiveSpec(config="yolov8n", allow_random_weights=True,
