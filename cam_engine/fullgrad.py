@@ -10,6 +10,13 @@ where ``scale`` min-max scales each ``[h, w]`` map to [0, 1] (per image and chan
 bilinear resize to ``H x W``. Because ``up`` is linear and acts per map, the channel sum is taken at
 the layer's own resolution and resized once per layer (the reference resizes every channel).
 
+Beyond the reference, a BatchNorm fused with its activation (timm's ``BatchNormAct2d``: batch norm,
+dropout and activation in one ``BatchNorm2d`` subclass, as in EfficientNet-Lite0) is a bias layer too:
+its ``z_l`` is the batch norm's own output, read where it enters the activation. The reference takes
+exact ``Conv2d``/``BatchNorm2d`` types only, so on such a model it finds no BatchNorm bias at all
+(none at all on EfficientNet-Lite0, whose convolutions have no bias); models of plain layers are
+treated exactly as the reference treats them.
+
 Gradients are taken with ``torch.autograd.grad(y, x)``; the gradients at the layer outputs are read
 by tensor hooks on those outputs during that same backward pass (they see the gradient of the
 layer's own output even when an in-place ReLU later overwrites it, as grad-cam's hooks do). No
@@ -29,16 +36,26 @@ from . import functional as CF
 from .core import BaseCAM, CAMResult, _default_targets, _map, _per_image, model_scores
 from .registry import register
 
-__all__ = ["FullGrad", "bias_layers", "effective_bias"]
+__all__ = ["FullGrad", "bias_layers", "effective_bias", "fused_activation"]
+
+
+def fused_activation(layer: nn.Module) -> nn.Module | None:
+    """The activation module of a BatchNorm fused with it (timm's ``BatchNormAct2d``), else None."""
+    if type(layer) is nn.BatchNorm2d or not isinstance(layer, nn.BatchNorm2d):
+        return None
+    act = getattr(layer, "act", None)
+    return act if isinstance(act, nn.Module) else None
 
 
 def bias_layers(model: nn.Module) -> list[nn.Module]:
-    """Every ``nn.Conv2d`` / ``nn.BatchNorm2d`` (exact types) with a bias, in grad-cam's pre-order."""
+    """Every ``nn.Conv2d`` / ``nn.BatchNorm2d`` (exact types, as grad-cam) and every BatchNorm fused
+    with its activation, with a bias, in grad-cam's pre-order."""
     found: list[nn.Module] = []
     for layer in model._modules.values():
         if layer is None:
             continue
-        if type(layer) in (nn.Conv2d, nn.BatchNorm2d) and layer.bias is not None:
+        exact = type(layer) in (nn.Conv2d, nn.BatchNorm2d)
+        if (exact or fused_activation(layer) is not None) and layer.bias is not None:
             found.append(layer)
         found.extend(bias_layers(layer))
     return found
@@ -71,7 +88,8 @@ def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class FullGrad(BaseCAM):
     """FullGrad saliency; ``target_layers`` is accepted for the common signature and ignored.
 
-    Every ``Conv2d``/``BatchNorm2d`` with a bias contributes, as in grad-cam 1.5.7. With
+    Every ``Conv2d``/``BatchNorm2d`` with a bias contributes, as in grad-cam 1.5.7, and every BatchNorm
+    fused with its activation (see the module docstring). With
     ``eigen_smooth`` the per-term maps (3 input channels + one per layer) are scaled to 1/8 of the
     input size, projected on their first principal component and resized back.
     """
@@ -108,7 +126,17 @@ class FullGrad(BaseCAM):
             return hook
 
         leaf = x.detach().requires_grad_(True)
-        handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(self.target_layers)]
+        handles = []
+        for index, layer in enumerate(self.target_layers):
+            activation = fused_activation(layer)
+            if activation is None:
+                handles.append(layer.register_forward_hook(make_hook(index)))
+                continue
+            # A fused BatchNorm's own output is what enters its activation: hooked before the
+            # activation runs, so an in-place activation cannot overwrite it first.
+            hook = make_hook(index)
+            handles.append(activation.register_forward_pre_hook(
+                lambda module, inputs, hook=hook: hook(module, inputs, inputs[0] if inputs else None)))  # fmt: skip
         try:
             with torch.enable_grad(), self._forward_context():
                 outputs = self.model(leaf)

@@ -78,3 +78,31 @@ def test_guided_gradcam_is_cam_times_guided_map(resnet, batch):
     assert images.shape == (3, 48, 48, 3) and images.dtype == np.uint8
     for i in range(3):
         np.testing.assert_array_equal(images[i], deprocess_image(cams[i][..., None] * guided[i]))
+
+
+def _relu6_as_relu_then_clamp(module: nn.Module) -> nn.Module:
+    """Every ReLU6 -> Sequential(ReLU, Hardtanh(0, 6)): the same function, with a ReLU the reference guides."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU6):
+            setattr(module, name, nn.Sequential(nn.ReLU(), nn.Hardtanh(0.0, 6.0)))
+        else:
+            _relu6_as_relu_then_clamp(child)
+    return module
+
+
+def test_relu6_networks_are_guided_too(batch):
+    """A MobileNetV2 (ReLU6 everywhere): ours guides each ReLU6 as (0 < x < 6) * relu(grad). That is the
+    reference's guided ReLU followed by the clamp's own mask, so the reference on the same network with
+    each ReLU6 written as ReLU + Hardtanh(0, 6) must agree; the reference on the ReLU6 network does not."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    split = _relu6_as_relu_then_clamp(copy.deepcopy(model))
+    x = batch * 3  # a wider input range, so some activations pass 6
+    with torch.no_grad():
+        assert torch.allclose(model(x), split(x), atol=1e-5)
+    ours = cam_engine.GuidedBackpropReLUModel(model)(x, [1, 7, 3])
+    expected = _reference(split, x, [1, 7, 3])
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(ours, expected, atol=1e-5 * scale)
+    unguided = _reference(model, x, [1, 7, 3])  # the reference finds no nn.ReLU here
+    assert not np.allclose(ours, unguided, atol=1e-3 * scale)

@@ -268,3 +268,41 @@ def test_ablationcam_probe_uses_an_image_with_targets():
     assert result.pairs == [(1, 0)]
     assert cam.last_modes == {0: "empty"}  # the probe checked image 1, the one with a target
     np.testing.assert_allclose(result.cams[0].numpy(), cam(x[1:], [ClassifierOutputTarget(2)])[0], atol=1e-6)
+
+
+def _unfuse_batch_norm_act(module: nn.Module) -> nn.Module:
+    """timm's BatchNormAct2d -> Sequential(exact BatchNorm2d with the same state, drop, act), in place."""
+    from cam_engine.fullgrad import fused_activation
+
+    for name, child in module.named_children():
+        if fused_activation(child) is not None:
+            plain = nn.BatchNorm2d(child.num_features, eps=child.eps, momentum=child.momentum)
+            plain.load_state_dict(child.state_dict())
+            setattr(module, name, nn.Sequential(plain, child.drop, child.act).eval())
+        else:
+            _unfuse_batch_norm_act(child)
+    return module
+
+
+def test_fullgrad_reads_batch_norms_fused_with_their_activation():
+    """EfficientNet (timm) fuses every BatchNorm with its activation and has no conv bias: the
+    reference finds no bias layer there. Ours reads each fused BatchNorm where it enters its
+    activation, which equals the reference on the same network with the BatchNorms un-fused."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=10).eval()
+    for module in model.modules():  # non-trivial running statistics, so every effective bias differs
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    unfused = _unfuse_batch_norm_act(copy.deepcopy(model))
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+        assert torch.allclose(model(x), unfused(x), atol=1e-5)  # the same function
+    fused = sum(1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    conv_biases = sum(1 for m in model.modules() if isinstance(m, nn.Conv2d) and m.bias is not None)  # SE blocks
+    assert len(cam_engine.FullGrad(model).target_layers) == fused + conv_biases and fused > 0
+    ours = cam_engine.FullGrad(model)(x)
+    expected = quiet(pg.FullGrad(unfused, []), x, None)
+    assert min(pearson(ours, expected)) >= R_MIN
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
