@@ -1,7 +1,9 @@
 """TorchServe handler for embedding models: cosine similarity to a concept, and what makes it so.
 
-The model maps an image to an embedding ``[D]`` (a classifier backbone with its head removed). A
-request names stored concepts (their embeddings computed when the model loads, from the images the
+The model maps an image to an embedding ``[D]``: a classifier backbone with its head removed, or a
+CLIP image tower (``architecture: clip`` with a ``clip:`` section as for the CLIP handler: the
+``save_pretrained`` directory, preprocessing from its image processor, the token-grid reshape from its
+vision config; the text tower is not loaded). A request names stored concepts (their embeddings computed when the model loads, from the images the
 config lists and the archive carries) or sends its own reference images. JSON options beyond the
 common ones (see :mod:`handlers.base`):
 
@@ -32,9 +34,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cam_engine
 from cam_engine.targets import DifferenceFromConceptTarget, SimilarityToConceptTarget
 from handlers.base import CamHandler, ParsedRequest, RequestError, _b64, decode_image
-from handlers.config import ConfigError
+from handlers.clip_model import (
+    DEFAULT_TARGET_LAYER,
+    ClipConfig,
+    ClipImageEncoder,
+    processor_preprocessing,
+    resolve_clip_dir,
+)
+from handlers.config import ConfigError, HandlerConfig
 from handlers.preprocess import preprocess
 from handlers.targets import SumTarget
 
@@ -52,6 +62,43 @@ class EmbeddingHandler(CamHandler):
     def __init__(self) -> None:
         super().__init__()
         self.concepts: dict[str, torch.Tensor] = {}
+        self.clip_dir: Path | None = None  # set for a CLIP image tower
+        self.vision_config: Any = None
+
+    def load_config(self, yaml_config: Mapping[str, Any] | None, model_dir: Path) -> HandlerConfig:
+        """For ``architecture: clip``: pop ``handler.clip`` and default the layer and preprocessing to
+        the CLIP directory's, as the CLIP handler does."""
+        handler = dict((yaml_config or {}).get("handler") or {})
+        if handler.get("architecture") != "clip":
+            return super().load_config(yaml_config, model_dir)
+        clip_config = ClipConfig.from_dict(handler.pop("clip", None))
+        self.clip_dir = resolve_clip_dir(clip_config.model_dir, model_dir)
+        handler.setdefault("target_layers", [DEFAULT_TARGET_LAYER])
+        if "preprocessing" not in handler:
+            handler["preprocessing"] = processor_preprocessing(self.clip_dir)
+        return HandlerConfig.from_dict(handler)
+
+    def load_model(self, model_dir: Path) -> torch.nn.Module:
+        """A CLIP image tower (unit image embeddings) from the directory, else the registered architecture."""
+        if self.clip_dir is None:
+            return super().load_model(model_dir)
+        from transformers import CLIPModel
+
+        try:
+            clip = CLIPModel.from_pretrained(str(self.clip_dir))
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"handler.clip.model_dir: cannot load a CLIP from {self.clip_dir}: {error}") from None
+        self.vision_config = clip.config.vision_config
+        if not self.build_info.get("weights_source"):
+            self.build_info["weights_source"] = f"dir:{self.clip_dir}"
+        return ClipImageEncoder(clip.eval())  # the text tower is dropped with ``clip``
+
+    def reshape_transform(self) -> Any:
+        if self.clip_dir is None:
+            return super().reshape_transform()
+        if self.config.explanation.reshape == "none":
+            return None
+        return cam_engine.reshape.clip_reshape_for(self.vision_config)
 
     def _load_labels(self, model_dir: Path) -> list[str]:
         return []  # an embedding model has no classes

@@ -67,7 +67,7 @@ HANDLER_CLASSES = {
     "embedding": EmbeddingHandler,
     "clip": ClipHandler,
 }
-#: tasks whose handler loads its model from files in the archive (no state dict, no architecture build)
+#: tasks, and architectures, whose handler loads its model from a directory in the archive (no state dict)
 DIRECTORY_TASKS = {"clip"}
 #: the task an architecture name implies when the spec does not name one
 TASK_OF_ARCHITECTURE = {"clip": "clip"}
@@ -359,12 +359,14 @@ def build_archive(
     task = spec.task or handler.get("task") or TASK_OF_ARCHITECTURE.get(str(handler.get("architecture")), "classifier")
     if task not in HANDLERS:
         raise BuildError(f"{name}: handler.task: {task!r} is not one of {', '.join(HANDLERS)}")
+    # a model loaded from a directory (CLIP: the CLIP task, or a CLIP image tower as an embedding model)
+    directory_model = task in DIRECTORY_TASKS or handler.get("architecture") in DIRECTORY_TASKS
     if task not in DIRECTORY_TASKS:
         handler["task"] = task
     extra_files = {key: Path(value() if callable(value) else value).expanduser() for key, value in spec.extra_files.items()}
     labels = _labels(handler)
     model = None
-    if task in DIRECTORY_TASKS:
+    if directory_model:
         weights_source = _directory_model(handler, spec, extra_files, name)
     else:
         try:
@@ -406,7 +408,7 @@ def build_archive(
             handler["labels"] = "labels.json"
         _stage_concepts(handler, extra)
         config["handler"] = handler
-        if task not in DIRECTORY_TASKS:
+        if not directory_model:
             HandlerConfig.from_dict(handler)  # fail fast on a bad key, before anything is loaded
         (stage / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         info = {

@@ -166,3 +166,13 @@ if HAVE_ULTRALYTICS:
             },
         )
     )  # fmt: skip
+# A CLIP image tower as an embedding model: the same tiny CLIP directory, concepts cat and coffee.
+CLIP_EMBEDDING_MODEL = "clip_emb_tiny"
+TEST_ARCHIVES.append(
+    ArchiveSpec(
+        config="clip_vit_b32_embedding",
+        archive_name=CLIP_EMBEDDING_MODEL,
+        extra_files={"clip": session_tiny_clip},
+        overrides={"batchSize": 4, "maxBatchDelay": 50},
+    )
+)

@@ -11,6 +11,7 @@ import pytest
 from inputs import b64, encode, square_image
 from PIL import Image
 from serving import (
+    CLIP_EMBEDDING_MODEL,
     DETECTION_LABELS,
     DETECTION_MAX,
     DETECTION_MODEL,
@@ -199,3 +200,23 @@ def test_embedding_bad_requests_fail_alone(server) -> None:
         assert answer.headers["content-type"].startswith("application/json")
     assert "unknown concept 'dog'" in answers[0].json()["message"]
     assert "at most 2" in answers[1].json()["message"]
+
+
+def test_clip_image_tower_as_an_embedding_model(server) -> None:
+    """A CLIP image tower (architecture: clip, task: embedding): the stored concept image is most
+    similar to itself, and the similarity heatmap comes back at a non-square image's size."""
+    from model_store.build import CONFIG_DIR
+
+    cat = (CONFIG_DIR / "concepts" / "cat.jpg").read_bytes()
+    answer = post(server, f"explanations/{CLIP_EMBEDDING_MODEL}", {"image": b64(cat), "concept": ["cat", "coffee"]})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    similarities = {s["concept"]: s["similarity"] for s in body["similarities"]}
+    assert similarities["cat"] == pytest.approx(1.0, abs=1e-4) and similarities["coffee"] < similarities["cat"]
+    assert [e["concept"] for e in body["explanations"]] == ["cat", "coffee"]
+    answer = post(server, f"explanations/{CLIP_EMBEDDING_MODEL}",
+                  {"image": b64(IMAGE), "references": [b64(OTHER)], "target": "difference"})  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    (explanation,) = answer.json()["explanations"]
+    assert explanation["layers"] == ["vision_model.encoder.layers.-1.layer_norm1"]
+    assert explanation["target"] == "difference" and _png(explanation["heatmap"]).max() > 0

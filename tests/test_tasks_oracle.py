@@ -224,6 +224,33 @@ def test_similarity_to_concept_target_agrees(embedder, oracle, method: str, diff
     assert_agrees(got, expected)
 
 
+@pytest.mark.parametrize("method", ["gradcam", "eigencam"])
+def test_similarity_through_a_clip_image_tower_agrees(oracle, method: str) -> None:
+    """The embedding handler's CLIP tower (ClipImageEncoder) with the token-grid reshape, against the
+    reference with the reshape of its CLIP example."""
+    from tiny_clip import session_tiny_clip
+    from transformers import CLIPModel
+
+    from cam_engine.reshape import clip_reshape_for
+    from handlers.clip_model import DEFAULT_TARGET_LAYER, ClipImageEncoder
+
+    clip = CLIPModel.from_pretrained(str(session_tiny_clip())).eval()
+    model = ClipImageEncoder(clip).eval()
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        concept = model(torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))).mean(0)
+
+    def seed_reshape(tensor: torch.Tensor) -> torch.Tensor:  # 16x16 patches of 14 px
+        return tensor[:, 1:, :].reshape(tensor.size(0), 16, 16, tensor.size(2)).permute(0, 3, 1, 2)
+
+    layer = cam_engine.resolve_layer(model, DEFAULT_TARGET_LAYER)
+    with _reference(oracle, method)(model, [layer], reshape_transform=seed_reshape) as reference:
+        expected = reference(images, [TutorialSimilarityToConceptTarget(concept) for _ in range(2)])
+    cam = cam_engine.create(method, model, [DEFAULT_TARGET_LAYER], reshape_transform=clip_reshape_for(clip.config.vision_config))
+    got = cam.explain(images, [ours.SimilarityToConceptTarget(concept) for _ in range(2)])
+    assert_agrees(got, expected)
+
+
 class _TinySegmenter(torch.nn.Module):
     """Three conv blocks (one stride 2) and a 1x1 classifier, logits upsampled to the input:
     ``[B, 3, H, W]`` -> ``[B, 1 + classes, H, W]`` (class 0: background)."""
