@@ -1,13 +1,14 @@
 """Guided backpropagation (Springenberg et al., 2015) for a whole batch, without touching the model.
 
 At every ``nn.ReLU`` module the backward pass lets through only positive gradients at positive
-inputs: ``dL/dx = (x > 0) * relu(dL/dy)``. Beyond the reference, ``nn.ReLU6`` modules (MobileNets,
-EfficientNet-Lite) are guided the same way: ``dL/dx = (0 < x < 6) * relu(dL/dy)``; the reference
-leaves them plain, so on such a model its "guided" map is mostly the raw gradient. grad-cam 1.5.7 swaps the model's ReLU modules for a
+inputs: ``dL/dx = (x > 0) * relu(dL/dy)``. grad-cam 1.5.7 swaps the model's ReLU modules for a
 custom function and back; here a forward hook on each ``nn.ReLU`` registers a tensor hook
 ``g -> relu(g)`` on the module's output for the duration of one call, and the ReLU's own backward
-multiplies by ``(x > 0)``. Functional ``F.relu`` calls are not ReLU modules and stay plain, as in
-the reference. Only ``dL/d input`` is computed (``torch.autograd.grad``): no parameter ``.grad``.
+multiplies by ``(x > 0)``. Beyond the reference, ``nn.ReLU6`` modules (MobileNets,
+EfficientNet-Lite) are guided the same way, ``dL/dx = (0 < x < 6) * relu(dL/dy)``; the reference
+leaves them plain, so on such a model its "guided" map is mostly the raw gradient. Functional
+``F.relu`` calls are not ReLU modules and stay plain, as in the reference. Only ``dL/d input`` is
+computed (``torch.autograd.grad``): no parameter ``.grad``.
 
 Guided Grad-CAM is the product of a CAM and the guided map::
 

@@ -3,9 +3,9 @@
 The model maps an image to an embedding ``[D]``: a classifier backbone with its head removed, or a
 CLIP image tower (``architecture: clip`` with a ``clip:`` section as for the CLIP handler: the
 ``save_pretrained`` directory, preprocessing from its image processor, the token-grid reshape from its
-vision config; the text tower is not loaded). A request names stored concepts (their embeddings computed when the model loads, from the images the
-config lists and the archive carries) or sends its own reference images. JSON options beyond the
-common ones (see :mod:`handlers.base`):
+vision config; the text tower is not loaded). A request names stored concepts (their embeddings
+computed when the model loads, from the images the config lists and the archive carries) or sends its
+own reference images. JSON options beyond the common ones (see :mod:`handlers.base`):
 
 - ``concept``: a stored concept name, or a list of names (at most ``max_targets``);
 - ``references``: a list of base64 images (at most ``embedding.max_references``); their mean

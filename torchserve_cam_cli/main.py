@@ -147,14 +147,15 @@ def summary_table(body: dict[str, Any], indent: str = "  ") -> str:
                  str(c.get("pixels", ""))] for c in classes]  # fmt: skip
         return _table(["class", "label", "area", "pixels"], rows, indent, [True, False, True, True])
     if "similarities" in body:
-        rows = [[str(e.get("concept", e.get("reference", ""))), f"{float(e.get('similarity', 0)):+.4f}"]
+        rows = [[str(e.get("concept", "")), f"{float(e.get('similarity', 0)):+.4f}"]
                 for e in body["similarities"]]  # fmt: skip
         return _table(["concept", "cosine"], rows, indent, [False, True]) if rows else f"{indent}(no similarities)"
     return prediction_table(body.get("predictions", []), indent)
 
 
 def explanation_name(explanation: dict[str, Any]) -> str:
-    """The file-name part and the printed subject of one explanation, by task."""
+    """The file-name part naming one explanation, by task: ``285_egyptian_cat``, ``box0_person``,
+    ``cat_similarity``."""
     label = str(explanation.get("label", ""))
     if "box_index" in explanation:
         return f"box{explanation['box_index']}_{slug(label)}"
@@ -170,6 +171,9 @@ def explanation_subject(explanation: dict[str, Any]) -> str:
     if "concept" in explanation:
         return f"{explanation.get('target', 'similarity')} to {explanation['concept']!r}"
     return f"{explanation.get('target', '')} {label!r}"
+
+
+BOX_COLOUR = (0, 255, 0)
 
 
 def draw_box(jpeg: bytes, box: Sequence[float], label: str) -> bytes:
@@ -188,9 +192,6 @@ def draw_box(jpeg: bytes, box: Sequence[float], label: str) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=90, subsampling=0)  # 4:4:4 keeps the thin outline green
     return buffer.getvalue()
-
-
-BOX_COLOUR = (0, 255, 0)
 
 
 def mask_picture(png: bytes) -> bytes:
