@@ -10,7 +10,7 @@ activations ``A`` (``[B, C, *S]`` after the reshape transform) and the model's s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,9 @@ __all__ = ["ScoreCAM", "AblationCAM", "ABLATION_VALUE", "row_target_scores", "ab
 #: AblationCAM's ablation offset (grad-cam 1.5.7 ``AblationLayer``): when a layer's minimum is not 0,
 #: the ablated channel of the ``p``-th copy in a chunk is set to ``min - (p + 1) * ABLATION_VALUE``.
 ABLATION_VALUE = 1e7
+#: The value an ablated channel of a dict output (a detector's FPN levels) is set to, as grad-cam
+#: 1.5.7's ``AblationLayerFasterRCNN`` does.
+DICT_ABLATION_VALUE = -1000.0
 
 
 def row_target_scores(scores: Any, images: Sequence[int], targets: list[list[Any]]) -> torch.Tensor:
@@ -197,18 +200,74 @@ def _assemble(new_scores: torch.Tensor, original: torch.Tensor, ablated: list[in
     return result
 
 
-def _raw_tensor(structure: Any) -> torch.Tensor:
-    if isinstance(structure, torch.Tensor):
-        return structure
-    if isinstance(structure, (list, tuple)) and structure and isinstance(structure[0], torch.Tensor):
-        return structure[0]
-    raise TypeError(f"AblationCAM cannot ablate a layer output of type {type(structure).__name__}")
+class _Layout:
+    """Where the channels of the reshaped activations ``[B, C, ...]`` live in a layer's raw output.
 
+    A tensor (or the first tensor of a tuple) holds them along one axis. A dict of tensors (an FPN's
+    levels, which ``fasterrcnn_reshape_transform`` concatenates in order) holds channel ``c`` in the
+    level whose channel range contains it, as ``AblationLayerFasterRCNN`` maps them. Copies are kept
+    as a list of level tensors ``[n, ...]``.
+    """
 
-def _replace_raw(structure: Any, tensor: torch.Tensor) -> Any:
-    if isinstance(structure, torch.Tensor):
-        return tensor
-    return type(structure)([tensor, *structure[1:]])
+    def __init__(self, structure: Any, channels: int, axis_of: Callable[[torch.Tensor, int], int]) -> None:
+        self.structure = structure
+        if isinstance(structure, Mapping) and structure and all(isinstance(v, torch.Tensor) for v in structure.values()):
+            self.levels = list(structure.values())
+            self.axis = 1
+            if sum(level.shape[1] for level in self.levels) != channels:
+                raise ValueError(
+                    f"the dict output's levels have {[level.shape[1] for level in self.levels]} channels, "
+                    f"the reshaped activations {channels}"
+                )
+        elif isinstance(structure, torch.Tensor):
+            self.levels, self.axis = [structure], axis_of(structure, channels)
+        elif isinstance(structure, (list, tuple)) and structure and isinstance(structure[0], torch.Tensor):
+            self.levels, self.axis = [structure[0]], axis_of(structure[0], channels)
+        else:
+            raise TypeError(f"AblationCAM cannot ablate a layer output of type {type(structure).__name__}")
+        sizes = [level.shape[self.axis] for level in self.levels]
+        self.offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+        self.sizes = sizes
+
+    @property
+    def device(self) -> torch.device:
+        return self.levels[0].device
+
+    def values(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The value each copy's ablated channel is set to (``[n]``): for a tensor 0, or
+        ``min - (p + 1) * 1e7`` (grad-cam's ``AblationLayer``); for a dict ``DICT_ABLATION_VALUE``."""
+        raw = self.levels[0]
+        if isinstance(self.structure, Mapping):
+            return torch.full((len(images),), DICT_ABLATION_VALUE, dtype=raw.dtype, device=raw.device)
+        lows = raw.reshape(raw.shape[0], -1).amin(dim=1)[images].float()
+        values = torch.where(lows == 0, torch.zeros_like(lows), lows - (positions.float() + 1) * ABLATION_VALUE)
+        return values.to(raw.dtype)
+
+    def ablate(self, images: torch.Tensor, channels: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
+        """Copies of the images ``images`` with channel ``channels[r]`` of copy ``r`` set to ``values[r]``."""
+        copies = []
+        for level, offset, size in zip(self.levels, self.offsets, self.sizes):
+            level_copies = level.index_select(0, images)
+            rows = torch.nonzero((channels >= offset) & (channels < offset + size)).squeeze(1)
+            if len(rows):
+                view = level_copies.movedim(self.axis, 1)
+                view[rows, channels[rows] - offset] = values[rows].reshape((-1,) + (1,) * (view.ndim - 2))
+            copies.append(level_copies)
+        return copies
+
+    def restore(self, copies: list[torch.Tensor], row: int, image: int) -> None:
+        """Copy ``row`` back to image ``image``'s unablated output."""
+        for level_copies, level in zip(copies, self.levels):
+            level_copies[row] = level[image]
+
+    def replace(self, copies: list[torch.Tensor]) -> Any:
+        """The layer output to hand downstream: the structure with its tensors replaced by ``copies``."""
+        structure = self.structure
+        if isinstance(structure, torch.Tensor):
+            return copies[0]
+        if isinstance(structure, Mapping):
+            return type(structure)(zip(structure.keys(), copies))
+        return type(structure)([copies[0], *structure[1:]])
 
 
 class _ModeFailed(RuntimeError):
@@ -239,8 +298,13 @@ class AblationCAM(BaseCAM):
     * ``"broadcast"``: the model runs on the one image (``x[i:i+1]``), once per chunk, and the
       hook's copies broadcast against upstream tensors that bypass the target (a ViT block's
       residual stream: ``x + attn(norm1(x))`` with ``x`` of batch 1).
-    * ``"full"`` (the reference's way): the image is repeated once per copy and the whole network
-      runs again; used when the downstream part cannot be isolated at all.
+    * ``"shrunk"``: the image is repeated once per copy, but the target layer itself computes its
+      (replaced) output from a 1x1 slice of its input maps. For a model whose downstream part needs
+      the per-image bookkeeping of the upstream part (a torchvision detector: the image sizes its RPN
+      and box head read), at the cost of the upstream part only; the reference swaps the layer out for
+      the same effect.
+    * ``"full"``: the image is repeated once per copy and the whole network runs again; used when the
+      downstream part cannot be isolated at all.
 
     The mode is chosen per call and layer by a probe pass (an unablated copy must reproduce the
     original score, and the output batch must equal the number of copies); a mode that raises or
@@ -253,7 +317,7 @@ class AblationCAM(BaseCAM):
 
     uses_gradients = False
     uses_extra_passes = True
-    MODES = ("empty", "broadcast", "full")
+    MODES = ("empty", "broadcast", "shrunk", "full")
 
     def __init__(
         self,
@@ -296,18 +360,25 @@ class AblationCAM(BaseCAM):
         )
 
     @contextlib.contextmanager
-    def _inject(self, layer: nn.Module, structure: Any, ablated: torch.Tensor) -> Iterator[None]:
-        replacement = _replace_raw(structure, ablated)
-        handle = layer.register_forward_hook(lambda module, inputs, output: replacement)
+    def _inject(self, layer: nn.Module, replacement: Any, shrink: bool = False) -> Iterator[None]:
+        """The target layer returns ``replacement``; with ``shrink`` it computes its (discarded) output
+        from a 1x1 slice of each image-like input instead of the full maps."""
+        handles = [layer.register_forward_hook(lambda module, inputs, output: replacement)]
+        if shrink:
+            handles.append(layer.register_forward_pre_hook(lambda module, inputs: tuple(
+                t[(slice(None), slice(None)) + (slice(0, 1),) * (t.ndim - 2)]
+                if isinstance(t, torch.Tensor) and t.ndim >= 4 else t
+                for t in inputs)))  # fmt: skip
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def _downstream(
-        self, mode: str, index: int, context: PassContext, structure: Any, ablated: torch.Tensor, images: list[int]
+        self, mode: str, index: int, context: PassContext, layout: _Layout, copies: list[torch.Tensor], images: list[int]
     ) -> Any:
-        """Model scores ``[n, ...]`` with the target layer's output replaced by ``ablated`` ``[n, ...]``."""
+        """Model scores ``[n, ...]`` with the target layer's output replaced by the ``n`` ablated ``copies``."""
         x = context.input
         if mode == "empty":
             feed = x[:0]
@@ -315,43 +386,26 @@ class AblationCAM(BaseCAM):
             if len(set(images)) != 1:
                 raise ValueError("broadcast mode runs one image per pass")
             feed = x[images[0] : images[0] + 1]
-        else:
+        else:  # "shrunk" and "full": the images, repeated
             feed = x[torch.tensor(images, device=x.device)]
-        with self._inject(self.target_layers[index], structure, ablated):
+        with self._inject(self.target_layers[index], layout.replace(copies), shrink=mode == "shrunk"):
             scores = model_scores(self.model(feed))
         rows = scores.shape[0] if isinstance(scores, torch.Tensor) else len(scores)
-        if rows != ablated.shape[0]:
-            raise _ModeFailed(f"{mode}: {rows} outputs for {ablated.shape[0]} ablated copies")
+        if rows != copies[0].shape[0]:
+            raise _ModeFailed(f"{mode}: {rows} outputs for {copies[0].shape[0]} ablated copies")
         return scores
 
-    @staticmethod
-    def _ablation_values(raw: torch.Tensor, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The value each copy's ablated channel is set to: 0, or ``min - (p + 1) * 1e7`` (``[n]``)."""
-        lows = raw.reshape(raw.shape[0], -1).amin(dim=1)[images].float()
-        values = torch.where(lows == 0, torch.zeros_like(lows), lows - (positions.float() + 1) * ABLATION_VALUE)
-        return values.to(raw.dtype)
-
-    @staticmethod
-    def _ablate(raw: torch.Tensor, axis: int, images: torch.Tensor, channels: torch.Tensor,
-                values: torch.Tensor) -> torch.Tensor:
-        """Copies ``raw[images]`` (``[n, ...]``) with channel ``channels[r]`` of copy ``r`` set to ``values[r]``."""
-        copies = raw.index_select(0, images)
-        view = copies.movedim(axis, 1)
-        view[torch.arange(len(images), device=raw.device), channels] = values.reshape((-1,) + (1,) * (view.ndim - 2))
-        return copies
-
-    def _probe(self, mode: str, index: int, context: PassContext, structure: Any, raw: torch.Tensor, axis: int,
-               image: int, first_channel: int, want: torch.Tensor) -> bool:
+    def _probe(self, mode: str, index: int, context: PassContext, layout: _Layout, image: int, first_channel: int,
+               want: torch.Tensor) -> bool:
         """Does ``mode`` reproduce ``image``'s scores ``want`` (``[D]``) from an unablated copy (next to an
         ablated one)?"""
         try:
-            device = raw.device
+            device = layout.device
             images = torch.full((2,), image, dtype=torch.long, device=device)
             channels = torch.full((2,), first_channel, dtype=torch.long, device=device)
-            values = self._ablation_values(raw, images, torch.zeros(2, device=device))
-            ablated = self._ablate(raw, axis, images, channels, values)
-            ablated[0] = raw[image]
-            scores = self._downstream(mode, index, context, structure, ablated, [image, image])
+            copies = layout.ablate(images, channels, layout.values(images, torch.zeros(2, device=device)))
+            layout.restore(copies, 0, image)
+            scores = self._downstream(mode, index, context, layout, copies, [image, image])
             got = row_target_scores(scores, [image, image], context.targets)[0]
         except Exception:  # noqa: BLE001 - any failure of a shortcut mode means: use the next one
             return False
@@ -364,10 +418,8 @@ class AblationCAM(BaseCAM):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Ablated scores ``[B, C, D]`` (the original score for channels not ablated) and the
         original scores ``[B, D]``."""
-        structure = context.capture.outputs[index]
-        raw = _raw_tensor(structure)
         batch, channels = activations.shape[:2]
-        axis = self._axis(raw, channels)
+        layout = _Layout(context.capture.outputs[index], channels, self._axis)
         original = row_target_scores(context.scores, list(range(batch)), context.targets)  # [B, D]
         orders = [ablation_order(activations[i], self.ratio_channels_to_ablate) for i in range(batch)]
         # items: (image, channel, position of the copy in the reference's chunk of batch_size)
@@ -379,7 +431,7 @@ class AblationCAM(BaseCAM):
             first = orders[probe_image][0] if orders[probe_image] else 0
             mode = next(
                 (m for m in candidates[:-1]
-                 if self._probe(m, index, context, structure, raw, axis, probe_image, first, original[probe_image])),
+                 if self._probe(m, index, context, layout, probe_image, first, original[probe_image])),
                 candidates[-1],
             )
             self.last_modes[index] = mode
@@ -388,19 +440,19 @@ class AblationCAM(BaseCAM):
                 parts = [group[s] for group in groups for s in _chunks(len(group), self.batch_size)]
             else:
                 parts = [list(range(len(items)))[s] for s in _chunks(len(items), self.batch_size)]
-            device = raw.device
+            device = layout.device
             item_images = torch.tensor([item[0] for item in items], dtype=torch.long, device=device)
             item_channels = torch.tensor([item[1] for item in items], dtype=torch.long, device=device)
-            item_values = self._ablation_values(
-                raw, item_images, torch.tensor([item[2] for item in items], dtype=torch.long, device=device)
+            item_values = layout.values(
+                item_images, torch.tensor([item[2] for item in items], dtype=torch.long, device=device)
             )
             for part in parts:
                 images = [items[k][0] for k in part]
                 select = torch.tensor(part, dtype=torch.long, device=device)
-                ablated = self._ablate(raw, axis, item_images[select], item_channels[select], item_values[select])
-                scores = self._downstream(mode, index, context, structure, ablated, images)
+                copies = layout.ablate(item_images[select], item_channels[select], item_values[select])
+                scores = self._downstream(mode, index, context, layout, copies, images)
                 new[select.to(new.device)] = row_target_scores(scores, images, context.targets)
-                del ablated, scores
+                del copies, scores
         result = []
         start = 0
         for i in range(batch):

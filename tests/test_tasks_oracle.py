@@ -112,6 +112,31 @@ def test_detector_eigencam_at_fpn_backbone(detector, oracle) -> None:
         cam_engine.create("gradcam", model, ["backbone"], reshape_transform=fasterrcnn_reshape_transform).explain(images)
 
 
+def test_detector_ablationcam_at_the_fpn_dict_agrees(oracle) -> None:
+    """AblationCAM at a detector's FPN ``backbone`` (a dict), against the reference's documented
+    ``AblationLayerFasterRCNN`` (channel c of the reshaped maps = channel c % 256 of level c // 256,
+    set to -1000). That layer hard-codes ResNet-50-FPN's five 256-channel levels, hence this model; a
+    few channels (ratio 0.015, chosen the reference's way) keep it fast."""
+    from pytorch_grad_cam.ablation_layer import AblationLayerFasterRCNN
+
+    torch.manual_seed(0)
+    model = architectures.build("fasterrcnn_resnet50_fpn", 4, box_score_thresh=0.0, representation_size=64,
+                                min_size=96, max_size=128, box_detections_per_img=10)  # fmt: skip
+    images = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        (detections,) = model(images)
+    labels, boxes = detections["labels"][:1].tolist(), detections["boxes"][:1]
+    with oracle.AblationCAM(model, [model.backbone], reshape_transform=fasterrcnn_reshape_transform,
+                            ablation_layer=AblationLayerFasterRCNN(), ratio_channels_to_ablate=0.015) as reference:  # fmt: skip
+        expected = reference(images, [oracle.utils.model_targets.FasterRCNNBoxScoreTarget(labels, boxes.numpy())])
+    cam = cam_engine.create("ablationcam", model, ["backbone"], reshape_transform=fasterrcnn_reshape_transform)
+    cam.ratio_channels_to_ablate = 0.015
+    got = cam.explain(images, [ours.FasterRCNNBoxScoreTarget(labels, boxes)])
+    assert cam.last_modes == {0: "shrunk"}  # the backbone's own work is skipped for the ablated copies
+    assert_agrees(got, expected)
+    assert np.abs(got.numpy() - expected).max() < 1e-4
+
+
 @pytest.mark.parametrize("method", ["gradcam"])
 def test_detector_box_score_gradients_agree(detector, oracle, method: str) -> None:
     """FasterRCNNBoxScoreTarget through the whole detector, at a tensor layer the reference can hook."""
