@@ -7,7 +7,8 @@ on the weights; a random detector gets ``box_score_thresh: 0`` so there are boxe
 driven through its handler's ``handle()`` exactly as TorchServe calls it, with a 480x640 PNG:
 
 - detection: Faster R-CNN MobileNetV3-FPN at 320x320 (letterbox), EigenCAM (the config default) and
-  GradCAM of ``FasterRCNNBoxScoreTarget`` at ``backbone`` for the top 1 and top 3 boxes;
+  GradCAM of ``FasterRCNNBoxScoreTarget`` at ``backbone`` for the top 1 and top 3 boxes, and the top 3
+  again with torchvision's own ``RoIHeads`` (every proposal's row in the graph) for comparison;
 - detection, YOLO (when the optional ``ultralytics`` is installed): YOLOv8n at 640x640 (the shipped
   config), EigenCAM and GradCAM of the box score at the three maps its head reads;
 - segmentation: DeepLabV3 MobileNetV3 at 320x320, GradCAM of ``SemanticSegmentationTarget`` at
@@ -115,6 +116,11 @@ def main() -> int:
         "target_layers": ["backbone"], "reshape": "fasterrcnn", "methods": ["eigencam", "gradcam"],
         "detection": {"score_threshold": 0.0, "max_detections": 20, "explain_top": 1},
     })  # fmt: skip
+    # The same detector with torchvision's own RoIHeads: every proposal's row in the box's graph.
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    detector_all_rows = _handler(DetectionHandler, detector[2]["handler"])
+    detector_all_rows[0].model.roi_heads.__class__ = RoIHeads
     segmenter = _handler(SegmentationHandler, {
         **common, "task": "segmentation", "architecture": "deeplabv3_mobilenet_v3_large", "num_classes": 21,
         "preprocessing": {"input_size": [320, 320]}, "target_layers": ["backbone.16"], "methods": ["gradcam"],
@@ -129,6 +135,8 @@ def main() -> int:
         ("detection, EigenCAM, top box", detector, {"image": b64}),
         ("detection, GradCAM, top box", detector, {"image": b64, "method": "gradcam"}),
         ("detection, GradCAM, top 3 boxes", detector, {"image": b64, "method": "gradcam", "boxes": [0, 1, 2]}),
+        ("detection, GradCAM, top 3 boxes, torchvision RoIHeads (all 1000 proposals in the graph)",
+         detector_all_rows, {"image": b64, "method": "gradcam", "boxes": [0, 1, 2]}),
     ]
     if importlib.util.find_spec("ultralytics") is not None:
         shipped = yaml.safe_load((REPO / "model_store" / "configs" / "yolov8n.yaml").read_text())["handler"]

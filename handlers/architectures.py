@@ -104,10 +104,14 @@ def _detector(name: str) -> Callable[..., nn.Module]:
     """torchvision detectors without any download (``weights_backbone=None``), backbone BN frozen as in
     torchvision's trained models. ``options``: ``min_size``, ``max_size``, ``box_score_thresh``, ...;
     for Faster R-CNN also ``representation_size``: the width of the box head's two MLP layers (1024 in
-    torchvision's models; smaller makes tiny test models)."""
+    torchvision's models; smaller makes tiny test models). Faster R-CNN's box heads become
+    :class:`handlers.rcnn_heads.DetectionGradientRoIHeads` (same outputs and state dict)."""
 
     def builder(num_classes: int, **options: Any) -> nn.Module:
         import torchvision
+        from torchvision.models.detection.roi_heads import RoIHeads
+
+        from .rcnn_heads import DetectionGradientRoIHeads
 
         representation = options.pop("representation_size", None)
         model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes, **options)
@@ -118,6 +122,9 @@ def _detector(name: str) -> Callable[..., nn.Module]:
             model.roi_heads.box_head = TwoMLPHead(model.backbone.out_channels * resolution**2, int(representation))
             model.roi_heads.box_predictor = FastRCNNPredictor(int(representation), num_classes)
         freeze_batch_norm(model.backbone)
+        heads = getattr(model, "roi_heads", None)
+        if heads is not None and type(heads) is RoIHeads:
+            heads.__class__ = DetectionGradientRoIHeads  # same module, a box's gradient through its own row only
         return model
 
     return builder

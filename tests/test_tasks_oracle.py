@@ -167,6 +167,35 @@ def test_ranked_box_target_is_the_box_score_target_of_that_box(detector) -> None
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_box_gradients_through_the_detections_rows_only_change_nothing(detector) -> None:
+    """The detector builder swaps in DetectionGradientRoIHeads (a box's graph through its own row, not
+    all proposals): detections equal torchvision's RoIHeads bit for bit, with and without a graph, and
+    so do the gradient CAMs of several boxes."""
+    import copy
+
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    from handlers.rcnn_heads import DetectionGradientRoIHeads
+
+    model, images, detections = detector
+    assert type(model.roi_heads) is DetectionGradientRoIHeads
+    plain = copy.deepcopy(model)
+    plain.roi_heads.__class__ = RoIHeads
+    with torch.no_grad():
+        expected = plain(images)
+    with torch.enable_grad():
+        got = model(images)
+    for ours_, theirs in zip(got, expected):
+        assert all(torch.equal(ours_[key].detach(), theirs[key]) for key in ("boxes", "labels", "scores"))
+    assert got[0]["scores"].requires_grad and got[0]["boxes"].requires_grad
+    targets = [[RankedBoxTarget(0), RankedBoxTarget(2)], [RankedBoxTarget(1)]]
+    fast = cam_engine.create("gradcam", model, ["backbone"], reshape_transform=fasterrcnn_reshape_transform)
+    slow = cam_engine.create("gradcam", plain, ["backbone"], reshape_transform=fasterrcnn_reshape_transform)
+    fast_cams, slow_cams = fast.run(images, targets).cams, slow.run(images, targets).cams
+    assert slow_cams.amax(dim=(1, 2)).min() > 0
+    assert torch.allclose(fast_cams, slow_cams, atol=1e-5)
+
+
 def test_gradcam_at_the_fpn_dict_follows_the_formula(detector) -> None:
     """GradCAM at ``backbone`` (an FPN dict, beyond the reference): mean-pooled gradients of the
     reshaped gradient dict weight the reshaped activations; ReLU, min-max, bilinear resize."""
