@@ -9,6 +9,8 @@ one user class (PredictionUser, ExplanationUser, MixUser). Every request sends o
 photos (chelsea, coffee, astronaut, rocket) at one of ``--sizes``, as raw bytes, a multipart field or
 JSON (``--encodings``). Every answer is checked (status, schema, heatmap PNG of the submitted image's
 width and height, see ``payloads.check_answer``): a wrong body is a failure, not only a wrong status.
+Any task's model can be loaded: classifiers, CLIP, detectors, segmenters, embedding models (these need
+``--request-options '{"concept": "cat"}'``: ``--request-options`` is merged into every request).
 
 The inference token comes from ``--key-file`` (TorchServe's ``key_file.json``) and is renewed through
 the management API before it expires, so a run longer than ``token_expiration_min`` keeps working; a
@@ -20,6 +22,7 @@ is checked: the process exits 1 when the failure ratio or a p95 breaches it (and
 from __future__ import annotations
 
 import ipaddress
+import json
 import random
 import socket
 import sys
@@ -36,6 +39,7 @@ from payloads import (  # noqa: E402
     ENCODINGS,
     Photo,
     TokenKeeper,
+    answer_kind,
     check_answer,
     is_token_rejection,
     parse_sizes,
@@ -63,6 +67,11 @@ def _options(parser) -> None:
     group.add_argument("--sizes", default="224x224,451x300,300x400,native", env_var="LOAD_SIZES")
     group.add_argument("--encodings", default=",".join(ENCODINGS), env_var="LOAD_ENCODINGS")
     group.add_argument("--second-method", default="eigencam", env_var="LOAD_SECOND_METHOD")
+    group.add_argument(
+        "--request-options", default="", env_var="LOAD_REQUEST_OPTIONS",
+        help='JSON object merged into every request, for tasks that need it: \'{"concept": "cat"}\' for an '
+        'embedding model, \'{"score_threshold": 0.3}\' for a detector (sent as multipart or JSON, never raw)',
+    )  # fmt: skip
     group.add_argument("--key-file", default="key_file.json", env_var="LOAD_KEY_FILE")
     group.add_argument("--management-url", default="", env_var="LOAD_MANAGEMENT_URL",
                        help="default: the host with port 8081")  # fmt: skip
@@ -105,6 +114,15 @@ def _prepare(environment: Environment, **_) -> None:
         options.key_file, management, margin_s=options.token_margin, static_token=options.token or None
     )
     STATE["model"] = options.model
+    try:
+        extra = json.loads(options.request_options) if options.request_options.strip() else {}
+    except ValueError as error:
+        raise SystemExit(f"--request-options: not JSON: {error}") from None
+    if not isinstance(extra, dict):
+        raise SystemExit("--request-options: give a JSON object")
+    STATE["request_options"] = extra
+    if extra and encodings == ["raw"]:
+        raise SystemExit("--request-options need the multipart or json encoding (raw bytes carry no options)")
     # Tags filter tasks, not user classes: drop the classes left without a task (Locust would fail on them).
     environment.user_classes[:] = [user for user in environment.user_classes if user.tasks]
     if not environment.user_classes:
@@ -117,8 +135,9 @@ class CamUser(HttpUser):
     abstract = True
     wait_time = between(0.0, 0.05)
 
-    def _post(self, endpoint: str, explained: bool, options: dict | None = None, targets: int = 1) -> None:
+    def _post(self, endpoint: str, explained: bool, options: dict | None = None, targets: int | None = 1) -> None:
         photo: Photo = random.choice(STATE["photos"])  # type: ignore[arg-type]
+        options = {**STATE["request_options"], **(options or {})}  # type: ignore[dict-item]
         encodings: list[str] = STATE["encodings"]  # type: ignore[assignment]
         choices = [e for e in encodings if e != "raw"] if options else encodings
         encoding = random.choice(choices or ["json"])
@@ -146,6 +165,8 @@ class CamUser(HttpUser):
                     answer.failure(f"{encoding} {photo.width}x{photo.height}: {problem}")
                 else:
                     answer.success()
+                    if "kind" not in STATE:  # which task answers: the mix's "method" scenario adapts to it
+                        STATE["kind"] = answer_kind(answer.json())
                 return
 
 
@@ -181,7 +202,8 @@ def _mix_weights(text: str) -> dict[str, int]:
 
 class MixUser(CamUser):
     """A configurable mix (``--mix``): predictions, explanations, ``explain: true`` on /predictions and
-    explanations with a second method (``--second-method``) and two targets."""
+    explanations with a second method (``--second-method``), for two targets where the model is a
+    classifier or CLIP (learned from its first answer), else for the task's default subjects."""
 
     @tag("mix")
     @task
@@ -198,9 +220,12 @@ class MixUser(CamUser):
             self._post("predictions", explained=True, options={"explain": True})
         else:
             method = self.environment.parsed_options.second_method
-            self._post(
-                "explanations", explained=True, options={"method": method, "targets": [0, 1]}, targets=2
-            )
+            if STATE.get("kind") == "predictions":  # a classifier or CLIP: two classes / prompts
+                self._post(
+                    "explanations", explained=True, options={"method": method, "targets": [0, 1]}, targets=2
+                )
+            else:  # other tasks: the second method on the task's default subjects
+                self._post("explanations", explained=True, options={"method": method}, targets=None)
 
 
 def check_slo(environment: Environment, slo_path: str) -> list[str]:

@@ -5,7 +5,7 @@ import this module freely.
 
 - :func:`photos`: real photos from scikit-image, resized to several sizes and encoded once.
 - :func:`request_kwargs`: one photo as raw bytes, a multipart field ``data`` or JSON ``{"image": b64}``.
-- :func:`check_answer`: status, schema and heatmap dimensions of one answer; returns what is wrong.
+- :func:`check_answer`: status, schema (of any task's answer) and heatmap dimensions; returns what is wrong.
 - :class:`TokenKeeper`: TorchServe's inference token from ``key_file.json``, renewed before it expires.
 """
 
@@ -31,6 +31,7 @@ __all__ = [
     "parse_sizes",
     "request_kwargs",
     "check_answer",
+    "answer_kind",
     "is_token_rejection",
     "TokenKeeper",
     "ENCODINGS",
@@ -118,34 +119,116 @@ def is_token_rejection(status: int, body: bytes) -> bool:
     return status in (400, 401) and b"InvalidKeyException" in body[:300]
 
 
-def _check_heatmap(heatmap: Any, photo: Photo) -> str | None:
-    if not isinstance(heatmap, dict) or heatmap.get("format") != "png":
-        return f"heatmap is not a PNG entry: {str(heatmap)[:80]}"
-    if (heatmap.get("width"), heatmap.get("height")) != (photo.width, photo.height):
-        return f"heatmap says {heatmap.get('width')}x{heatmap.get('height')}, image is {photo.width}x{photo.height}"
+def _check_png(entry: Any, photo: Photo, name: str = "heatmap") -> str | None:
+    """An 8-bit grayscale PNG entry (a heatmap, a class mask) of the submitted image's size."""
+    if not isinstance(entry, dict) or entry.get("format") != "png":
+        return f"{name} is not a PNG entry: {str(entry)[:80]}"
+    if (entry.get("width"), entry.get("height")) != (photo.width, photo.height):
+        return f"{name} says {entry.get('width')}x{entry.get('height')}, image is {photo.width}x{photo.height}"
     try:
-        raw = base64.b64decode(heatmap["data"], validate=True)
+        raw = base64.b64decode(entry["data"], validate=True)
         with Image.open(io.BytesIO(raw)) as picture:
             size, mode, fmt = picture.size, picture.mode, picture.format
             picture.verify()  # CRCs and chunk structure
     except Exception as error:  # noqa: BLE001 - any decode error is a wrong body
-        return f"heatmap data is not a valid PNG: {type(error).__name__}: {error}"
+        return f"{name} data is not a valid PNG: {type(error).__name__}: {error}"
     if fmt != "PNG" or mode != "L":
-        return f"heatmap is {fmt} {mode}, expected 8-bit grayscale PNG"
+        return f"{name} is {fmt} {mode}, expected 8-bit grayscale PNG"
     if size != (photo.width, photo.height):
-        return f"heatmap PNG is {size[0]}x{size[1]}, image is {photo.width}x{photo.height}"
+        return f"{name} PNG is {size[0]}x{size[1]}, image is {photo.width}x{photo.height}"
     return None
 
 
+#: what each task's answer lists, and the key naming each explanation's subject
+SUBJECTS = {"predictions": "target", "detections": "box_index", "classes": "target", "similarities": "concept"}
+
+
+def answer_kind(answer: Any) -> str | None:
+    """Which task answered: ``predictions`` (classifier, CLIP), ``detections``, ``classes`` (a
+    segmenter's mask) or ``similarities`` (an embedding model); None for anything else."""
+    if not isinstance(answer, dict):
+        return None
+    return next((kind for kind in SUBJECTS if kind in answer), None)
+
+
+def _is_score(value: Any, low: float = 0.0, high: float = 1.0) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_predictions(answer: dict, photo: Photo) -> str | None:
+    predictions = answer["predictions"]
+    if not isinstance(predictions, list) or not predictions:
+        return "no predictions"
+    for entry in predictions:
+        if not (isinstance(entry, dict) and isinstance(entry.get("index"), int)
+                and isinstance(entry.get("label"), str) and _is_score(entry.get("score"))):  # fmt: skip
+            return f"malformed prediction {str(entry)[:120]}"
+    scores = [entry["score"] for entry in predictions]
+    if scores != sorted(scores, reverse=True):
+        return "predictions are not sorted by score"
+    return None
+
+
+def _check_detections(answer: dict, photo: Photo) -> str | None:
+    detections = answer["detections"]
+    if not isinstance(detections, list):
+        return "detections is not a list"
+    for rank, entry in enumerate(detections):
+        box = entry.get("box") if isinstance(entry, dict) else None
+        if not (isinstance(box, list) and len(box) == 4 and entry.get("index") == rank
+                and isinstance(entry.get("label"), str) and _is_score(entry.get("score"))):  # fmt: skip
+            return f"malformed detection {str(entry)[:120]}"
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 <= x1 <= photo.width + 0.01 and 0 <= y0 <= y1 <= photo.height + 0.01):
+            return f"box {box} is not inside the {photo.width}x{photo.height} image"
+    scores = [entry["score"] for entry in detections]
+    if scores != sorted(scores, reverse=True):
+        return "detections are not sorted by score"
+    return None
+
+
+def _check_mask(answer: dict, photo: Photo) -> str | None:
+    classes, mask = answer["classes"], answer.get("mask")
+    if not isinstance(classes, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("index"), int) and isinstance(c.get("label"), str)
+        and isinstance(c.get("pixels"), int) for c in classes
+    ):  # fmt: skip
+        return f"malformed classes {str(classes)[:120]}"
+    problem = _check_png(mask, photo, "mask")
+    if problem:
+        return problem
+    if sum(c["pixels"] for c in classes) != photo.width * photo.height:
+        return "the classes' pixels do not add up to the image"
+    return None
+
+
+def _check_similarities(answer: dict, photo: Photo) -> str | None:
+    similarities = answer["similarities"]
+    if not isinstance(similarities, list) or not similarities or not all(
+        isinstance(e, dict) and isinstance(e.get("concept"), str) and _is_score(e.get("similarity"), -1.0001, 1.0001)
+        for e in similarities
+    ):  # fmt: skip
+        return f"malformed similarities {str(similarities)[:120]}"
+    return None
+
+
+_TASK_CHECKS = {"predictions": _check_predictions, "detections": _check_detections, "classes": _check_mask,
+                "similarities": _check_similarities}  # fmt: skip
+
+
 def check_answer(
-    status: int, body: bytes, photo: Photo, model: str, explained: bool, expected_targets: int = 1
+    status: int, body: bytes, photo: Photo, model: str, explained: bool, expected_targets: int | None = 1
 ) -> str | None:
     """``None`` when the answer is right, else a one-line reason.
 
-    Right means: HTTP 200; a JSON object naming ``model``; predictions sorted by score, each with an int
-    ``index``, a str ``label`` and a score in [0, 1]; ``explanations`` present exactly when ``explained``,
-    ``expected_targets`` of them, each naming its target, method and layers, and carrying an 8-bit
-    grayscale PNG heatmap whose declared and decoded size equal the submitted image's width and height.
+    Right means: HTTP 200; a JSON object naming ``model``; the task's own part well formed:
+    ``predictions`` sorted by score (int ``index``, str ``label``, score in [0, 1]), ``detections``
+    ranked by score with boxes inside the image, a segmentation ``mask`` PNG of the image's size whose
+    ``classes`` count every pixel, or cosine ``similarities`` to named concepts; ``explanations``
+    present exactly when ``explained``, each naming its subject (target, box or concept), method and
+    layers, and carrying an 8-bit grayscale PNG heatmap whose declared and decoded size equal the
+    submitted image's width and height. ``expected_targets`` explanations (None: any number, at
+    least one); a detector explains between one box and all of them (none when it found none).
     """
     if status != 200:
         return f"HTTP {status}: {body[:200]!r}"
@@ -155,32 +238,32 @@ def check_answer(
         return f"body is not JSON: {body[:120]!r}"
     if not isinstance(answer, dict) or answer.get("model") != model:
         return f"answer does not name model {model!r}: {str(answer)[:120]}"
-    predictions = answer.get("predictions")
-    if not isinstance(predictions, list) or not predictions:
-        return "no predictions"
-    for entry in predictions:
-        if not (
-            isinstance(entry, dict)
-            and isinstance(entry.get("index"), int)
-            and isinstance(entry.get("label"), str)
-            and isinstance(entry.get("score"), (int, float))
-            and 0.0 <= entry["score"] <= 1.0
-        ):
-            return f"malformed prediction {str(entry)[:120]}"
-    scores = [entry["score"] for entry in predictions]
-    if scores != sorted(scores, reverse=True):
-        return "predictions are not sorted by score"
+    kind = answer_kind(answer)
+    if kind is None:
+        return f"no predictions, detections, classes or similarities: {str(answer)[:120]}"
+    problem = _TASK_CHECKS[kind](answer, photo)
+    if problem:
+        return problem
     explanations = answer.get("explanations")
     if not explained:
         return None if explanations is None else "a prediction carried explanations it did not ask for"
-    if not isinstance(explanations, list) or len(explanations) != expected_targets:
-        return f"expected {expected_targets} explanation(s), got {str(explanations)[:120]}"
+    if kind == "detections":
+        count = len(answer["detections"])
+        if not isinstance(explanations, list) or not (min(count, 1) <= len(explanations) <= count):
+            return f"expected 1 to {count} box explanation(s), got {str(explanations)[:120]}"
+    elif not isinstance(explanations, list) or not explanations or (
+        expected_targets is not None and len(explanations) != expected_targets
+    ):
+        return f"expected {expected_targets or 'some'} explanation(s), got {str(explanations)[:120]}"
+    subject = SUBJECTS[kind]
     for explanation in explanations:
-        if not isinstance(explanation, dict) or not isinstance(explanation.get("target"), int):
+        if not isinstance(explanation, dict) or not isinstance(explanation.get(subject), str if kind == "similarities" else int):
             return f"malformed explanation {str(explanation)[:120]}"
+        if kind == "detections" and not explanation[subject] < len(answer["detections"]):
+            return f"explanation of box {explanation[subject]}, which is not among the detections"
         if not isinstance(explanation.get("method"), str) or not isinstance(explanation.get("layers"), list):
             return "explanation lacks method or layers"
-        problem = _check_heatmap(explanation.get("heatmap"), photo)
+        problem = _check_png(explanation.get("heatmap"), photo)
         if problem:
             return problem
     return None

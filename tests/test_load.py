@@ -63,6 +63,53 @@ def test_check_answer_accepts_a_right_answer_and_names_each_wrong_one() -> None:
     assert "not JSON" in check_answer(200, b"<html>", PHOTO, "m", True)
 
 
+def _b64png(array) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_check_answer_knows_every_task() -> None:
+    """Detectors, segmenters and embedding models answer with their own schema; each is checked."""
+    import numpy as np
+
+    heatmap = {"format": "png", "width": 451, "height": 300, "data": _png(451, 300)}
+
+    def check(answer: dict, explained: bool = True, targets: int | None = 1) -> str | None:
+        return check_answer(200, json.dumps({"model": "m", **answer}).encode(), PHOTO, "m", explained, targets)
+
+    detections = [{"index": 0, "box": [10.0, 20.0, 200.0, 299.5], "class": 1, "label": "cat", "score": 0.9},
+                  {"index": 1, "box": [0.0, 0.0, 451.0, 300.0], "class": 2, "label": "dog", "score": 0.4}]  # fmt: skip
+    boxes = [{"box_index": 1, "method": "eigencam", "layers": ["backbone"], "heatmap": heatmap}]
+    assert check({"detections": detections, "explanations": boxes}) is None
+    assert check({"detections": [], "explanations": []}) is None  # nothing found, nothing explained
+    assert check({"detections": detections}, explained=False) is None
+    assert "inside the 451x300 image" in check({"detections": [{**detections[0], "box": [10, 20, 452, 120]}]}, False)
+    assert "not sorted" in check({"detections": [{**detections[0], "score": 0.3}, detections[1]]}, explained=False)
+    assert "malformed detection" in check({"detections": detections[::-1]}, explained=False)  # index != rank
+    assert "not among the detections" in check({"detections": detections, "explanations": [{**boxes[0], "box_index": 2}]})
+    assert "box explanation" in check({"detections": detections, "explanations": []})
+
+    mask = np.zeros((300, 451), np.uint8)
+    mask[:100] = 15
+    classes = [{"index": 0, "label": "__background__", "pixels": 451 * 200}, {"index": 15, "label": "person", "pixels": 451 * 100}]
+    mask_entry = {"format": "png", "width": 451, "height": 300, "data": _b64png(mask)}
+    regions = [{"target": 15, "label": "person", "method": "gradcam", "layers": ["backbone"], "heatmap": heatmap}]
+    assert check({"mask": mask_entry, "classes": classes, "explanations": regions}) is None
+    assert "do not add up" in check({"mask": mask_entry, "classes": classes[:1]}, explained=False)
+    assert "mask PNG is 224x224" in check(
+        {"mask": {**mask_entry, "data": _b64png(np.zeros((224, 224), np.uint8))}, "classes": classes}, explained=False
+    )
+
+    similarities = [{"concept": "cat", "similarity": 0.83}, {"concept": "coffee", "similarity": -0.1}]
+    concepts = [{"concept": c, "target": "similarity", "method": "gradcam", "layers": ["layer4.-1"], "heatmap": heatmap}
+                for c in ("cat", "coffee")]  # fmt: skip
+    assert check({"similarities": similarities, "explanations": concepts}, targets=None) is None
+    assert "expected 1 explanation" in check({"similarities": similarities, "explanations": concepts}, targets=1)
+    assert "malformed similarities" in check({"similarities": [{"concept": "cat", "similarity": 3}]}, explained=False)
+    assert "no predictions, detections" in check({"boxes": []})
+
+
 def test_photos_come_in_every_size_and_encoding() -> None:
     sizes = parse_sizes("224x224,451x300,native")
     encoded = photos(sizes, names=("chelsea", "rocket"))
@@ -100,36 +147,64 @@ def test_token_keeper_renews_an_expiring_token_on_the_real_server(server) -> Non
     assert keeper.rejected(old) == new and keeper.renewals == 0
 
 
-def test_locust_smoke_run_against_the_session_server(server, tmp_path: Path) -> None:
-    """`make loadtest` in small: 15 s, 3 users, the mix; zero failures, the SLO met, reports written.
-
-    The SLO here bounds failures only (p95 under 60 s): on a loaded shared CI machine the latency of the
-    session's server says little, while a wrong or failed answer always fails the test.
-    """
+def _locust(server, tmp_path: Path, model: str, run_time: str, *extra: str) -> subprocess.CompletedProcess:
+    """`make loadtest` in small: the mix against ``model``; the SLO bounds failures only (p95 under 60 s):
+    on a loaded shared CI machine the latency of the session's server says little, while a wrong or
+    failed answer always fails the test."""
     slo = tmp_path / "slo.yaml"
     slo.write_text("max_failure_ratio: 0.0\np95_ms:\n  predictions: 60000\n  explanations: 60000\n")
+    command = [
+        sys.executable, "-m", "locust", "-f", str(REPO_ROOT / "load_tests" / "locustfile.py"),
+        "--headless", "--only-summary", "-u", "3", "-r", "3", "--run-time", run_time, "--stop-timeout", "60",
+        "--host", server.url(), "--management-url", server.url("management"),
+        "--key-file", str(server.workdir / "key_file.json"), "--tags", "mix", "--model", model,
+        "--sizes", "224x224,451x300", "--slo", str(slo), "--csv", str(tmp_path / "locust"),
+        "--html", str(tmp_path / "report.html"), *extra,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+
+
+def _stats(tmp_path: Path) -> tuple[dict, dict]:
+    with open(tmp_path / "locust_stats.csv", newline="") as handle:
+        rows = {row["Name"]: row for row in csv.DictReader(handle)}
+    return rows.pop("Aggregated"), rows
+
+
+def test_locust_smoke_run_against_the_session_server(server, tmp_path: Path) -> None:
+    """15 s, 3 users, the mix: zero failures, the SLO met, reports written."""
     for path in ("predictions", "explanations"):  # warm the worker: the first calls pay lazy initialisation
         body = (REPO_ROOT / "docs" / "chelsea.jpg").read_bytes()
         answer = requests.post(
             f"{server.url()}/{path}/{DEFAULT_MODEL}", data=body, headers=server.headers(), timeout=120
         )
         assert answer.status_code == 200, answer.text[:300]
-    command = [
-        sys.executable, "-m", "locust", "-f", str(REPO_ROOT / "load_tests" / "locustfile.py"),
-        "--headless", "--only-summary", "-u", "3", "-r", "3", "--run-time", "15s", "--stop-timeout", "60",
-        "--host", server.url(), "--management-url", server.url("management"),
-        "--key-file", str(server.workdir / "key_file.json"), "--tags", "mix", "--model", DEFAULT_MODEL,
-        "--sizes", "224x224,451x300", "--slo", str(slo), "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "report.html"),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    done = _locust(server, tmp_path, DEFAULT_MODEL, "15s")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "SLO met" in done.stdout + done.stderr
-    with open(tmp_path / "locust_stats.csv", newline="") as handle:
-        rows = {row["Name"]: row for row in csv.DictReader(handle)}
-    total = rows.pop("Aggregated")
+    total, rows = _stats(tmp_path)
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
     endpoints = {name.split(" ")[0] for name in rows}
     assert {f"/predictions/{DEFAULT_MODEL}", f"/explanations/{DEFAULT_MODEL}"} <= endpoints, rows.keys()
     assert (tmp_path / "locust_failures.csv").read_text().count("\n") <= 1  # the header only
     html = (tmp_path / "report.html").read_text()
     assert "locust" in html.lower() and f"/explanations/{DEFAULT_MODEL}" in html
+
+
+@pytest.mark.parametrize("task", ["detection", "embedding"])
+def test_locust_loads_other_tasks_models(server, tmp_path: Path, task: str) -> None:
+    """The same mix against a detector and an embedding model (which needs a concept in every request):
+    every answer is checked against its task's schema; no failure."""
+    from serving import DETECTION_MODEL, EMBEDDING_MODEL
+
+    model, extra = {
+        "detection": (DETECTION_MODEL, ()),
+        "embedding": (EMBEDDING_MODEL, ("--request-options", '{"concept": "cat"}', "--encodings", "multipart,json")),
+    }[task]
+    done = _locust(server, tmp_path, model, "8s", *extra)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    total, rows = _stats(tmp_path)
+    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+    names = " ".join(rows)
+    assert f"/explanations/{model}" in names and f"/predictions/{model}" in names
+    bad = _locust(server, tmp_path, model, "2s", "--request-options", "[1, 2]")
+    assert bad.returncode != 0 and "give a JSON object" in bad.stdout + bad.stderr
