@@ -250,6 +250,10 @@ def test_gallery_errors_are_one_line(tmp_path) -> None:
         (["--architecture", "resnet18"], "resnet18: no weights: give --weights PATH"),  # config without weights
         (["--architecture", "nonet"], "error: unknown architecture 'nonet'"),
         (["--target", "zebra crossing"], "error: --target 'zebra crossing' is not a label of efficientnet_lite0"),
+        # other tasks' models are refused by name, before any weights are read
+        (["--architecture", "fasterrcnn_mobilenet_v3_large_fpn"], "is not an image classifier (detection)"),
+        (["--architecture", "deeplabv3_resnet50", "--random-weights"], "is not an image classifier (segmentation)"),
+        (["--architecture", "clip_vit_b32"], "is not an image classifier (CLIP)"),
     ]:
         stdout, stderr = io.StringIO(), io.StringIO()
         code = cli_main_io(["gallery", str(image), *argv, "--out", str(tmp_path / "g.jpg"), "--quiet"], stdout, stderr)

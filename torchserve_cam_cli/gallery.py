@@ -93,6 +93,10 @@ class Gallery:
 
 
 # ---------------------------------------------------------------------------------------- the model
+#: the reshapes of the classifiers the gallery can build (a detector's FPN ``fasterrcnn`` is not one)
+GALLERY_RESHAPES = ("none", "vit", "swin")
+
+
 def load_model_spec(
     name: str,
     weights: str | None = None,
@@ -129,6 +133,16 @@ def load_model_spec(
         handler = {**handler, "architecture": name}
         if not handler.get("target_layers") and not layers:
             raise CliError(f"{name} has no model config: give the CAM layer with --layer PATH")
+    task = handler.get("task") or ("CLIP" if handler.get("architecture") == "clip" else "classifier")
+    reshape = handler.get("reshape", "auto")
+    if reshape == "auto" and task == "classifier":
+        reshape = architectures.get_architecture(handler["architecture"]).reshape
+    if task != "classifier" or reshape not in GALLERY_RESHAPES:
+        kind = task if task != "classifier" else "detection"
+        raise CliError(
+            f"{name} is not an image classifier ({kind}): the gallery compares methods on classifiers; "
+            "serve it and use `torchserve-cam explain` (with -o for its options)"
+        )
     if num_classes is not None:
         labels = [str(i) for i in range(num_classes)]
     else:
@@ -156,9 +170,6 @@ def load_model_spec(
             cam_engine.resolve_layer(model, path)
         except cam_engine.LayerNotFoundError as error:
             raise CliError(f"--layer: {error}") from None
-    reshape = handler.get("reshape", "auto")
-    if reshape == "auto":
-        reshape = architectures.get_architecture(handler["architecture"]).reshape
     transform = {
         "none": None,
         "vit": cam_engine.reshape.vit_reshape_transform,
