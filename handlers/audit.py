@@ -5,7 +5,7 @@ For every audited request (a ``sample_rate`` share of the valid requests of a mo
 
 - request id (TorchServe's ``x-request-id``), UTC timestamp, model name, version and weights source;
 - SHA-256 and length of the submitted image bytes, image width and height;
-- the response's top-k predictions;
+- the response's top-k results (class predictions, detections, a mask's classes, similarities);
 - method, layers and targets of the heatmap;
 - a heatmap summary per target, computed on the heatmap mapped onto the submitted image: the peak
   position in image pixels, the share of the heatmap's mass held by its top 10% of pixels, and its
@@ -129,6 +129,44 @@ def heatmap_summary(heatmap: torch.Tensor) -> dict[str, Any]:
     p = p[p > 0]
     summary["entropy"] = round(float(-(p * p.log()).sum()) / math.log(count), 6)
     return summary
+
+
+#: where each task's answer lists its results, and the fields of its best one (index, label, score)
+_ANSWER_LISTS = {
+    "predictions": ("index", "label", "score"),  # classifiers, CLIP
+    "detections": ("class", "label", "score"),
+    "classes": ("index", "label", "fraction"),  # segmentation: the classes of the mask, largest first
+    "similarities": (None, "concept", "similarity"),  # embeddings
+}
+_PICTURES = ("heatmap", "overlay", "method", "layers")
+
+
+def _answer_list(body: Mapping[str, Any]) -> tuple[str | None, Any]:
+    """(key, list) of the task's results in a response body: class predictions, detections, ..."""
+    return next(((key, body[key]) for key in _ANSWER_LISTS if key in body), (None, None))
+
+
+def _top_fields(entry: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``index``/``label``/``score`` of a response's best result (``key``: the list it came from)."""
+    index, label, score = (entry.get(k) if k else None for k in _ANSWER_LISTS[key])
+    return {
+        "index": index if isinstance(index, int) and not isinstance(index, bool) else None,
+        "label": label if isinstance(label, str) else None,
+        "score": score if isinstance(score, (int, float)) and not isinstance(score, bool) else None,
+    }
+
+
+def _subject(explanation: Mapping[str, Any]) -> dict[str, Any]:
+    """What one explanation of a response is about (its target, box or concept), without the pictures:
+    ``{"target": ..., "label": ..., **the task's own fields}``."""
+    fields = {k: v for k, v in explanation.items() if k not in _PICTURES}
+    target = fields.pop("target", None)
+    if "box_index" in fields:
+        target = fields.pop("box_index")
+    elif "concept" in fields:
+        fields["kind"] = target
+        target = fields.pop("concept")
+    return {"target": target, "label": fields.pop("label", None), **fields}
 
 
 def remove_top_pixels(inputs: torch.Tensor, cams: torch.Tensor, fraction: float = REMOVED_FRACTION) -> torch.Tensor:
@@ -684,9 +722,10 @@ class Auditor:
         layers = list(handler.config.explanation.target_layers)
         for row, request in audited:
             body = bodies[request.index]
-            predictions = body.get("predictions")
+            kind, predictions = _answer_list(body)
             predictions = list(predictions[: self.config.top_k]) if isinstance(predictions, list) else []
-            top = predictions[0] if predictions and isinstance(predictions[0], Mapping) else {}
+            top = _top_fields(predictions[0], kind) if predictions and isinstance(predictions[0], Mapping) else {}
+            subjects = [_subject(e) for e in body.get("explanations") or [] if isinstance(e, Mapping)]
             meta = handler.explanation_meta(request)
             fields: dict[str, Any] = {
                 "record_id": uuid.uuid4().hex,
@@ -700,9 +739,9 @@ class Auditor:
                 "image_height": int(request.image.shape[-2]),
                 "explained": bool(request.explain),
                 "predictions": predictions,
-                "top_index": top.get("index") if isinstance(top.get("index"), int) else None,
-                "top_label": top.get("label") if isinstance(top.get("label"), str) else None,
-                "top_score": top.get("score") if isinstance(top.get("score"), (int, float)) else None,
+                "top_index": top.get("index"),
+                "top_label": top.get("label"),
+                "top_score": top.get("score"),
                 "method": meta.get("method", request.method),
                 "layers": meta.get("layers", layers),
                 "targets": [],
@@ -716,6 +755,8 @@ class Auditor:
                 mapped = to_source(request_cams, request.geometry)  # [T, h, w] in [0, 1]
                 for position, target in enumerate(targets):
                     resolved, described = self._describe_target(target, scores, row)
+                    if described["label"] is None and position < len(subjects):  # the answer names it
+                        described = subjects[position]
                     summary = heatmap_summary(mapped[position])
                     fields["targets"].append(described)
                     fields["explanations"].append({**described, **summary})

@@ -175,6 +175,53 @@ def test_faithfulness_is_the_confidence_drop_of_a_manual_forward(audited) -> Non
     assert record["faithfulness_ms"] > 0 and json.loads(record["targets"]) == [{"target": 3, "label": "class_3"}]
 
 
+def test_records_of_other_tasks_name_their_results_and_subjects(tmp_path: Path) -> None:
+    """A detector's and an embedding model's audit records carry the task's own results (detections,
+    similarities) and what each heatmap explains (the box, the concept), not empty predictions."""
+    from handlers.detection import DetectionHandler
+    from handlers.embedding import EmbeddingHandler
+
+    image = encode(square_image(90, 150, (20, 80, 70, 140)))
+    cases = [
+        (DetectionHandler, {
+            "task": "detection", "architecture": "fasterrcnn_mobilenet_v3_large_fpn", "labels": ["bg", "a", "b", "c"],
+            "model_options": {"box_score_thresh": 0.0, "representation_size": 64},
+            "preprocessing": {"input_size": [128, 128], "resize": "letterbox", "mean": [0, 0, 0], "std": [1, 1, 1]},
+            "target_layers": ["backbone"], "reshape": "fasterrcnn", "methods": ["eigencam"],
+            "detection": {"score_threshold": 0.0, "explain_top": 2},
+        }, {}),
+        (EmbeddingHandler, {
+            "task": "embedding", "architecture": "mobilenet_v3_small_embedding", "preprocessing": {"input_size": [64, 64]},
+            "target_layers": ["features.-1"], "methods": ["gradcam"], "embedding": {"concepts": {}},
+        }, {"references": [base64.b64encode(image).decode()]}),
+    ]  # fmt: skip
+    for handler_class, section, extra in cases:
+        directory = tmp_path / handler_class.__name__
+        section = {**section, "audit": {"enabled": True, "top_k": 3, "directory": str(directory / "audit")}}
+        (directory / "model").mkdir(parents=True)
+        (directory / "model" / "model-config.yaml").write_text(yaml.safe_dump({"handler": section}))
+        torch.manual_seed(0)
+        handler = handler_class()
+        handler.initialize(FakeContext(directory / "model", "task"))
+        try:
+            (answer,) = call(handler, [], [True], bodies=[{"image": base64.b64encode(image).decode(), **extra}])
+            assert handler.audit.flush()
+        finally:
+            handler.audit.close()
+        (record,) = rows(directory / "audit" / "audit.sqlite3")
+        targets = json.loads(record["targets"])
+        if handler_class is DetectionHandler:
+            best = answer["detections"][0]
+            assert json.loads(record["predictions"]) == answer["detections"][:3]
+            assert (record["top_index"], record["top_label"], record["top_score"]) == (best["class"], best["label"], best["score"])
+            assert [t["target"] for t in targets] == [0, 1]  # the explained boxes
+            assert targets[1]["box"] == answer["detections"][1]["box"] and targets[1]["label"] == answer["detections"][1]["label"]
+        else:
+            assert json.loads(record["predictions"]) == answer["similarities"]
+            assert (record["top_label"], record["top_score"]) == ("references", answer["similarities"][0]["similarity"])
+            assert targets == [{"target": "references", "label": None, "kind": "similarity"}]
+
+
 def test_stdout_sink_prints_one_json_line_per_record(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     handler = make_handler(tmp_path / "model", {"sink": "stdout"}, name="tiny_stdout")
     images = [encode(square_image(30, 40, (2, 2, 12, 12), seed=i)) for i in range(3)]
