@@ -42,6 +42,12 @@ class DetectionGradientRoIHeads(RoIHeads):
                 for image_boxes, image_scores, image_labels, image_all, image_regression, image_proposals, shape
                 in zip(boxes, scores, labels, all_scores, all_regression, proposals, image_shapes)
             ]  # fmt: skip
+        # An image without detections still answers on the graph (empty tensors with a grad_fn, as
+        # torchvision's do), so a target on it differentiates to a zero CAM instead of failing.
+        attached = sum(level.sum() for level in features.values()) * 0
+        if not any(len(image_rows) for image_rows in rows):
+            return [{"boxes": b + attached, "labels": la, "scores": sc + attached}
+                    for b, sc, la in zip(boxes, scores, labels)], {}  # fmt: skip
         selected = [image_proposals[image_rows] for image_proposals, image_rows in zip(proposals, rows)]
         features_selected = self.box_head(self.box_roi_pool(features, selected, image_shapes))
         class_logits, box_regression = self.box_predictor(features_selected)
@@ -51,6 +57,9 @@ class DetectionGradientRoIHeads(RoIHeads):
         start = 0
         for image_boxes, image_scores, image_labels, image_rows, shape in zip(boxes, scores, labels, rows, image_shapes):
             count = len(image_rows)
+            if count == 0:  # this image has no detection
+                result.append({"boxes": image_boxes + attached, "labels": image_labels, "scores": image_scores + attached})
+                continue
             index = torch.arange(count, device=image_labels.device)
             image_decoded = box_ops.clip_boxes_to_image(decoded[start : start + count], shape)[index, image_labels]
             image_probabilities = probabilities[start : start + count][index, image_labels]

@@ -196,6 +196,38 @@ def test_box_gradients_through_the_detections_rows_only_change_nothing(detector)
     assert torch.allclose(fast_cams, slow_cams, atol=1e-5)
 
 
+def test_box_gradients_when_an_image_has_no_detection(detector) -> None:
+    """The second image's detections dropped (then every image's): the CAMs equal torchvision's
+    RoIHeads' under the same drop, the empty image's is 0 and no autograd error is raised."""
+    import copy
+
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    model, images, _ = detector
+
+    def dropping(heads: torch.nn.Module, keep: int) -> None:
+        original = heads.postprocess_detections
+
+        def postprocess(*args, **kwargs):
+            outputs = original(*args, **kwargs)
+            return tuple([t if i < keep else t[:0] for i, t in enumerate(items)] for items in outputs)
+
+        heads.postprocess_detections = postprocess
+
+    for keep in (1, 0):
+        fast, plain = copy.deepcopy(model), copy.deepcopy(model)
+        plain.roi_heads.__class__ = RoIHeads
+        for detector_copy in (fast, plain):
+            dropping(detector_copy.roi_heads, keep)
+        with torch.no_grad():
+            assert [len(d["boxes"]) > 0 for d in fast(images)] == [keep > 0, False]
+        targets = [[RankedBoxTarget(0)], [RankedBoxTarget(0)]]
+        got = cam_engine.create("gradcam", fast, ["backbone"], reshape_transform=fasterrcnn_reshape_transform).run(images, targets).cams
+        expected = cam_engine.create("gradcam", plain, ["backbone"], reshape_transform=fasterrcnn_reshape_transform).run(images, targets).cams
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert [bool(c.max() > 0) for c in got] == [keep > 0, False]
+
+
 def test_gradcam_at_the_fpn_dict_follows_the_formula(detector) -> None:
     """GradCAM at ``backbone`` (an FPN dict, beyond the reference): mean-pooled gradients of the
     reshaped gradient dict weight the reshaped activations; ReLU, min-max, bilinear resize."""
