@@ -51,15 +51,13 @@ from torch import nn
 import cam_engine
 from handlers.base import CamHandler, ParsedRequest, RequestError
 from handlers.clip_model import (
-    DEFAULT_TARGET_LAYER,
     ClipConfig,
     ClipImageEncoder,
     ClipTextEncoder,
     PromptTarget,
     TextEmbeddingCache,
     TextEntry,
-    processor_preprocessing,
-    resolve_clip_dir,
+    clip_section,
 )
 from handlers.config import ConfigError, HandlerConfig
 
@@ -87,12 +85,8 @@ class ClipHandler(CamHandler):
     def load_config(self, yaml_config: Mapping[str, Any] | None, model_dir: Path) -> HandlerConfig:
         """Pop ``handler.clip``; default the target layer and take preprocessing from the image processor."""
         handler = dict((yaml_config or {}).get("handler") or {})
-        self.clip_config = ClipConfig.from_dict(handler.pop("clip", None))
-        self.clip_dir = resolve_clip_dir(self.clip_config.model_dir, model_dir)
+        self.clip_config, self.clip_dir = clip_section(handler, model_dir)
         handler.setdefault("architecture", "clip")
-        handler.setdefault("target_layers", [DEFAULT_TARGET_LAYER])
-        if "preprocessing" not in handler:
-            handler["preprocessing"] = processor_preprocessing(self.clip_dir)
         config = HandlerConfig.from_dict(handler)
         labels = config.labels
         if isinstance(labels, tuple) and len(labels) > self.clip_config.max_labels:

@@ -26,6 +26,7 @@ __all__ = [
     "TextEntry",
     "TextEmbeddingCache",
     "resolve_clip_dir",
+    "clip_section",
     "processor_preprocessing",
     "directory_digest",
 ]
@@ -162,6 +163,17 @@ def resolve_clip_dir(model_dir_setting: str, archive_dir: Path) -> Path:
     if not (path / "config.json").exists():
         raise ConfigError(f"handler.clip.model_dir: {path} has no config.json (a save_pretrained directory)")
     return path
+
+
+def clip_section(handler: dict[str, Any], archive_dir: Path) -> tuple[ClipConfig, Path]:
+    """Pop ``handler.clip`` from the ``handler:`` mapping ``handler`` (in place) and default its target
+    layer and preprocessing to the CLIP directory's; returns the parsed section and the directory."""
+    config = ClipConfig.from_dict(handler.pop("clip", None))
+    clip_dir = resolve_clip_dir(config.model_dir, archive_dir)
+    handler.setdefault("target_layers", [DEFAULT_TARGET_LAYER])
+    if "preprocessing" not in handler:
+        handler["preprocessing"] = processor_preprocessing(clip_dir)
+    return config, clip_dir
 
 
 def processor_preprocessing(clip_dir: Path) -> dict[str, Any]:

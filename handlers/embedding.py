@@ -37,13 +37,7 @@ from PIL import Image
 import cam_engine
 from cam_engine.targets import DifferenceFromConceptTarget, SimilarityToConceptTarget
 from handlers.base import CamHandler, ParsedRequest, RequestError, _b64, decode_image
-from handlers.clip_model import (
-    DEFAULT_TARGET_LAYER,
-    ClipConfig,
-    ClipImageEncoder,
-    processor_preprocessing,
-    resolve_clip_dir,
-)
+from handlers.clip_model import ClipImageEncoder, clip_section
 from handlers.config import ConfigError, HandlerConfig
 from handlers.preprocess import preprocess
 from handlers.targets import SumTarget
@@ -71,11 +65,7 @@ class EmbeddingHandler(CamHandler):
         handler = dict((yaml_config or {}).get("handler") or {})
         if handler.get("architecture") != "clip":
             return super().load_config(yaml_config, model_dir)
-        clip_config = ClipConfig.from_dict(handler.pop("clip", None))
-        self.clip_dir = resolve_clip_dir(clip_config.model_dir, model_dir)
-        handler.setdefault("target_layers", [DEFAULT_TARGET_LAYER])
-        if "preprocessing" not in handler:
-            handler["preprocessing"] = processor_preprocessing(self.clip_dir)
+        _, self.clip_dir = clip_section(handler, model_dir)
         return HandlerConfig.from_dict(handler)
 
     def load_model(self, model_dir: Path) -> torch.nn.Module:

@@ -155,6 +155,12 @@ def _is_score(value: Any, low: float = 0.0, high: float = 1.0) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
+def _unsorted(entries: list[dict], noun: str) -> str | None:
+    """``"<noun> are not sorted by score"`` unless ``entries`` come best first."""
+    scores = [entry["score"] for entry in entries]
+    return None if scores == sorted(scores, reverse=True) else f"{noun} are not sorted by score"
+
+
 def _check_predictions(answer: dict, photo: Photo) -> str | None:
     predictions = answer["predictions"]
     if not isinstance(predictions, list) or not predictions:
@@ -163,10 +169,7 @@ def _check_predictions(answer: dict, photo: Photo) -> str | None:
         if not (isinstance(entry, dict) and isinstance(entry.get("index"), int)
                 and isinstance(entry.get("label"), str) and _is_score(entry.get("score"))):  # fmt: skip
             return f"malformed prediction {str(entry)[:120]}"
-    scores = [entry["score"] for entry in predictions]
-    if scores != sorted(scores, reverse=True):
-        return "predictions are not sorted by score"
-    return None
+    return _unsorted(predictions, "predictions")
 
 
 def _check_detections(answer: dict, photo: Photo) -> str | None:
@@ -181,10 +184,7 @@ def _check_detections(answer: dict, photo: Photo) -> str | None:
         x0, y0, x1, y1 = box
         if not (0 <= x0 <= x1 <= photo.width + 0.01 and 0 <= y0 <= y1 <= photo.height + 0.01):
             return f"box {box} is not inside the {photo.width}x{photo.height} image"
-    scores = [entry["score"] for entry in detections]
-    if scores != sorted(scores, reverse=True):
-        return "detections are not sorted by score"
-    return None
+    return _unsorted(detections, "detections")
 
 
 def _check_mask(answer: dict, photo: Photo) -> str | None:
