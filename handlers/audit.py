@@ -729,7 +729,7 @@ class Auditor:
             meta = handler.explanation_meta(request)
             fields: dict[str, Any] = {
                 "record_id": uuid.uuid4().hex,
-                "request_id": _request_id(context, request.index),
+                "request_id": _request_id(context, getattr(request, "request_index", request.index)),
                 "timestamp": stamp,
                 "epoch": epoch,
                 "model": handler.model_name,

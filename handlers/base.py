@@ -40,10 +40,11 @@ from torch import nn
 import cam_engine
 from cam_engine import image as cam_image
 
-from . import architectures
+from . import architectures, limits, serving
 from .audit import Auditor
 from .config import ConfigError, HandlerConfig
 from .preprocess import Geometry, preprocess, to_source
+from .protocols import RequestError
 
 __all__ = [
     "CamHandler",
@@ -60,20 +61,6 @@ logger = logging.getLogger(__name__)
 
 OUTPUTS = ("heatmap", "overlay")
 COMMON_OPTIONS = ("image", "method", "aug_smooth", "eigen_smooth", "explain", "output")
-_REASONS = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Entity"}
-
-
-class RequestError(Exception):
-    """A problem with one request: answered as ``{"code", "type", "message"}`` with a 4xx status."""
-
-    def __init__(self, message: str, code: int = 400, kind: str = "InvalidInput") -> None:
-        super().__init__(message)
-        self.code = code
-        self.kind = kind
-        self.message = message
-
-    def body(self) -> dict[str, Any]:
-        return {"code": self.code, "type": self.kind, "message": self.message}
 
 
 class TopClassTarget:
@@ -110,6 +97,7 @@ class ParsedRequest:
     task: dict[str, Any] = field(default_factory=dict)
     raw: bytes = b""  # the encoded image bytes as submitted (the audit hashes them)
     audited: bool = False  # sampled for the audit trail (handlers.audit)
+    request_index: int = 0  # the TorchServe request it came in (one request may carry several images)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -539,9 +527,11 @@ class CamHandler:
         layout: list[list[tuple[int, str, tuple[int, ...], int]]] = []
         for request, request_cams in zip(requests, cams):
             entries: list[tuple[int, str, tuple[int, ...], int]] = []
-            if request_cams is not None and request.explain:
-                mapped = to_source(request_cams, request.geometry)  # [T, h, w] in [0, 1]
-                image = request.image.to(mapped.device).permute(1, 2, 0) if "overlay" in request.outputs else None
+            if request_cams is not None and request.explain:  # [T, h, w] in [0, 1], h * w <= max_heatmap_pixels
+                mapped = to_source(request_cams, limits.capped_geometry(request.geometry, self.config.max_heatmap_pixels))
+                image = None
+                if "overlay" in request.outputs:
+                    image = limits.capped_image(request.image, tuple(mapped.shape[-2:])).to(mapped.device).permute(1, 2, 0)
                 for target_row in range(mapped.shape[0]):
                     if "heatmap" in request.outputs:
                         picture = cam_image.to_uint8(mapped[target_row])
@@ -568,12 +558,10 @@ class CamHandler:
                 else:
                     data, fmt = encode_jpeg(array, quality), "jpeg"
                 self._metrics.heatmap(fmt, len(data))
-                per_target.setdefault(target_row, {})[kind] = {
-                    "format": fmt,
-                    "width": int(shape[1]),
-                    "height": int(shape[0]),
-                    "data": base64.b64encode(data).decode("ascii"),
-                }
+                entry = {"format": fmt, "width": int(shape[1]), "height": int(shape[0])}
+                if tuple(shape[:2]) != tuple(request.image.shape[-2:]):  # capped by max_heatmap_pixels
+                    entry["scaled_from"] = {"width": int(request.image.shape[-1]), "height": int(request.image.shape[-2])}
+                per_target.setdefault(target_row, {})[kind] = {**entry, "data": base64.b64encode(data).decode("ascii")}
             encoded.append([per_target[row] for row in sorted(per_target)])
         return encoded
 
@@ -598,47 +586,30 @@ class CamHandler:
             "crop": config.preprocessing.crop,
             "max_targets": config.explanation.max_targets,
             "max_image_pixels": config.max_image_pixels,
+            "max_heatmap_pixels": config.max_heatmap_pixels,
+            "max_response_size": dict(zip(("bytes", "source"), self.response_limit)),
             "device": str(self.device),
         }
 
     def handle(self, data: Sequence[Mapping[str, Any]] | None, context: Any) -> list[str]:
-        """TorchServe's entry point: one JSON string per request, 4xx status for the bad ones."""
+        """TorchServe's entry point: one JSON string per request (native, KServe v1 or v2), 4xx for bad ones."""
         if not self.initialized:
             self.initialize(context)
         if data is None:
             return []
         self.context = context
-        if _header(context, 0, "describe") == "True":
-            return [json.dumps(self.describe())]
-        responses: list[str | None] = [None] * len(data)
-        requests: list[ParsedRequest] = []
-        for index, item in enumerate(data):
-            try:
-                explain = _header(context, index, "explain") == "True"
-                requests.append(self.parse_request(index, item, explain))
-            except RequestError as error:
-                responses[index] = self._error(context, index, error)
-        logger.info(
-            "batch of %d request(s): %d valid, %d explained",
-            len(data), len(requests), sum(r.explain for r in requests),
-        )
-        if requests:
-            self.audit.sample(requests)
-            batch = torch.stack([r.input for r in requests]).to(self.device)
-            outputs, cams = self.explain_batch(batch, requests)
-            encoded = self.encode_explanations(requests, cams)
-            bodies: dict[int, dict[str, Any]] = {}
-            for row, (request, explanations) in enumerate(zip(requests, encoded)):
-                try:
-                    body = self.build_response(request, outputs, row, explanations)
-                except RequestError as error:
-                    responses[request.index] = self._error(context, request.index, error)
-                    continue
-                bodies[request.index] = body
-                responses[request.index] = json.dumps(body)
-                _content_type(context, request.index)
-            self.audit.record(requests, batch, outputs, cams, bodies)  # queued; written off the request path
-        return [r if r is not None else "{}" for r in responses]
+        return serving.handle_batch(self, data, context)
+
+    def answer_units(self, units: Sequence[Any]) -> list[tuple[int, dict[str, Any]]]:
+        """``(status, answer)`` per unit (one image each): parsed, run as one batch, audited."""
+        return serving.answer_units(self, units)
+
+    @property
+    def response_limit(self) -> tuple[int, str]:
+        """``(bytes, source)``: the longest answer TorchServe's frontend passes on (:mod:`handlers.limits`)."""
+        if not hasattr(self, "_response_limit"):
+            self._response_limit = limits.max_response_size(self.config.max_response_size if self.config else None)
+        return self._response_limit
 
     def class_indices(self, value: Any, option: str, noun: str) -> list[int] | None:
         """A request's class option (one index or label, or a list of them) -> class indices.
@@ -677,24 +648,3 @@ class CamHandler:
     def response_header(self) -> dict[str, Any]:
         """The first fields of every response."""
         return {"model": self.model_name, "version": self.version, "weights": self.weights_source}
-
-    @staticmethod
-    def _error(context: Any, index: int, error: RequestError) -> str:
-        if context is not None and hasattr(context, "set_response_status"):
-            context.set_response_status(error.code, _REASONS.get(error.code, "Bad Request"), index)
-        _content_type(context, index)
-        return json.dumps(error.body())
-
-
-def _header(context: Any, index: int, key: str) -> str | None:
-    if context is None or not hasattr(context, "get_request_header"):
-        return None
-    try:
-        return context.get_request_header(index, key)
-    except (IndexError, KeyError, AttributeError, TypeError):
-        return None
-
-
-def _content_type(context: Any, index: int) -> None:
-    if context is not None and hasattr(context, "set_response_content_type"):
-        context.set_response_content_type(index, "application/json")

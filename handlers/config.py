@@ -349,7 +349,9 @@ class HandlerConfig:
     - ``weights``: the state-dict file inside the archive; ``labels``: a JSON list file inside the
       archive (or an inline list); ``num_classes`` defaults to the number of labels.
     - ``top_k``: predictions returned by default; ``max_image_pixels``: decoded images larger than this
-      are refused before decoding (decompression bombs).
+      are refused before decoding (decompression bombs); ``max_heatmap_pixels``: heatmaps and overlays
+      larger than this are encoded at a reduced size (same aspect); ``max_response_size``: overrides the
+      response limit read from TorchServe's config (:mod:`handlers.limits`).
     - ``audit``: the prediction audit trail (:class:`AuditConfig`, :mod:`handlers.audit`).
     """
 
@@ -359,6 +361,8 @@ class HandlerConfig:
     num_classes: int | None = None
     top_k: int = 5
     max_image_pixels: int = 40_000_000
+    max_heatmap_pixels: int = 4_194_304
+    max_response_size: int | None = None
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     explanation: ExplanationConfig = field(default_factory=ExplanationConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
@@ -420,6 +424,9 @@ class HandlerConfig:
             num_classes=num_classes,
             top_k=_int(data.get("top_k", cls.top_k), f"{where}.top_k", 1),
             max_image_pixels=_int(data.get("max_image_pixels", cls.max_image_pixels), f"{where}.max_image_pixels", 1),
+            max_heatmap_pixels=_int(data.get("max_heatmap_pixels", cls.max_heatmap_pixels), f"{where}.max_heatmap_pixels", 1),
+            max_response_size=None if data.get("max_response_size") is None
+            else _int(data["max_response_size"], f"{where}.max_response_size", 1024),
             preprocessing=PreprocessingConfig.from_dict(data.get("preprocessing"), f"{where}.preprocessing"),
             explanation=explanation,
             audit=AuditConfig.from_dict(data.get("audit"), f"{where}.audit"),

@@ -36,9 +36,12 @@ from ts_tokens import DEFAULT_INFERENCE_URL, TokenError, TokenSource, http_reque
 FORWARDED_ROUTES = re.compile(
     r"^/(predictions|explanations)/[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?/?(\?.*)?$"
     r"|^/v1/models/[A-Za-z0-9][A-Za-z0-9_.\-]*(:predict|:explain)?(\?.*)?$"
+    r"|^/v2/models/[A-Za-z0-9][A-Za-z0-9_.\-]*/(infer|explain)(\?.*)?$"
 )
 # Request headers passed on to TorchServe; everything else (Authorization, hop-by-hop, Host) is dropped.
-FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "explain", "x-request-id", "traceparent")
+FORWARDED_REQUEST_HEADERS = (
+    "content-type", "accept", "explain", "x-request-id", "traceparent", "inference-header-content-length",
+)
 FORWARDED_RESPONSE_HEADERS = ("content-type", "x-request-id")
 
 

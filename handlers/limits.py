@@ -1,0 +1,148 @@
+"""Limits that keep one request from breaking its batch or its worker.
+
+- **Response size.** TorchServe's frontend refuses a worker message whose response is longer than
+  ``max_response_size`` (6,553,500 B by default) and restarts the worker, failing every request of the
+  batch. The worker is told nothing about that limit, so :func:`max_response_size` reads it from the
+  config the server runs with: the frontend (this worker's parent process) is started as
+  ``java ... org.pytorch.serve.ModelServer ... -f <config.properties>``; ``TS_MAX_RESPONSE_SIZE`` wins
+  when the config enables ``enable_envvars_config``; the handler config key ``max_response_size``
+  overrides both. An answer over the limit is replaced by a 4xx JSON error naming the limit.
+- **Heatmap size.** :func:`capped_geometry` maps CAMs onto a grid of at most ``max_heatmap_pixels``
+  pixels with the submitted image's aspect, so a 6000x6000 upload does not cost 36 Mpx float maps per
+  target; the answer's ``width``/``height`` give the size, and ``scaled_from`` the image's own.
+- **Describe.** TorchServe's management describe (``GET /models/<m>?customized=true``) reaches the
+  handler as a request with the ``describe: True`` header and no body; an inference request always
+  carries the frontend's ``explain`` header (and a body), so a client's own ``describe`` header on the
+  inference API is never taken for a describe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .preprocess import Geometry
+
+__all__ = [
+    "DEFAULT_MAX_RESPONSE_SIZE",
+    "max_response_size",
+    "frontend_config",
+    "is_management_describe",
+    "capped_geometry",
+    "capped_image",
+    "too_large",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_RESPONSE_SIZE = 6_553_500
+
+
+def _properties(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            values[key.strip()] = value.strip()
+    return values
+
+
+def frontend_config(pid: int | None = None) -> Path | None:
+    """The config.properties the TorchServe frontend (process ``pid``, default: our parent) runs with."""
+    pid = os.getppid() if pid is None else pid
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
+    words = [w.decode(errors="replace") for w in argv]
+    if not any("org.pytorch.serve.ModelServer" in w for w in words):
+        return None
+    for flag, value in zip(words, words[1:]):
+        if flag in ("-f", "--ts-config-file"):
+            path = Path(value)
+            return path if path.is_absolute() else cwd / path
+    for candidate in (os.environ.get("TS_CONFIG_FILE"), cwd / "config.properties"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def max_response_size(override: int | None = None, pid: int | None = None) -> tuple[int, str]:
+    """``(bytes, where it came from)``: the longest response TorchServe passes on (see the module doc)."""
+    if override is not None:
+        return override, "handler.max_response_size"
+    path = frontend_config(pid)
+    properties: Mapping[str, str] = {}
+    if path is not None:
+        try:
+            properties = _properties(path)
+        except OSError as error:
+            logger.warning("cannot read TorchServe's config %s: %s", path, error)
+    env = os.environ.get("TS_MAX_RESPONSE_SIZE")
+    if env and properties.get("enable_envvars_config", "false").lower() == "true":
+        try:
+            return int(env), "TS_MAX_RESPONSE_SIZE"
+        except ValueError:
+            pass
+    if "max_response_size" in properties:
+        try:
+            return int(properties["max_response_size"]), f"max_response_size in {path}"
+        except ValueError:
+            logger.warning("max_response_size in %s is not an integer", path)
+    return DEFAULT_MAX_RESPONSE_SIZE, "TorchServe's default max_response_size"
+
+
+def is_management_describe(data: Sequence[Mapping[str, Any]], header: Callable[[int, str], Any]) -> bool:
+    """Whether this call is TorchServe's management describe (never an inference request)."""
+    if len(data) != 1 or header(0, "describe") != "True":
+        return False
+    return header(0, "explain") is None and not any(k in data[0] for k in ("body", "data"))
+
+
+def too_large(size: int, limit: int, source: str) -> tuple[int, str, str]:
+    """``(code, type, message)`` for an answer of ``size`` bytes over ``limit``."""
+    return (
+        413,
+        "ResponseTooLarge",
+        f"the answer would be {size} bytes, over the server's response limit of {limit} bytes ({source}); "
+        "ask for fewer targets, output 'heatmap' instead of 'both', fewer images per request or send a "
+        "smaller image, or raise max_response_size in TorchServe's config.properties",
+    )
+
+
+def capped_size(height: int, width: int, max_pixels: int) -> tuple[int, int]:
+    """The largest ``(h, w)`` with the aspect of ``(height, width)`` and ``h * w <= max_pixels``."""
+    if height * width <= max_pixels:
+        return height, width
+    factor = math.sqrt(max_pixels / (height * width))
+    return max(1, int(height * factor)), max(1, int(width * factor))
+
+
+def capped_geometry(geometry: Geometry, max_pixels: int) -> Geometry:
+    """``geometry`` seen from a coarser copy of the submitted image of at most ``max_pixels`` pixels.
+
+    The same continuous map (resize, crop, padding), sampled at the coarser pixels' centres, so
+    :func:`handlers.preprocess.to_source` gives the heatmap directly at the capped size.
+    """
+    height, width = capped_size(*geometry.source_size, max_pixels)
+    if (height, width) == tuple(geometry.source_size):
+        return geometry
+    # Geometry.scale is resized / source: keeping resized and offset, a smaller source is a coarser grid.
+    return Geometry((height, width), geometry.resized_size, geometry.offset, geometry.input_size)
+
+
+def capped_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``[3, h, w]`` resized (antialiased) to ``size`` ``(h', w')``; unchanged when equal."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    x = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8)

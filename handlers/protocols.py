@@ -1,0 +1,284 @@
+"""KServe v1 and v2 (Open Inference Protocol) parsed per request, inside the handler, batch-safe.
+
+TorchServe 0.12 routes ``POST /v1/models/<m>:predict`` / ``:explain`` and ``POST /v2/models/<m>/infer`` /
+``/explain`` to the model's worker; without a ``service_envelope`` the handler gets each request's own
+JSON body, and the ``explain`` header says which route it came through (``True`` for ``:explain`` and
+``/explain``). TorchServe's own envelopes read only ``data[0]`` of a batch, so with batching on they
+mix up clients: here every request of the batch is read on its own.
+
+One TorchServe request becomes one or more *units* (one image each):
+
+- native (``/predictions``, ``/explanations``): raw bytes, multipart ``data``, JSON ``{"image": ...}``: one unit;
+- v1 ``{"instances": [...]}``: one unit per instance, each ``{"data": "<base64>"}``, ``{"b64": ...}``,
+  ``{"image": ...}`` or a bare base64 string, plus options (``method``, ``targets``, ...) beside it;
+- v2 ``{"id", "parameters", "inputs": [{"name", "shape", "datatype": "BYTES", "data": [...]}]}``: one unit
+  per element of each BYTES input (base64 strings, or raw bytes through the binary data extension);
+  options travel as ``parameters`` (the request's, overridden by the input's); ``parameters.explain``
+  asks for explanations.
+
+Every unit is answered with the same JSON object ``/predictions`` answers (or ``{code, type, message}``),
+and :func:`assemble` wraps a request's units in its protocol's envelope: one response string per request.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "expand", "respond", "envelope_body", "error_body", "MAX_INSTANCES", "REASONS"]
+
+#: the most images one v1/v2 request may carry (each is one row of the batched model run)
+MAX_INSTANCES = 32
+#: KServe/Triton parameter names that describe the transport, not our options
+TRANSPORT_PARAMETERS = frozenset({"content_type", "binary_data_size", "binary_data", "binary_data_output", "headers"})
+FORM_URLENCODED = "application/x-www-form-urlencoded"
+REASONS = {
+    400: "Bad Request",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Entity",
+    507: "Insufficient Storage",
+}
+
+
+class RequestError(Exception):
+    """A problem with one request or image: answered as ``{"code", "type", "message"}`` with a 4xx status."""
+
+    def __init__(self, message: str, code: int = 400, kind: str = "InvalidInput") -> None:
+        super().__init__(message)
+        self.code = code
+        self.kind = kind
+        self.message = message
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.code, self.kind, self.message)
+
+
+ProtocolError = RequestError  # a request that cannot be read at all
+
+
+def error_body(code: int, kind: str, message: str) -> dict[str, Any]:
+    """The documented error object (``error`` too, the field KServe v2 clients read)."""
+    return {"code": code, "type": kind, "message": message}
+
+
+@dataclass
+class Unit:
+    """One image to answer: ``item`` is a TorchServe-style request item (``{"body": ...}`` or
+    ``{"data": bytes, "options": {...}}``) that :meth:`CamHandler.parse_request` reads."""
+
+    request: int  # the TorchServe request (index into the batch's ``data``)
+    item: Mapping[str, Any]
+    explain: bool = False
+
+
+@dataclass
+class Envelope:
+    """How one TorchServe request is answered: ``protocol`` native, v1 or v2, and the v2 output layout."""
+
+    protocol: str = "native"  # "native" | "v1" | "v2"
+    explain: bool = False
+    request_id: str | None = None
+    outputs: list[tuple[str, int]] = field(default_factory=list)  # v2: (input name, element count)
+    error: ProtocolError | None = None
+
+
+def _b64_option(value: Any, where: str) -> str:
+    if isinstance(value, Mapping) and "b64" in value:  # {"b64": "..."} (TF-serving style)
+        value = value["b64"]
+    if not isinstance(value, str):
+        raise ProtocolError(f"{where} must be a base64 string, got {type(value).__name__}")
+    return value
+
+
+def _v1_units(index: int, body: Mapping[str, Any], explain: bool) -> tuple[Envelope, list[Unit]]:
+    instances = body.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise ProtocolError('KServe v1: "instances" must be a non-empty list of {"data": "<base64 image>"}')
+    if len(instances) > MAX_INSTANCES:
+        raise ProtocolError(f"KServe v1: {len(instances)} instances, at most {MAX_INSTANCES} per request", 413, "TooManyInstances")
+    units = []
+    for position, instance in enumerate(instances):
+        where = f"instances[{position}]"
+        try:
+            if isinstance(instance, str):
+                options: dict[str, Any] = {"image": instance}
+            elif isinstance(instance, Mapping):
+                options = dict(instance)
+                keys = [k for k in ("data", "b64", "image") if k in options]
+                if len(keys) != 1:
+                    raise ProtocolError(f'{where} needs exactly one of "data", "b64" or "image" (a base64 image)')
+                options["image"] = _b64_option(options.pop(keys[0]), f"{where}.{keys[0]}")
+            else:
+                raise ProtocolError(f"{where} must be an object or a base64 string, got {type(instance).__name__}")
+            units.append(Unit(index, {"body": options}, explain))
+        except ProtocolError as error:
+            units.append(Unit(index, {"error": error}, explain))
+    return Envelope("v1", explain), units
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ProtocolError(f"{where} must be an object")
+    return {k: v for k, v in value.items() if k not in TRANSPORT_PARAMETERS}
+
+
+def _binary_split(raw: bytes, header_length: int) -> tuple[dict[str, Any], bytes]:
+    """The v2 binary data extension: a JSON header of ``header_length`` bytes, then the tensors' bytes."""
+    try:
+        header = json.loads(raw[:header_length].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("KServe v2: the first Inference-Header-Content-Length bytes are not JSON") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("KServe v2: the inference header must be a JSON object")
+    return header, raw[header_length:]
+
+
+def _bytes_elements(blob: bytes, where: str) -> list[bytes]:
+    """BYTES tensor in binary form: each element a 4-byte little-endian length, then its bytes."""
+    elements, offset = [], 0
+    while offset < len(blob):
+        if offset + 4 > len(blob):
+            raise ProtocolError(f"{where}: truncated BYTES element length")
+        (length,) = struct.unpack_from("<I", blob, offset)
+        offset += 4
+        if offset + length > len(blob):
+            raise ProtocolError(f"{where}: BYTES element of {length} bytes runs past the body")
+        elements.append(blob[offset : offset + length])
+        offset += length
+    return elements
+
+
+def _v2_units(index: int, body: Mapping[str, Any], explain: bool, binary: bytes = b"") -> tuple[Envelope, list[Unit]]:
+    request_id = body.get("id")
+    envelope = Envelope("v2", explain, request_id=str(request_id) if request_id is not None else None)
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ProtocolError('KServe v2: "inputs" must be a non-empty list of BYTES tensors')
+    shared = _parameters(body.get("parameters"), "parameters")
+    units: list[Unit] = []
+    offset = 0
+    for position, tensor in enumerate(inputs):
+        where = f"inputs[{position}]"
+        if not isinstance(tensor, Mapping):
+            raise ProtocolError(f"{where} must be an object")
+        name = str(tensor.get("name", f"input_{position}"))
+        if tensor.get("datatype") != "BYTES":
+            raise ProtocolError(f"{where} ({name}): datatype must be BYTES (encoded images), got {tensor.get('datatype')!r}")
+        parameters = tensor.get("parameters") if isinstance(tensor.get("parameters"), Mapping) else {}
+        options = {**shared, **_parameters(parameters, f"{where}.parameters")}
+        wants = options.pop("explain", None)
+        if wants is not None and not isinstance(wants, bool):
+            raise ProtocolError(f"parameters.explain must be true or false, got {wants!r}")
+        unit_explain = explain or bool(wants)
+        envelope.explain = envelope.explain or unit_explain
+        size = parameters.get("binary_data_size")
+        if size is not None:  # raw bytes, after the JSON header
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise ProtocolError(f"{where}: binary_data_size {size!r} does not fit the body")
+            images: list[Any] = _bytes_elements(binary[offset : offset + size], where)
+            offset += size
+        else:
+            images = tensor.get("data")
+            if not isinstance(images, list) or not images:
+                raise ProtocolError(f'{where} ({name}): "data" must be a non-empty list of base64 images')
+            if images and isinstance(images[0], list):  # shape [N, 1] sent nested
+                images = [x for row in images for x in (row if isinstance(row, list) else [row])]
+        envelope.outputs.append((name, len(images)))
+        if len(units) + len(images) > MAX_INSTANCES:
+            raise ProtocolError(f"KServe v2: more than {MAX_INSTANCES} images in one request", 413, "TooManyInstances")
+        for element in images:
+            if isinstance(element, (bytes, bytearray)):
+                units.append(Unit(index, {"data": bytes(element), "options": dict(options)}, unit_explain))
+                continue
+            try:
+                units.append(Unit(index, {"body": {**options, "image": _b64_option(element, f"{where}.data")}}, unit_explain))
+            except ProtocolError as error:
+                units.append(Unit(index, {"error": error}, unit_explain))
+    return envelope, units
+
+
+def expand(
+    index: int, item: Mapping[str, Any], explain: bool, header: Any
+) -> tuple[Envelope, list[Unit]]:
+    """One TorchServe request item -> its envelope and units. Raises :class:`ProtocolError`.
+
+    ``header(name)`` returns that request's HTTP header (or None).
+    """
+    content_type = str(header("Content-Type") or header("content-type") or "").split(";")[0].strip().lower()
+    if content_type == FORM_URLENCODED and "data" not in item:
+        raise ProtocolError(
+            "the body came as a form (Content-Type application/x-www-form-urlencoded, what curl --data-binary "
+            "sends by default): send the image bytes with an image Content-Type, e.g. curl -T photo.jpg or "
+            "-H 'Content-Type: image/jpeg' --data-binary @photo.jpg",
+            415,
+            "UnsupportedMediaType",
+        )
+    body = item.get("body") if "data" not in item else None
+    binary_header = header("Inference-Header-Content-Length")
+    if isinstance(body, (bytes, bytearray)) and binary_header is not None:
+        try:
+            length = int(binary_header)
+        except ValueError:
+            raise ProtocolError("Inference-Header-Content-Length must be an integer") from None
+        parsed, rest = _binary_split(bytes(body), length)
+        return _v2_units(index, parsed, explain, rest)
+    if isinstance(body, (bytes, bytearray)) and body[:1] == b"{":
+        try:
+            body = json.loads(bytes(body).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise ProtocolError("the body starts like JSON but is not valid JSON") from None
+        item = {"body": body}
+    if isinstance(body, Mapping) and "instances" in body:
+        return _v1_units(index, body, explain)
+    if isinstance(body, Mapping) and isinstance(body.get("inputs"), list):
+        return _v2_units(index, body, explain)
+    return Envelope("native", explain), [Unit(index, item, explain)]
+
+
+def envelope_body(envelope: Envelope, answers: Sequence[dict[str, Any]], model: str, version: str) -> dict[str, Any]:
+    """A request's units' answers (in order) wrapped in its protocol's response."""
+    if envelope.protocol == "native":
+        return answers[0]
+    if envelope.protocol == "v1":
+        return {"explanations" if envelope.explain else "predictions": list(answers)}
+    outputs, position = [], 0
+    for name, count in envelope.outputs:
+        chunk = answers[position : position + count]
+        position += count
+        outputs.append(
+            {
+                "name": name,
+                "shape": [count],
+                "datatype": "BYTES",
+                "parameters": {"content_type": "application/json"},
+                "data": [json.dumps(answer) for answer in chunk],
+            }
+        )
+    body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
+    if envelope.request_id is not None:
+        body["id"] = envelope.request_id
+    return body
+
+
+def respond(
+    envelope: Envelope, answers: Sequence[tuple[int, dict[str, Any]]], model: str, version: str
+) -> tuple[int, dict[str, Any]]:
+    """``(HTTP status, body)`` of one request from its units' ``(status, answer)``.
+
+    A native request has its unit's status. A v1/v2 request answers 200 when any of its images got an
+    answer (failed ones hold their error objects in place), else the first error's status.
+    """
+    if envelope.error is not None:
+        error = envelope.error
+        return error.code, error_body(error.code, error.kind, error.message)
+    if envelope.protocol == "native":
+        return answers[0]
+    codes = [code for code, _ in answers]
+    code = 200 if 200 in codes else codes[0]
+    return code, envelope_body(envelope, [answer for _, answer in answers], model, version)

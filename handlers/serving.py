@@ -1,0 +1,102 @@
+"""The request path of :class:`handlers.base.CamHandler`: TorchServe batch -> images -> one model run -> answers.
+
+:func:`handle_batch` reads every TorchServe request of the batch on its own (native, KServe v1 or v2,
+:mod:`handlers.protocols`), answers all their images with one batched run (:func:`answer_units`), and
+returns exactly one response string per request, with its own status and content type; an answer over
+TorchServe's response limit becomes a 413 JSON error for that request alone (:mod:`handlers.limits`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import limits, protocols
+from .protocols import RequestError
+
+__all__ = ["handle_batch", "answer_units", "header"]
+
+logger = logging.getLogger(__name__)
+
+
+def header(context: Any, index: int, key: str) -> str | None:
+    """HTTP header ``key`` of request ``index`` of the batch, or None."""
+    if context is None or not hasattr(context, "get_request_header"):
+        return None
+    try:
+        return context.get_request_header(index, key)
+    except (IndexError, KeyError, AttributeError, TypeError):
+        return None
+
+
+def _content_type(context: Any, index: int) -> None:
+    if context is not None and hasattr(context, "set_response_content_type"):
+        context.set_response_content_type(index, "application/json")
+
+
+def handle_batch(handler: Any, data: Sequence[Mapping[str, Any]], context: Any) -> list[str]:
+    """One JSON string per request of ``data`` (TorchServe's batch), statuses set on ``context``."""
+    get = lambda index, key: header(context, index, key)  # noqa: E731
+    if limits.is_management_describe(data, get):
+        return [json.dumps(handler.describe())]
+    envelopes, units = [], []
+    for index, item in enumerate(data):
+        try:
+            envelope, found = protocols.expand(index, item, get(index, "explain") == "True", lambda key, i=index: get(i, key))
+        except RequestError as error:
+            envelope, found = protocols.Envelope(error=error), []
+        envelopes.append(envelope)
+        units.extend(found)
+    answers = handler.answer_units(units)
+    limit, source = handler.response_limit
+    responses = []
+    for index, envelope in enumerate(envelopes):
+        mine = [answer for unit, answer in zip(units, answers) if unit.request == index]
+        code, body = protocols.respond(envelope, mine, handler.model_name, handler.version)
+        text = json.dumps(body)
+        size = len(text.encode("utf-8"))
+        if size > limit:
+            code, kind, message = limits.too_large(size, limit, source)
+            text = json.dumps(protocols.error_body(code, kind, message))
+        if code != 200 and context is not None and hasattr(context, "set_response_status"):
+            context.set_response_status(code, protocols.REASONS.get(code, "Bad Request"), index)
+        _content_type(context, index)
+        responses.append(text)
+    return responses
+
+
+def answer_units(handler: Any, units: Sequence[protocols.Unit]) -> list[tuple[int, dict[str, Any]]]:
+    """``(status, answer)`` per unit (one image each): parsed, run as one batch, audited."""
+    answers: list[tuple[int, dict[str, Any]] | None] = [None] * len(units)
+    requests = []
+    for position, unit in enumerate(units):
+        try:
+            if "error" in unit.item:
+                raise unit.item["error"]
+            request = handler.parse_request(position, unit.item, unit.explain)
+            request.request_index = unit.request
+            requests.append(request)
+        except RequestError as error:
+            answers[position] = (error.code, error.body())
+    logger.info(
+        "batch of %d image(s): %d valid, %d explained", len(units), len(requests), sum(r.explain for r in requests)
+    )
+    if requests:
+        handler.audit.sample(requests)
+        batch = torch.stack([r.input for r in requests]).to(handler.device)
+        outputs, cams = handler.explain_batch(batch, requests)
+        encoded = handler.encode_explanations(requests, cams)
+        bodies: dict[int, dict[str, Any]] = {}
+        for row, (request, explanations) in enumerate(zip(requests, encoded)):
+            try:
+                bodies[request.index] = handler.build_response(request, outputs, row, explanations)
+                answers[request.index] = (200, bodies[request.index])
+            except RequestError as error:
+                answers[request.index] = (error.code, error.body())
+        handler.audit.record(requests, batch, outputs, cams, bodies)
+    missing = (500, protocols.error_body(500, "InternalError", "no answer was built for this image"))
+    return [answer if answer is not None else missing for answer in answers]
