@@ -28,21 +28,26 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench torchserve_cam_cli load_tests
 
 # Archives are rebuilt when their inputs change; ports come from INFERENCE_PORT/MANAGEMENT_PORT/METRICS_PORT.
+# make serve MODELS="efficientnet_lite0 resnet50"   several models (archives built as needed)
+# ALLOW_RANDOM_WEIGHTS=1: build configs that have no real weights with random ones (tries, demos)
+# RESTART=1: stop the TorchServe already running from this directory first (otherwise `make serve` refuses)
+# GRACE=30: seconds `make stop` drains in-flight requests before stopping
 DEFAULT_MODEL ?= efficientnet_lite0
-ARCHIVE := model_store/$(DEFAULT_MODEL).mar
-ARCHIVE_INPUTS := model_store/configs/$(DEFAULT_MODEL).yaml $(wildcard handlers/*.py cam_engine/*.py model_store/build.py)
+MODELS ?= $(DEFAULT_MODEL)
+ARCHIVES := $(foreach m,$(MODELS),model_store/$(m).mar)
+ARCHIVE_CODE := $(wildcard handlers/*.py cam_engine/*.py model_store/build.py)
+GRACE ?= 30
 
-$(ARCHIVE): $(STAMP) $(ARCHIVE_INPUTS)
-	$(PY) -m model_store.build $(DEFAULT_MODEL) --output model_store
+model_store/%.mar: $(STAMP) model_store/configs/%.yaml $(ARCHIVE_CODE)
+	$(PY) -m model_store.build $* --output model_store $(if $(filter 1 yes true,$(ALLOW_RANDOM_WEIGHTS)),--allow-random-weights)
 
-archives: $(ARCHIVE)
+archives: $(ARCHIVES)
 
-serve: $(ARCHIVE)
-	@$(PY) -m model_store.serve stop >/dev/null 2>&1 || true
-	$(PY) -m model_store.serve start --model $(DEFAULT_MODEL)
+serve: $(ARCHIVES)
+	$(PY) -m model_store.serve start $(foreach m,$(MODELS),--model $(m)) $(if $(filter 1 yes true,$(RESTART)),--restart)
 
 stop:
-	@if [ -x $(PY) ]; then $(PY) -m model_store.serve stop; else echo "nothing to stop (no $(VENV))"; fi
+	@if [ -x $(PY) ]; then $(PY) -m model_store.serve stop --grace $(GRACE); else echo "nothing to stop (no $(VENV))"; fi
 
 # Container images (needs a Docker engine; the machines here have none, so tests lint the Dockerfiles).
 REGISTRY ?= registry.example.com/ml

@@ -30,16 +30,13 @@ How it runs (:class:`Auditor`, one per handler):
    inserts the records in one SQLite transaction (or prints JSON lines), then commits. Nothing on
    the request path waits for the disk.
 
-Durability: a record is queued before its response leaves the handler and committed as soon as the
-writer reaches it (no timer: under load, records queued meanwhile share the next transaction). In WAL
-mode with ``synchronous=NORMAL`` a commit survives a crash of the process (SIGKILL, OOM kill), not
-a power cut. On SIGTERM and on interpreter exit the queue is drained first (at most 10 s).
-``torchserve --stop`` does not give workers a SIGTERM: the frontend closes their sockets (the worker
-then exits through ``sys.exit``, which drains the queue) or kills them; either happens ~2 s after the
-command, by which time records of answered requests are long committed. A record can be lost only
-if the worker is killed in the few milliseconds between queueing and commit. A full disk or an
-unwritable directory never fails a prediction: the records are dropped, the error is logged (first
-time, then at most every 30 s) and counted in the ``AuditWriteErrors`` metric.
+Durability ``async`` (default): a record is queued before its answer leaves the handler and committed
+(WAL, ``synchronous=NORMAL``: survives SIGKILL and OOM kills, not a power cut) as soon as the writer
+thread reaches it; records queued meanwhile share a transaction. ``strict``: the batch's records are
+committed (``synchronous=FULL``) before the handler returns its answers; the README gives the cost.
+SIGTERM and exit drain the queue (at most 10 s); ``torchserve --stop`` closes the workers' sockets ~2 s
+later (``sys.exit`` drains too). An answer replaced for its size leaves no record. A full disk or bad
+directory never fails a prediction: records are dropped, logged and counted (``AuditWriteErrors``).
 
 ``python -m handlers.audit report --since 24h --model NAME [--db PATH] [--out report.html]`` renders
 a self-contained HTML report (see :mod:`handlers.audit_report`).
@@ -305,7 +302,7 @@ class SqliteSink:
         connection = sqlite3.connect(self.database, timeout=30, isolation_level=None, check_same_thread=False)
         try:
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute(f"PRAGMA synchronous={getattr(self, 'synchronous', 'NORMAL')}")  # FULL: strict
             connection.executescript(SCHEMA)
         except sqlite3.Error:
             connection.close()
@@ -651,6 +648,7 @@ class Auditor:
             sink: Any = StdoutSink()
         else:
             sink = SqliteSink(resolve_directory(self.config.directory))
+            sink.synchronous = "FULL" if self.config.durability == "strict" else "NORMAL"
         self.metrics = _AuditMetrics(context, handler.model_name, sink.name)
         self.writer = AuditWriter(sink, self.config.queue_size, handler.model_name)
         logger.info(
@@ -697,6 +695,8 @@ class Auditor:
             with self.writer._lock:
                 self.writer.write_errors += sum(bool(getattr(r, "audited", False)) for r in requests)
         finally:
+            if self.config.durability == "strict" and not self.writer.flush(SHUTDOWN_FLUSH_S):
+                self._warn_once("strict", f"audit records of {self.handler.model_name} not committed in time")
             self.metrics.gauge("AuditOverheadTime", (time.perf_counter() - started) * 1000)
             self.metrics.publish(self.writer.counters())
 

@@ -221,6 +221,8 @@ class AuditConfig:
     - ``store_inputs``: keep the submitted image bytes (off: a record holds only their SHA-256).
     - ``top_k``: predictions kept in a record; ``queue_size``: records waiting for the writer before
       new ones are dropped (and counted) rather than slowing requests down.
+    - ``durability``: ``async`` (default: records are committed by a writer thread shortly after the
+      answers leave) or ``strict`` (a batch's records are committed, fsynced, before its answers leave).
     """
 
     enabled: bool = False
@@ -232,6 +234,7 @@ class AuditConfig:
     store_inputs: bool = False
     top_k: int = 5
     queue_size: int = 10_000
+    durability: str = "async"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.audit") -> AuditConfig:
@@ -254,6 +257,7 @@ class AuditConfig:
             store_inputs=_bool(data.get("store_inputs", defaults.store_inputs), f"{where}.store_inputs"),
             top_k=_int(data.get("top_k", defaults.top_k), f"{where}.top_k", 1),
             queue_size=_int(data.get("queue_size", defaults.queue_size), f"{where}.queue_size", 1),
+            durability=_choice(data.get("durability", defaults.durability), ("async", "strict"), f"{where}.durability"),
         )
         if config.store_inputs and config.sink != "sqlite":
             raise ConfigError(f"{where}.store_inputs: raw images are stored only with sink: sqlite, not in log lines")

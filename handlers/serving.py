@@ -51,9 +51,10 @@ def handle_batch(handler: Any, data: Sequence[Mapping[str, Any]], context: Any) 
             envelope, found = protocols.Envelope(error=error), []
         envelopes.append(envelope)
         units.extend(found)
-    answers = handler.answer_units(units)
+    audit_later: list[tuple[Any, ...]] = []
+    answers = answer_units(handler, units, audit_later)
     limit, source = handler.response_limit
-    responses = []
+    responses, undelivered = [], set()
     for index, envelope in enumerate(envelopes):
         mine = [answer for unit, answer in zip(units, answers) if unit.request == index]
         code, body = protocols.respond(envelope, mine, handler.model_name, handler.version)
@@ -62,15 +63,25 @@ def handle_batch(handler: Any, data: Sequence[Mapping[str, Any]], context: Any) 
         if size > limit:
             code, kind, message = limits.too_large(size, limit, source)
             text = json.dumps(protocols.error_body(code, kind, message))
+            undelivered.add(index)
         if code != 200 and context is not None and hasattr(context, "set_response_status"):
             context.set_response_status(code, protocols.REASONS.get(code, "Bad Request"), index)
         _content_type(context, index)
         responses.append(text)
+    for requests, batch, outputs, cams, bodies in audit_later:  # strict durability: committed before we return
+        delivered = {p: b for p, b in bodies.items() if units[p].request not in undelivered}
+        handler.audit.record(requests, batch, outputs, cams, delivered)
     return responses
 
 
-def answer_units(handler: Any, units: Sequence[protocols.Unit]) -> list[tuple[int, dict[str, Any]]]:
-    """``(status, answer)`` per unit (one image each): parsed, run as one batch, audited."""
+def answer_units(
+    handler: Any, units: Sequence[protocols.Unit], audit_later: list[tuple[Any, ...]] | None = None
+) -> list[tuple[int, dict[str, Any]]]:
+    """``(status, answer)`` per unit (one image each): parsed, run as one batch, audited.
+
+    With ``audit_later`` the audit call's arguments are appended there instead, so that the caller
+    records only the answers that are delivered (not those replaced by a response-size error).
+    """
     answers: list[tuple[int, dict[str, Any]] | None] = [None] * len(units)
     requests = []
     for position, unit in enumerate(units):
@@ -97,6 +108,9 @@ def answer_units(handler: Any, units: Sequence[protocols.Unit]) -> list[tuple[in
                 answers[request.index] = (200, bodies[request.index])
             except RequestError as error:
                 answers[request.index] = (error.code, error.body())
-        handler.audit.record(requests, batch, outputs, cams, bodies)
+        if audit_later is None:
+            handler.audit.record(requests, batch, outputs, cams, bodies)
+        else:
+            audit_later.append((requests, batch, outputs, cams, bodies))
     missing = (500, protocols.error_body(500, "InternalError", "no answer was built for this image"))
     return [answer if answer is not None else missing for answer in answers]

@@ -10,6 +10,13 @@ management describe until every model has a READY worker (``/ping`` answers long
 prints a curl example with the inference token. TorchServe keeps its pid file in ``$TMPDIR``; each
 working directory gets its own TMPDIR, so servers started from different directories (tests running
 in parallel, other checkouts) never stop each other.
+
+Like a service: ``start`` refuses when a TorchServe already runs from the working directory (its PID
+and ports are printed; ``--restart`` stops it first), and fails within seconds when TorchServe exits
+early (a port in use: TorchServe's bind error, from this run's log only). ``stop`` drains first: it
+waits (at most ``--grace`` seconds, 30 by default, what the Kubernetes manifests allow too) until no
+request is queued and a barrier request through every model has come back, then stops TorchServe, so
+the requests it had accepted are answered, not reset.
 """
 
 from __future__ import annotations
@@ -24,12 +31,23 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["Server", "start", "stop", "wait_ready", "read_keys", "free_port", "PORT_VARIABLES"]
+__all__ = ["Server", "start", "stop", "drain", "running", "wait_ready", "read_keys", "free_port", "PORT_VARIABLES",
+           "AlreadyRunning", "StartupFailed", "DEFAULT_GRACE_S"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PORT_VARIABLES = {"inference": "INFERENCE_PORT", "management": "MANAGEMENT_PORT", "metrics": "METRICS_PORT"}
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
+DEFAULT_GRACE_S = 30.0  # drain time on stop; deploy/kubernetes and deploy/kserve allow as much
+
+
+class AlreadyRunning(RuntimeError):
+    """A TorchServe started from this working directory is still running."""
+
+
+class StartupFailed(RuntimeError):
+    """TorchServe exited while starting (its error, from this run's log, is the message)."""
 
 
 def free_port() -> int:
@@ -109,9 +127,22 @@ def start(
     ports: dict[str, int] | None = None,
     timeout: float = 180.0,
     base_config: Path = REPO_ROOT / "config.properties",
+    restart: bool = False,
 ) -> Server:
-    """Start TorchServe in ``workdir`` serving ``models`` (archive names in ``model_store``); wait until READY."""
+    """Start TorchServe in ``workdir`` serving ``models`` (archive names in ``model_store``); wait until READY.
+
+    Raises :class:`AlreadyRunning` when one runs from ``workdir`` (unless ``restart``: then it is stopped
+    first), :class:`StartupFailed` as soon as TorchServe exits early, :class:`TimeoutError` otherwise.
+    """
     workdir = Path(workdir).resolve()
+    found = running(workdir)
+    if found is not None:
+        if not restart:
+            pid, old_ports = found
+            listed = ", ".join(f"{api} {port}" for api, port in old_ports.items())
+            raise AlreadyRunning(f"TorchServe is already running from {workdir} (PID {pid}; ports {listed}): "
+                                 "stop it first (make stop) or restart it (make serve RESTART=1)")  # fmt: skip
+        stop(workdir)
     ports = ports or ports_from_env()
     config = effective_config(workdir, ports, base_config)
     key_file = workdir / "key_file.json"
@@ -123,25 +154,83 @@ def start(
         "--ts-config", str(config),
         "--models", *[f"{name}={name}.mar" for name in models],
     ]  # fmt: skip
-    with open(workdir / "logs" / "torchserve.out", "ab") as log:
+    out, model_log = workdir / "logs" / "torchserve.out", workdir / "logs" / "model_log.log"
+    offset = out.stat().st_size if out.exists() else 0  # report this run's lines only
+    model_offset = model_log.stat().st_size if model_log.exists() else 0
+    with open(out, "ab") as log:
         subprocess.run(command, cwd=workdir, env=_environment(workdir), stdout=log, stderr=log, check=True)
     server = Server(workdir, ports)
     try:
-        wait_ready(server, models, timeout)
+        wait_ready(server, models, timeout, alive=lambda: _check_alive(workdir, out, offset), log_offset=model_offset)
     except BaseException:
-        stop(workdir)  # never leave a half-started server behind
+        stop(workdir, grace=0)  # never leave a half-started server behind
         raise
     return server
 
 
-def wait_ready(server: Server, models: list[str], timeout: float = 180.0) -> None:
-    """Poll ``GET /models/<name>`` until each model has a READY worker; raise with the log tail if not."""
+def _pid_file(workdir: Path) -> Path:
+    return Path(workdir) / "logs" / "tmp" / ".model_server.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not running
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def running(workdir: Path) -> tuple[int, dict[str, int]] | None:
+    """``(PID, ports)`` of the TorchServe started from ``workdir`` when it is still running, else None."""
+    try:
+        pid = int(_pid_file(workdir).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if not _alive(pid):
+        return None
+    ports: dict[str, int] = {}
+    config = Path(workdir) / "logs" / "config.properties"
+    if config.exists():
+        for line in config.read_text().splitlines():
+            key, _, value = line.partition("=")
+            api = key.strip().removesuffix("_address")
+            if key.strip().endswith("_address") and api in DEFAULT_PORTS:
+                ports[api] = int(value.rsplit(":", 1)[-1].strip("/"))
+    return pid, ports
+
+
+def _check_alive(workdir: Path, out: Path, offset: int) -> None:
+    """Raise :class:`StartupFailed` with this run's errors once TorchServe's frontend has exited."""
+    if running(workdir) is not None or not _pid_file(workdir).exists():
+        return
+    text = out.read_bytes()[offset:].decode("utf-8", "replace") if out.exists() else ""
+    errors = [line for line in text.splitlines()
+              if any(k in line for k in ("Failed to bind", "Address already in use", "Exception", "ERROR"))]  # fmt: skip
+    detail = "\n".join(errors[:12]) or "\n".join(text.splitlines()[-20:]) or "(no output)"
+    raise StartupFailed(f"TorchServe exited while starting; from this run's log ({out}):\n{detail}")
+
+
+def wait_ready(
+    server: Server, models: list[str], timeout: float = 180.0, alive: Any = None, log_offset: int = 0
+) -> None:
+    """Poll ``GET /models/<name>`` until each model has a READY worker; raise with the log tail if not.
+
+    ``alive()``, called every poll, raises when the server has died (then there is no point waiting).
+    """
     deadline = time.monotonic() + timeout
     pending = list(models)
     while pending:
+        if alive is not None:
+            alive()
         if time.monotonic() > deadline:
             log = server.workdir / "logs" / "model_log.log"
-            tail = log.read_text()[-3000:] if log.exists() else "(no model log)"
+            tail = log.read_bytes()[log_offset:].decode("utf-8", "replace")[-3000:] if log.exists() else ""
+            tail = tail or "(nothing in the model log from this run)"
             raise TimeoutError(f"models {pending} not READY after {timeout:.0f}s; model log tail:\n{tail}")
         try:
             headers = server.headers("management")
@@ -158,10 +247,60 @@ def wait_ready(server: Server, models: list[str], timeout: float = 180.0) -> Non
         time.sleep(0.5)
 
 
-def stop(workdir: Path) -> None:
-    """Stop the TorchServe started in ``workdir`` (and only that one)."""
+def _get_json(server: Server, api: str, path: str, timeout: float = 5.0) -> Any:
+    request = urllib.request.Request(f"{server.url(api)}{path}", headers=server.headers(api))
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+        return json.loads(answer.read())
+
+
+def drain(server: Server, grace: float = DEFAULT_GRACE_S) -> bool:
+    """Wait until every request TorchServe accepted has been answered (at most ``grace`` seconds).
+
+    Drained when no model has a queued request and then one barrier request per model (an empty body:
+    the handler answers it 400 at once) has come back: its worker took it after the batches before it.
+    Returns whether it drained in time.
+    """
+    deadline = time.monotonic() + grace
+    try:
+        models = [m["modelName"] for m in _get_json(server, "management", "/models").get("models", [])]
+    except (OSError, ValueError, KeyError):
+        return False
+    for name in models:
+        while True:
+            try:
+                described = _get_json(server, "management", f"/models/{name}")
+                pending = sum(v.get("jobQueueStatus", {}).get("pendingRequests", 0) for v in described)
+            except (OSError, ValueError, KeyError):
+                return False
+            if pending == 0:
+                break
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        left = max(0.5, deadline - time.monotonic())
+        request = urllib.request.Request(f"{server.url()}/predictions/{name}", data=b"", method="POST",
+                                         headers={**server.headers(), "Content-Type": "application/octet-stream"})  # fmt: skip
+        try:
+            urllib.request.urlopen(request, timeout=left).close()
+        except urllib.error.HTTPError:
+            pass  # the 400 is the answer we waited for
+        except OSError:
+            return False
+    return time.monotonic() <= deadline
+
+
+def stop(workdir: Path, grace: float = DEFAULT_GRACE_S) -> bool:
+    """Drain (see :func:`drain`, ``grace`` 0 skips it), then stop the TorchServe started in ``workdir``
+    (and only that one). Returns whether one was running."""
     workdir = Path(workdir).resolve()
+    found = running(workdir)
+    if found is not None and grace > 0:
+        try:
+            drain(Server(workdir, found[1]), grace)
+        except (OSError, ValueError, KeyError):
+            pass  # no tokens or no API: stop anyway
     subprocess.run([_torchserve(), "--stop"], cwd=workdir, env=_environment(workdir), check=False, capture_output=True)
+    return found is not None
 
 
 def curl_example(server: Server, model: str, image: str = "docs/chelsea.jpg") -> str:
@@ -176,22 +315,27 @@ def curl_example(server: Server, model: str, image: str = "docs/chelsea.jpg") ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model_store.serve")
     parser.add_argument("action", choices=["start", "stop"])
-    parser.add_argument("--model", action="append", default=None, help="archive name (default efficientnet_lite0)")
+    parser.add_argument("--model", action="append", default=None,
+                        help="archive name, repeatable or space-separated (default efficientnet_lite0)")  # fmt: skip
     parser.add_argument("--model-store", type=Path, default=REPO_ROOT / "model_store")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT)
     parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument("--restart", action="store_true", help="stop a TorchServe already running here first")
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, help="seconds to drain on stop")
     args = parser.parse_args(argv)
     if args.action == "stop":
-        stop(args.workdir)
-        print("TorchServe stopped.")
+        was = stop(args.workdir, grace=args.grace)
+        print("TorchServe stopped." if was else "No TorchServe was running from this directory.")
         return 0
-    models = args.model or ["efficientnet_lite0"]
+    models = [name for entry in (args.model or ["efficientnet_lite0"]) for name in entry.split()]
     started = time.perf_counter()
     try:
-        server = start(args.workdir, args.model_store, models, timeout=args.timeout)
-    except (TimeoutError, subprocess.CalledProcessError) as error:
+        server = start(args.workdir, args.model_store, models, timeout=args.timeout, restart=args.restart)
+    except AlreadyRunning as error:
+        print(error, file=sys.stderr)
+        return 1
+    except (TimeoutError, StartupFailed, subprocess.CalledProcessError) as error:
         print(f"TorchServe did not come up: {error}", file=sys.stderr)
-        stop(args.workdir)
         return 1
     print(f"TorchServe is READY in {time.perf_counter() - started:.1f}s: {', '.join(models)}")
     print(f"  inference {server.url()}  management {server.url('management')}  metrics {server.url('metrics')}/metrics")

@@ -108,6 +108,10 @@ class GateHandler(BaseHTTPRequestHandler):
     do_PUT = do_POST
 
     def _readyz(self) -> None:
+        marker = Path(self.tokens.key_file).parent / "draining"  # shared run volume, see probe.py drain
+        if marker.exists():  # probe.py drain (preStop) runs: leave the Service's endpoints first
+            self._reply(503, {"status": "draining"})
+            return
         try:
             status, body = http_request(self.inference_url, "/ping", self.tokens.get("inference"), timeout=3)
             healthy = status == 200 and json.loads(body or b"{}").get("status") == "Healthy"

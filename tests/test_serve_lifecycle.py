@@ -1,0 +1,90 @@
+"""`make serve` / `make stop` like a service (model_store/serve.py), on short-lived TorchServes of their own.
+
+They serve the session's tiny audit-off archive (64x64 model, batch 8) from the session's model store.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from inputs import encode
+from serving import AUDIT_OFF
+
+from model_store import serve
+
+
+def _ports() -> dict[str, int]:
+    return {api: serve.free_port() for api in serve.PORT_VARIABLES}
+
+
+def test_a_taken_port_fails_in_seconds_with_the_bind_error_of_this_run(server, tmp_path) -> None:
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "torchserve.out").write_text("STALE LINE FROM AN EARLIER RUN: Exception\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = {**_ports(), "inference": taken.getsockname()[1]}
+        started = time.monotonic()
+        with pytest.raises(serve.StartupFailed) as failure:
+            serve.start(tmp_path, server.workdir / "model_store", [AUDIT_OFF], ports=ports, timeout=120)
+        elapsed = time.monotonic() - started
+    message = str(failure.value)
+    assert elapsed < 30, f"took {elapsed:.0f}s"
+    assert "Address already in use" in message or "Failed to bind" in message, message
+    assert "STALE LINE" not in message
+    assert serve.running(tmp_path) is None
+
+
+def test_second_start_refuses_and_stop_drains_16_requests_in_flight(server, tmp_path) -> None:
+    ports = _ports()
+    store = server.workdir / "model_store"
+    running = serve.start(tmp_path, store, [AUDIT_OFF], ports=ports, timeout=180)
+    try:
+        pid, seen = serve.running(tmp_path)
+        assert seen == ports
+        with pytest.raises(serve.AlreadyRunning) as refused:
+            serve.start(tmp_path, store, [AUDIT_OFF], ports=_ports(), timeout=30)
+        assert f"PID {pid}" in str(refused.value) and str(ports["inference"]) in str(refused.value)
+        assert serve.running(tmp_path)[0] == pid  # the first one still runs
+
+        # 16 explanations of 900x900 images (heatmaps mapped back at full size): a few seconds of work
+        rng = np.random.default_rng(0)
+        images = [encode(rng.integers(0, 256, (900, 900, 3), dtype=np.uint8)) for _ in range(16)]
+        headers = running.headers()
+
+        def call(image: bytes):
+            try:
+                answer = requests.post(f"{running.url()}/explanations/{AUDIT_OFF}", data=image, headers=headers,
+                                       timeout=120)  # fmt: skip
+                return answer.status_code
+            except requests.ConnectionError as error:
+                return repr(error)
+
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(call, image) for image in images]
+            deadline = time.monotonic() + 30
+            while not _queued(running) and time.monotonic() < deadline:  # in flight: TorchServe has them
+                time.sleep(0.02)
+            stopping = time.monotonic()
+            assert serve.stop(tmp_path, grace=60) is True
+            stopped_after = time.monotonic() - stopping
+            results = [f.result() for f in futures]
+    finally:
+        serve.stop(tmp_path, grace=0)
+    assert results == [200] * 16, results  # no resets
+    assert stopped_after < 60
+    assert serve.running(tmp_path) is None
+
+
+def _queued(server: serve.Server) -> bool:
+    try:
+        described = requests.get(f"{server.url('management')}/models/{AUDIT_OFF}", headers=server.headers("management"),
+                                 timeout=5).json()  # fmt: skip
+    except (requests.RequestException, ValueError):
+        return False
+    return sum(v["jobQueueStatus"]["pendingRequests"] for v in described) > 0
