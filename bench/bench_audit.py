@@ -1,5 +1,6 @@
 """What auditing costs on the request path, in-process (no TorchServe): the handler's ``handle`` for one
-batch, with auditing off, on (every request, heatmaps stored), and on with the faithfulness check.
+batch, with auditing off, on (every request, heatmaps stored), on with ``durability: strict`` (records
+committed before ``handle`` returns), and on with the faithfulness check.
 
     python bench/bench_audit.py [--model efficientnet_lite0] [--batch 4] [--repeats 20]
 
@@ -52,6 +53,7 @@ def main() -> None:
     variants = {
         "audit off": {"enabled": False},
         "audit on (heatmaps)": {"enabled": True, "directory": str(root / "a")},
+        "audit on, durability strict": {"enabled": True, "durability": "strict", "directory": str(root / "s")},
         "audit on + faithfulness": {"enabled": True, "faithfulness": True, "directory": str(root / "b")},
     }
     handlers = {}

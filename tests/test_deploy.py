@@ -467,6 +467,20 @@ def test_probe_live_and_ready_use_the_tokens(fake_ts):
     assert not ok and "HTTP 400" in message
 
 
+def test_probe_drain_turns_readiness_false_then_waits_for_a_barrier(gate, fake_ts, monkeypatch):
+    """preStop: the drain marker makes both readiness checks fail at once; the barrier goes through TorchServe."""
+    monkeypatch.setenv("TS_KEY_FILE", str(fake_ts.key_file))
+    source = ts_tokens.TokenSource(fake_ts.key_file, fake_ts.url(fake_ts.management))
+    assert _call(gate, "GET", "/readyz") == (200, {"status": "ready"})
+    ok, message = probe.drain(source, fake_ts.url(fake_ts.inference), delay=0, grace=5)
+    assert ok and message == "drained efficientnet_lite0"
+    barrier = [r for r in fake_ts.received if r[0] == "/predictions/efficientnet_lite0"]
+    assert len(barrier) == 1 and barrier[0][3] == b"" and barrier[0][1] == "Bearer inf-1"
+    assert _call(gate, "GET", "/readyz") == (503, {"status": "draining"})
+    monkeypatch.setenv("TS_MANAGEMENT_URL", fake_ts.url(fake_ts.management))
+    assert probe.main(["ready"]) == 1
+
+
 def test_expiring_token_is_rotated_once_with_the_api_key(tmp_path):
     fake = FakeTorchServe(tmp_path / "key_file.json", expires_in=dt.timedelta(seconds=10))
     try:
