@@ -73,6 +73,10 @@ TEST_ARCHIVES += [
     _audit_archive(AUDIT_OFF, {"sample_rate": 0.0, "directory": "${CAM_AUDIT_TEST_DIR}/off"}),
     _audit_archive(AUDIT_UNWRITABLE, {"sample_rate": 1.0, "directory": "${CAM_AUDIT_TEST_DIR}/blocker/audit"}),
 ]  # fmt: skip
+# tests/test_audit_strict.py: durability strict, its worker killed with SIGKILL right after the answers
+AUDIT_STRICT = "audit_strict"
+TEST_ARCHIVES.append(_audit_archive(AUDIT_STRICT, {"sample_rate": 1.0, "durability": "strict",
+                                                   "directory": "${CAM_AUDIT_TEST_DIR}/strict"}))  # fmt: skip
 
 
 def _remove_audit_root() -> None:

@@ -4,15 +4,21 @@ answers replaced for their size leave no record."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sqlite3
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_context import FakeContext  # noqa: E402
 from inputs import encode, square_image  # noqa: E402
+from serving import AUDIT_ROOT, AUDIT_STRICT  # noqa: E402
 from test_audit import make_handler, rows  # noqa: E402
 
 from handlers.config import ConfigError, HandlerConfig  # noqa: E402
@@ -79,3 +85,34 @@ def test_durability_is_validated() -> None:
     assert HandlerConfig.from_dict({**base, "audit": {"durability": "strict"}}).audit.durability == "strict"
     with pytest.raises(ConfigError, match="handler.audit.durability"):
         HandlerConfig.from_dict({**base, "audit": {"durability": "sometimes"}})
+
+
+def test_strict_records_survive_a_sigkill_right_after_the_answers(server) -> None:
+    """Real TorchServe: 6 concurrent answers, the worker killed -9 the moment the last one arrives: 6 records."""
+    headers = server.headers()
+    images = [encode(square_image(48, 64, (4, 4, 30, 30), seed=40 + i)) for i in range(6)]
+
+    def call(image: bytes) -> str:
+        answer = requests.post(f"{server.url()}/predictions/{AUDIT_STRICT}", data=image, headers=headers, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return answer.headers["x-request-id"]
+
+    described = requests.get(f"{server.url('management')}/models/{AUDIT_STRICT}", headers=server.headers("management"),
+                             timeout=30).json()  # fmt: skip
+    pid = int(described[0]["workers"][0]["pid"])
+    with ThreadPoolExecutor(6) as pool:
+        ids = list(pool.map(call, images))
+    os.kill(pid, signal.SIGKILL)  # no drain, no atexit: only what was committed survives
+    connection = sqlite3.connect(AUDIT_ROOT / "strict" / "audit.sqlite3")
+    try:
+        found = {row[0] for row in connection.execute("SELECT request_id FROM audit_records")}
+    finally:
+        connection.close()
+    assert set(ids) <= found, f"lost {len(set(ids) - found)} of {len(ids)} records"
+    deadline = time.monotonic() + 120  # leave the session's server as it was: the frontend restarts the worker
+    while time.monotonic() < deadline:
+        workers = requests.get(f"{server.url('management')}/models/{AUDIT_STRICT}",
+                               headers=server.headers("management"), timeout=30).json()[0]["workers"]  # fmt: skip
+        if any(w["status"] == "READY" and int(w["pid"]) != pid for w in workers):
+            break
+        time.sleep(0.5)
