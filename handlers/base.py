@@ -9,7 +9,7 @@ A task handler (classifier, and later CLIP, detection, segmentation, embeddings)
 - :meth:`CamHandler.build_response` - the task's part of the response (``predictions`` ...).
 
 The base does the rest, once for every task: reading raw bytes / multipart ``data`` / JSON
-``{"image": "<base64>", ...}``; refusing decompression bombs before decoding; the common options
+``{"image": "<base64>", ...}`` and KServe v1/v2 bodies (:mod:`handlers.serving`); refusing decompression bombs before decoding; the common options
 (``method``, ``aug_smooth``, ``eigen_smooth``, ``explain``, ``output``); one batched ``cam.run`` for
 the whole batch (requests that want no explanation get an empty target list, so a mixed batch costs
 one forward pass); mapping heatmaps back onto each submitted image; PNG/JPEG encoding after one
@@ -599,10 +599,6 @@ class CamHandler:
             return []
         self.context = context
         return serving.handle_batch(self, data, context)
-
-    def answer_units(self, units: Sequence[Any]) -> list[tuple[int, dict[str, Any]]]:
-        """``(status, answer)`` per unit (one image each): parsed, run as one batch, audited."""
-        return serving.answer_units(self, units)
 
     @property
     def response_limit(self) -> tuple[int, str]:
