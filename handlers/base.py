@@ -40,7 +40,7 @@ from torch import nn
 import cam_engine
 from cam_engine import image as cam_image
 
-from . import architectures
+from . import architectures, threads
 from .audit import Auditor
 from .config import ConfigError, HandlerConfig
 from .preprocess import Geometry, preprocess, to_source
@@ -261,6 +261,7 @@ class CamHandler:
         if not yaml_config and (model_dir / "model-config.yaml").exists():
             yaml_config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
         self.config = self.load_config(yaml_config, model_dir)
+        self.threads = threads.configure(yaml_config, self.config.threads)
         info_path = model_dir / "build_info.json"
         self.build_info = json.loads(info_path.read_text()) if info_path.exists() else {}
         self.labels = self._load_labels(model_dir)
