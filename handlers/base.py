@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 import cam_engine
@@ -114,7 +114,7 @@ class ParsedRequest:
 
 # ---------------------------------------------------------------------------------------------- decoding
 def decode_image(raw: bytes | bytearray, max_image_pixels: int) -> torch.Tensor:
-    """Encoded image bytes -> uint8 RGB ``[3, h, w]``.
+    """Encoded image bytes -> uint8 RGB ``[3, h, w]`` (EXIF orientation applied; a view of ``[h, w, 3]``).
 
     The pixel count is read from the header and checked against ``max_image_pixels`` before any pixel
     is decoded, so a 30000x30000 PNG of a few KB costs nothing. Raises :class:`RequestError`.
@@ -140,12 +140,14 @@ def decode_image(raw: bytes | bytearray, max_image_pixels: int) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             picture.load()
-            picture = ImageOps.exif_transpose(picture)
-            picture = picture.convert("RGB")
+            if picture.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # most images: no copy for this
+                picture = ImageOps.exif_transpose(picture)
+            if picture.mode != "RGB":
+                picture = picture.convert("RGB")
+            array = np.array(picture)  # the one copy: decoded RGB [h, w, 3]
     except (OSError, ValueError, SyntaxError) as error:
         raise RequestError(f"cannot decode the image (truncated or corrupt): {error}", 400, "InvalidImage") from None
-    array = np.asarray(picture)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1)  # a [3, h, w] view (channels-last strides), not a copy
 
 
 def _b64(value: Any, key: str) -> bytes:
@@ -168,9 +170,13 @@ def _bool_option(options: Mapping[str, Any], key: str, default: bool) -> bool:
 
 # ---------------------------------------------------------------------------------------------- encoding
 def encode_png(gray: np.ndarray) -> bytes:
-    """uint8 ``[h, w]`` -> 8-bit grayscale PNG bytes."""
+    """uint8 ``[h, w]`` -> 8-bit grayscale PNG bytes.
+
+    zlib level 1: a smooth heatmap encodes 3-5x faster than at level 6 for ~1.3-1.7x the bytes (25 KB
+    instead of 19 KB at 451x300); above 16 MP level 6 keeps large heatmaps far from the response limit.
+    """
     buffer = io.BytesIO()
-    Image.fromarray(gray).save(buffer, format="PNG", compress_level=6)
+    Image.fromarray(gray).save(buffer, format="PNG", compress_level=1 if gray.size <= 16_000_000 else 6)
     return buffer.getvalue()
 
 
