@@ -99,7 +99,9 @@ def test_device_precision_matches_cpu_fp32(trained_cnn, images, method, dtype):
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="counts CUDA memcpy events")
-@pytest.mark.parametrize("method", ["gradcam", "layercam", "eigencam"])
+@pytest.mark.parametrize(
+    "method", ["gradcam", "hirescam", "layercam"]
+)  # SVD methods: cuSOLVER reads its status back
 def test_hot_path_makes_no_device_to_host_copy(trained_cnn, images, method):
     from torch.profiler import ProfilerActivity, profile
 
