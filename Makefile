@@ -92,6 +92,14 @@ loadtest: $(STAMP)
 		--csv $(RESULTS)/locust --html $(RESULTS)/report.html
 	@echo "reports in $(RESULTS)/"
 
+# One-shot GPU check (at most 8 minutes): the tests marked cuda, ResNet-50 fp16 explanation/forward throughput,
+# Lite0 served on the GPU under a 60 s Locust run; one JSON report. Skips (exit 0) on a machine without CUDA.
+# make gpu-check GPU_CHECK_ARGS="--report load_tests/results/gpu_check.json --budget 480"
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
 # Performance report: builds its own archives, starts/stops its own TorchServe on free loopback ports.
 # make report REPORT_ARGS="--duration 20 --users 1,4,8"
 REPORT_ARGS ?=

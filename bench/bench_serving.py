@@ -1,16 +1,19 @@
-"""Serving benchmark: our /explanations (GradCAM) against /predictions, and TorchServe's stock handler.
+"""Served throughput: our /predictions and /explanations against TorchServe's stock /predictions.
 
-    python bench/bench_serving.py [--sequential 30] [--concurrent-requests 64] [--clients 8] [--stock 6]
+    python bench/bench_serving.py [--users 1,8] [--seconds 8] [--rounds 3] [--threads 1]
 
-On efficientnet_lite0 (real weights, CPU), in one TorchServe on free loopback ports:
+One TorchServe on free loopback ports serves, side by side:
 
-- our handler: median latency of /predictions and /explanations (GradCAM at bn2), sent sequentially
-  and interleaved, then throughput with ``--clients`` concurrent clients (the archive batches up to 4);
-- TorchServe's stock ``image_classifier`` handler on the same weights (TorchScript): median latency of
-  /predictions and /explanations (Captum Integrated Gradients, n_steps=15) and the response size.
+- ``efficientnet_lite0``: our handler with the archive settings ``make serve`` uses (real weights,
+  batchSize/maxBatchDelay from ``model_store/configs/efficientnet_lite0.yaml``); /explanations is GradCAM
+  at bn2 with a PNG heatmap of the submitted image's size;
+- ``stock_lite0``: TorchServe's stock ``image_classifier`` handler on the same weights (TorchScript).
 
-The same 224x224 PNG of ``skimage.data.chelsea()`` is sent everywhere. Prints a table and ratios.
-Timings on a shared 2-core machine are noisy: look at the ratios, taken from interleaved requests.
+For each input (skimage's chelsea as its native 451x300 JPEG, and as a 224x224 PNG) and each number of
+closed-loop clients, ``--rounds`` rounds run ours /predictions, ours /explanations and stock /predictions
+in turn for ``--seconds`` each, so all three see the same background load; the median throughput per
+endpoint gives the ratios. A request counts only with HTTP 200, and every 5th answer of ours is fully
+checked (``load_tests/payloads.check_answer``: schema, heatmap PNG of the image's size). Timings on a shared machine are noisy: read the ratios.
 """
 
 from __future__ import annotations
@@ -23,17 +26,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import requests
 import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "load_tests"))
+
+from payloads import Photo, check_answer  # noqa: E402
 
 from handlers import architectures  # noqa: E402
 from model_store import serve  # noqa: E402
@@ -41,6 +46,11 @@ from model_store.build import ArchiveSpec, _load_weights, build_archive, imagene
 
 MODEL = "efficientnet_lite0"
 STOCK = "stock_lite0"
+UNBATCHED = "efficientnet_lite0_b1"
+ENDPOINTS = [("ours /predictions", MODEL, "predictions"), ("ours /explanations", MODEL, "explanations"),
+             ("stock /predictions", STOCK, "predictions")]  # fmt: skip
+MAX_REQUESTS = 20_000  # per run, besides the time bound
+CHECK_EVERY = 5  # every 5th answer of ours is fully checked (schema, heatmap PNG size); all need HTTP 200
 
 
 def build_stock_archive(store: Path, scratch: Path) -> None:
@@ -64,114 +74,148 @@ def build_stock_archive(store: Path, scratch: Path) -> None:
     )  # fmt: skip
 
 
-def timed(session: requests.Session, url: str, body: bytes, headers: dict) -> tuple[float, int]:
+def photos() -> list[Photo]:
+    """skimage's chelsea as its native 451x300 JPEG and as a 224x224 PNG."""
+    from skimage import data
+
+    chelsea = Image.fromarray(data.chelsea())
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    chelsea.save(jpeg, format="JPEG", quality=90)
+    chelsea.resize((224, 224), Image.BILINEAR).save(png, format="PNG")
+    return [Photo("chelsea", *chelsea.size, "JPEG", jpeg.getvalue()), Photo("chelsea", 224, 224, "PNG", png.getvalue())]
+
+
+def closed_loop(server: serve.Server, model: str, endpoint: str, photo: Photo, users: int, seconds: float) -> tuple[float, int]:
+    """(answered requests per second, failures) of ``users`` clients sending back to back for ``seconds``."""
+    url = f"{server.url()}/{endpoint}/{model}"
+    headers = {**server.headers(), "Content-Type": photo.content_type}
+    lock = threading.Lock()
+    done: list[float] = []
+    failures = [0]
+    checked = [0]
     start = time.perf_counter()
-    answer = session.post(url, data=body, headers=headers, timeout=300)
-    elapsed = time.perf_counter() - start
-    answer.raise_for_status()
-    return elapsed * 1000, len(answer.content)
+    deadline = start + seconds
 
+    def client() -> None:
+        session = requests.Session()
+        while time.perf_counter() < deadline and len(done) + failures[0] < MAX_REQUESTS:
+            try:
+                answer = session.post(url, data=photo.body, headers=headers, timeout=120)
+                status, body = answer.status_code, answer.content
+            except requests.RequestException as error:
+                status, body = 0, repr(error).encode()
+            checked[0] += 1
+            if model != STOCK and (checked[0] % CHECK_EVERY == 1 or status != 200):
+                problem = check_answer(status, body, photo, model, explained=endpoint == "explanations")
+            else:  # the clients share the CPUs with the server: decode and check a sample of our answers
+                problem = None if status == 200 else f"HTTP {status}"
+            with lock:
+                if problem:
+                    failures[0] += 1
+                else:
+                    done.append(time.perf_counter())
 
-def throughput(server: serve.Server, path: str, body: bytes, clients: int, count: int) -> float:
-    headers = server.headers()
-    url = f"{server.url()}/{path}"
-
-    def one(_: int) -> None:
-        requests.post(url, data=body, headers=headers, timeout=300).raise_for_status()
-
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one, range(clients)))  # warm the connections and the worker
-        start = time.perf_counter()
-        list(pool.map(one, range(count)))
-        return count / (time.perf_counter() - start)
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(users)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(timeout=seconds + 180)
+    elapsed = (max(done) if done else time.perf_counter()) - start
+    return (len(done) / elapsed if elapsed > 0 else 0.0), failures[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sequential", type=int, default=30, help="sequential requests per endpoint")
-    parser.add_argument("--concurrent-requests", type=int, default=64, help="requests per throughput run")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--stock", type=int, default=6, help="sequential requests to the stock /explanations")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds per endpoint")
+    parser.add_argument("--users", default="1,8", help="closed-loop clients, comma-separated")
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per (endpoint, input, users) run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="OMP_NUM_THREADS for every worker (same for both handlers); 0 leaves torch's default. On a "
-        "shared, oversubscribed CPU, 2 threads per worker give multi-second outliers from thread barriers",
-    )
+        "--threads", type=int, default=1,
+        help="OMP_NUM_THREADS for every worker, ours and stock alike; 0 leaves each handler its own choice "
+        "(ours sizes itself to the CPUs, handlers/threads.py; stock takes torch's default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unbatched", action="store_true",
+        help="also serve our archive with batchSize 1 (and maxBatchDelay 0), measured in the same rounds",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
+    users = [int(n) for n in args.users.split(",") if n.strip()]
+    if not users or min(users) < 1 or max(users) > 64 or not 1 <= args.seconds <= 120 or not 1 <= args.rounds <= 10:
+        parser.error("--users 1..64, --seconds 1..120, --rounds 1..10")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by TorchServe's workers
-
-    from skimage import data
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(Image.fromarray(data.chelsea()).resize((224, 224)))).save(buffer, format="PNG")
-    image = buffer.getvalue()
-
+    else:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    inputs = photos()
+    endpoints = list(ENDPOINTS)
+    if args.unbatched:
+        endpoints += [("ours b1 /predictions", UNBATCHED, "predictions"), ("ours b1 /explanations", UNBATCHED, "explanations")]
     load_before = os.getloadavg()
+    rates: dict[tuple[str, int, str], list[float]] = {}
+    failures = 0
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         workdir = Path(tmp)
         store = workdir / "model_store"
         print("building archives ...", flush=True)
-        build_archive(ArchiveSpec(config=MODEL), store, log=lambda line: print("  " + line, flush=True))
+        build_archive(ArchiveSpec(config=MODEL), store, log=lambda line: None)
         build_stock_archive(store, workdir)
+        if args.unbatched:
+            unbatched = {"batchSize": 1, "maxBatchDelay": 0}
+            build_archive(ArchiveSpec(config=MODEL, archive_name=UNBATCHED, overrides=unbatched), store, log=lambda line: None)
         ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
         print("starting TorchServe ...", flush=True)
-        server = serve.start(workdir, store, [MODEL, STOCK], ports=ports, timeout=180)
+        models = [MODEL, STOCK] + ([UNBATCHED] if args.unbatched else [])
+        server = serve.start(workdir, store, models, ports=ports, timeout=300)
         try:
-            headers = server.headers()
-            session = requests.Session()
-            endpoints = {
-                "ours /predictions": f"predictions/{MODEL}",
-                "ours /explanations (GradCAM)": f"explanations/{MODEL}",
-                "stock /predictions": f"predictions/{STOCK}",
-                "stock /explanations (Captum IG)": f"explanations/{STOCK}",
-            }
-            for path in endpoints.values():  # warm-up
-                timed(session, f"{server.url()}/{path}", image, headers)
-            latencies: dict[str, list[float]] = {name: [] for name in endpoints}
-            sizes: dict[str, int] = {}
-            print(f"sequential: {args.sequential} interleaved requests per endpoint ...", flush=True)
-            for repetition in range(args.sequential):
-                for name, path in endpoints.items():
-                    if name.startswith("stock /explanations") and repetition >= args.stock:
-                        continue
-                    elapsed, size = timed(session, f"{server.url()}/{path}", image, headers)
-                    latencies[name].append(elapsed)
-                    sizes[name] = size
-            print(f"throughput: {args.clients} clients, {args.rounds} x {args.concurrent_requests} requests ...", flush=True)
-            samples: dict[str, list[float]] = {"ours /predictions": [], "ours /explanations (GradCAM)": []}
-            for _ in range(args.rounds):  # interleaved, so both endpoints see the same background load
-                for name in samples:
-                    samples[name].append(
-                        throughput(server, endpoints[name], image, args.clients, args.concurrent_requests)
-                    )
-            rates = {name: statistics.median(values) for name, values in samples.items()}
+            for photo in inputs:  # warm-up: lazy initialisation, first-call allocations
+                for _, model, endpoint in endpoints:
+                    closed_loop(server, model, endpoint, photo, 1, 1.0)
+            for photo in inputs:
+                for n in users:
+                    for _ in range(args.rounds):
+                        for name, model, endpoint in endpoints:
+                            rate, failed = closed_loop(server, model, endpoint, photo, n, args.seconds)
+                            rates.setdefault((photo.format, n, name), []).append(rate)
+                            failures += failed
+                    line = ", ".join(f"{name} {statistics.median(rates[(photo.format, n, name)]):.1f}" for name, _, _ in endpoints)
+                    print(f"  {photo.format} {n} users: {line} req/s", flush=True)
         finally:
             serve.stop(workdir)
 
-    medians = {name: statistics.median(values) for name, values in latencies.items()}
     print()
-    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(torch default)')}, cpus={os.cpu_count()}, "
-          f"load average before/after: {load_before} / {os.getloadavg()}")
-    print(f"| endpoint (efficientnet_lite0, CPU, 224x224 PNG) | median ms | n | response bytes | req/s @ {args.clients} clients |")
-    print("|---|---:|---:|---:|---:|")
-    for name in endpoints:
-        rate = f"{rates[name]:.1f}" if name in rates else "-"
-        print(f"| {name} | {medians[name]:.1f} | {len(latencies[name])} | {sizes[name]:,} | {rate} |")
-    ours_ratio = medians["ours /explanations (GradCAM)"] / medians["ours /predictions"]
-    stock_ratio = medians["stock /explanations (Captum IG)"] / medians["stock /predictions"]
-    print()
-    print(f"ours:  explanation / prediction latency = {ours_ratio:.2f}x (target <= 1.5x)")
-    print(f"ours:  explanation / prediction throughput = {rates['ours /explanations (GradCAM)'] / rates['ours /predictions']:.2f}x")
-    print(f"stock: explanation / prediction latency = {stock_ratio:.1f}x")
-    print(
-        f"stock /explanations vs ours: {medians['stock /explanations (Captum IG)'] / medians['ours /explanations (GradCAM)']:.1f}x "
-        f"slower, {sizes['stock /explanations (Captum IG)'] / sizes['ours /explanations (GradCAM)']:.0f}x larger"
-    )
-    return 0
+    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset: ours sized, stock torch default)')}, "
+          f"cpus={os.cpu_count()}, load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}; "
+          f"median of {args.rounds} interleaved rounds of {args.seconds:g} s; {failures} failed requests")  # fmt: skip
+    print("| input | users | ours /predictions | ours /explanations | stock /predictions | ours ÷ stock /predictions "
+          "| ours /explanations ÷ stock /predictions | ours /explanations ÷ ours /predictions |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    figures = []
+    for photo in inputs:
+        for n in users:
+            ours_p, ours_e, stock_p = (statistics.median(rates[(photo.format, n, name)]) for name, _, _ in ENDPOINTS)
+            row = {"input": f"{photo.width}x{photo.height} {photo.format}", "users": n, "ours_predictions": ours_p,
+                   "ours_explanations": ours_e, "stock_predictions": stock_p,
+                   "predictions_ours_over_stock": ours_p / stock_p, "explanations_over_stock_predictions": ours_e / stock_p,
+                   "explanations_over_our_predictions": ours_e / ours_p}  # fmt: skip
+            if args.unbatched:
+                row["unbatched_predictions"] = statistics.median(rates[(photo.format, n, "ours b1 /predictions")])
+                row["unbatched_explanations"] = statistics.median(rates[(photo.format, n, "ours b1 /explanations")])
+            figures.append(row)
+            print(f"| {row['input']} | {n} | {ours_p:.1f} | {ours_e:.1f} | {stock_p:.1f} | {ours_p / stock_p:.2f}x "
+                  f"| {ours_e / stock_p:.2f}x | {ours_e / ours_p:.2f}x |")  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"threads": args.threads, "failures": failures, "rows": figures}, indent=1))
+    if args.unbatched:
+        print()
+        print("| input | users | ours batchSize 1 /predictions | /explanations | ÷ stock /predictions (pred, expl) |")
+        print("|---|---:|---:|---:|---:|")
+        for row in figures:
+            stock = row["stock_predictions"]
+            print(f"| {row['input']} | {row['users']} | {row['unbatched_predictions']:.1f} | {row['unbatched_explanations']:.1f} "
+                  f"| {row['unbatched_predictions'] / stock:.2f}x, {row['unbatched_explanations'] / stock:.2f}x |")  # fmt: skip
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

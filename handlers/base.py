@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import logging
 import os
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,17 +32,17 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 import cam_engine
 from cam_engine import image as cam_image
 
-from . import architectures, limits, serving
+from . import architectures, limits, serving, threads
 from .audit import Auditor
+from .codec import decode_image, encode_jpeg, encode_png
 from .config import ConfigError, HandlerConfig
+from .errors import RequestError
 from .preprocess import Geometry, preprocess, to_source
-from .protocols import RequestError
 
 __all__ = [
     "CamHandler",
@@ -100,42 +98,6 @@ class ParsedRequest:
     request_index: int = 0  # the TorchServe request it came in (one request may carry several images)
 
 
-# ---------------------------------------------------------------------------------------------- decoding
-def decode_image(raw: bytes | bytearray, max_image_pixels: int) -> torch.Tensor:
-    """Encoded image bytes -> uint8 RGB ``[3, h, w]``.
-
-    The pixel count is read from the header and checked against ``max_image_pixels`` before any pixel
-    is decoded, so a 30000x30000 PNG of a few KB costs nothing. Raises :class:`RequestError`.
-    """
-    if not raw:
-        raise RequestError("empty body: send an image (JPEG, PNG or WebP)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            picture = Image.open(io.BytesIO(bytes(raw)))
-    except Image.DecompressionBombError as error:
-        raise RequestError(f"image too large: {error}", 413, "ImageTooLarge") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise RequestError("not an image: send JPEG, PNG or WebP bytes", 415, "UnsupportedMediaType") from None
-    width, height = picture.size
-    if width * height > max_image_pixels:
-        raise RequestError(
-            f"image too large: {width}x{height} = {width * height} pixels, the limit is {max_image_pixels}",
-            413,
-            "ImageTooLarge",
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            picture.load()
-            picture = ImageOps.exif_transpose(picture)
-            picture = picture.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as error:
-        raise RequestError(f"cannot decode the image (truncated or corrupt): {error}", 400, "InvalidImage") from None
-    array = np.asarray(picture)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
 def _b64(value: Any, key: str) -> bytes:
     if not isinstance(value, str):
         raise RequestError(f"{key} must be a base64 string, got {type(value).__name__}")
@@ -152,21 +114,6 @@ def _bool_option(options: Mapping[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise RequestError(f"{key} must be true or false, got {value!r}")
     return value
-
-
-# ---------------------------------------------------------------------------------------------- encoding
-def encode_png(gray: np.ndarray) -> bytes:
-    """uint8 ``[h, w]`` -> 8-bit grayscale PNG bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(gray).save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
-
-
-def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
-    """uint8 ``[h, w, 3]`` -> JPEG bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 def load_handler_config(model_yaml_config: Mapping[str, Any] | None) -> HandlerConfig:
@@ -249,6 +196,7 @@ class CamHandler:
         if not yaml_config and (model_dir / "model-config.yaml").exists():
             yaml_config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
         self.config = self.load_config(yaml_config, model_dir)
+        self.threads = threads.configure(yaml_config, self.config.threads)
         info_path = model_dir / "build_info.json"
         self.build_info = json.loads(info_path.read_text()) if info_path.exists() else {}
         self.labels = self._load_labels(model_dir)
@@ -589,6 +537,7 @@ class CamHandler:
             "max_heatmap_pixels": config.max_heatmap_pixels,
             "max_response_size": dict(zip(("bytes", "source"), self.response_limit)),
             "device": str(self.device),
+            "threads": {"torch": self.threads.threads, "source": self.threads.source, "cpus": self.threads.cpus},
         }
 
     def handle(self, data: Sequence[Mapping[str, Any]] | None, context: Any) -> list[str]:

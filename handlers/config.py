@@ -375,6 +375,7 @@ class HandlerConfig:
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    threads: int | None = None  # torch intra-op threads; None: sized to the CPUs (handlers.threads)
 
     #: keys of the flat ``handler:`` mapping that fill :class:`ExplanationConfig`
     EXPLANATION_KEYS = tuple(f.name for f in fields(ExplanationConfig))
@@ -434,6 +435,7 @@ class HandlerConfig:
             preprocessing=PreprocessingConfig.from_dict(data.get("preprocessing"), f"{where}.preprocessing"),
             explanation=explanation,
             audit=AuditConfig.from_dict(data.get("audit"), f"{where}.audit"),
+            threads=None if data.get("threads") is None else _int(data["threads"], f"{where}.threads", 1),
         )
 
 

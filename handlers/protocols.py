@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import RequestError, error_body
+
 __all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "expand", "respond", "envelope_body", "error_body", "MAX_INSTANCES", "REASONS"]
 
 #: the most images one v1/v2 request may carry (each is one row of the batched model run)
@@ -44,25 +46,7 @@ REASONS = {
 }
 
 
-class RequestError(Exception):
-    """A problem with one request or image: answered as ``{"code", "type", "message"}`` with a 4xx status."""
-
-    def __init__(self, message: str, code: int = 400, kind: str = "InvalidInput") -> None:
-        super().__init__(message)
-        self.code = code
-        self.kind = kind
-        self.message = message
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.code, self.kind, self.message)
-
-
 ProtocolError = RequestError  # a request that cannot be read at all
-
-
-def error_body(code: int, kind: str, message: str) -> dict[str, Any]:
-    """The documented error object (``error`` too, the field KServe v2 clients read)."""
-    return {"code": code, "type": kind, "message": message}
 
 
 @dataclass
