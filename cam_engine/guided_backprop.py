@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import _eval_mode, _model_device_dtype, model_scores
+from .model_utils import eval_mode, model_device_dtype, model_scores
 from .image import deprocess_image
 from .targets import ClassifierOutputTarget
 
@@ -48,7 +48,7 @@ class GuidedBackpropReLUModel:
     """
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None) -> None:
-        model_device, _ = _model_device_dtype(model)
+        model_device, _ = model_device_dtype(model)
         if device is not None and torch.device(device) != model_device:
             model = copy.deepcopy(model).to(device)
         self.model = model
@@ -67,7 +67,7 @@ class GuidedBackpropReLUModel:
         relus = [m for m in self.model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
         handles = [m.register_forward_hook(_positive_gradient_hook) for m in relus]
         try:
-            with _eval_mode(self.model), torch.enable_grad():
+            with eval_mode(self.model), torch.enable_grad():
                 scores = model_scores(self.forward(x))
                 batch = x.shape[0]
                 if targets is None:

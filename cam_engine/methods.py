@@ -140,11 +140,11 @@ class ShapleyCAM(BaseCAM):
 
     batch_target_gradients = False  # the Hessian-vector product needs one graph per target
 
-    def _forward_context(self):
+    def forward_context(self):
         # Fused attention kernels have no second derivative: use the math kernel for this method.
         return sdpa_kernel([SDPBackend.MATH])
 
-    def _gradients(self, loss, tensors, retain_graph):
+    def target_gradients(self, loss, tensors, retain_graph):
         grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
         out = []
         for tensor, grad in zip(tensors, grads):
@@ -187,13 +187,13 @@ class FinerCAM(BaseCAM):
     def cam_image(self, activations, gradients, eigen_smooth):
         return self.base_cam.cam_image(activations, gradients, eigen_smooth)
 
-    def _gradients(self, loss, tensors, retain_graph):
-        return self.base_cam._gradients(loss, tensors, retain_graph)
+    def target_gradients(self, loss, tensors, retain_graph):
+        return self.base_cam.target_gradients(loss, tensors, retain_graph)
 
-    def _batched_gradients(self, losses, tensors):
-        return self.base_cam._batched_gradients(losses, tensors)
+    def batched_target_gradients(self, losses, tensors):
+        return self.base_cam.batched_target_gradients(losses, tensors)
 
-    def _resolve_targets(self, outputs: Any, targets, batch: int):
+    def resolve_targets(self, outputs: Any, targets, batch: int):
         if targets is not None:
             return targets
         scores = model_scores(outputs).detach().float()
