@@ -31,7 +31,29 @@ from .model_utils import eval_mode, model_device_dtype, model_scores
 from .image import deprocess_image
 from .targets import ClassifierOutputTarget
 
-__all__ = ["GuidedBackpropReLUModel", "guided_gradcam", "deprocess_image"]
+__all__ = ["GuidedBackpropReLU", "GuidedBackpropReLUasModule", "GuidedBackpropReLUModel", "guided_gradcam",
+           "deprocess_image"]
+
+
+class GuidedBackpropReLU(torch.autograd.Function):
+    """ReLU whose backward passes ``(x > 0) * relu(grad)`` (pytorch-grad-cam's autograd function)."""
+
+    @staticmethod
+    def forward(ctx: Any, input_img: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(input_img)
+        return input_img.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
+        (input_img,) = ctx.saved_tensors
+        return grad_output.clamp_min(0) * (input_img > 0).to(grad_output.dtype)
+
+
+class GuidedBackpropReLUasModule(nn.Module):
+    """:class:`GuidedBackpropReLU` as a module (to swap into a model by hand, as grad-cam does)."""
+
+    def forward(self, input_img: torch.Tensor) -> torch.Tensor:
+        return GuidedBackpropReLU.apply(input_img)
 
 
 def _positive_gradient_hook(module: nn.Module, inputs: Any, output: Any) -> None:

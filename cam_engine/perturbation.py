@@ -324,11 +324,11 @@ class AblationCAM(BaseCAM):
         model: nn.Module,
         target_layers,
         reshape_transform: Callable | None = None,
+        ablation_layer: Any = None,
         batch_size: int = 32,
         ratio_channels_to_ablate: float = 1.0,
         mode: str | None = None,
         channel_axis: int | None = None,
-        ablation_layer: Any = None,
     ) -> None:
         # ``ablation_layer`` (grad-cam's AblationLayer / AblationLayerVit) is accepted so that drop-in
         # code runs; the channel axis is inferred from the layer output instead (or ``channel_axis``).
