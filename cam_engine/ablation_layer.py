@@ -26,6 +26,8 @@ __all__ = ["AblationLayer", "AblationLayerVit", "AblationLayerFasterRCNN"]
 class AblationLayer(torch.nn.Module):
     """Ablates channel ``indices[i]`` of copy ``i`` of one image's activations ``[C, h, w]``."""
 
+    engine_native = True  # AblationCAM runs its batched ablation for this class (not for subclasses)
+
     def objectiveness_mask_from_svd(self, activations: np.ndarray, threshold: float = 0.01) -> np.ndarray:
         """Binary ``[h, w]`` mask: ``|first principal component|`` scaled to [0, 1], above ``threshold``."""
         projection = np.abs(project_2d(torch.as_tensor(np.float32(activations))[None]).numpy()[0])
@@ -68,6 +70,8 @@ class AblationLayer(torch.nn.Module):
 class AblationLayerVit(AblationLayer):
     """For token outputs ``[N, C]`` per image: the channel axis is the last one."""
 
+    engine_native = True
+
     def __call__(self, x: Any) -> Any:
         output = self.activations.transpose(1, self.activations.ndim - 1)
         for i in range(output.size(0)):
@@ -80,6 +84,8 @@ class AblationLayerVit(AblationLayer):
 
 class AblationLayerFasterRCNN(AblationLayer):
     """For a detector's FPN dict (levels ``'0'..'3', 'pool'`` of 256 channels): set to -1000."""
+
+    engine_native = True
 
     def set_next_batch(self, input_batch_index: int, activations: Any, num_channels_to_ablate: int) -> None:
         self.activations = OrderedDict(
