@@ -382,6 +382,8 @@ class BaseCAM(GradCamExtension):
         return targets
 
     def explain_batch(self, x: torch.Tensor, targets: list[list[Any]] | None, eigen_smooth: bool) -> CAMResult:
+        """The whole computation for a batch ``x`` ``[B, C, *S]`` (on the model's device, in eval mode):
+        forward with the target layers captured, targets resolved, CAMs ``[N, *S]`` per (image, target)."""
         batch = x.shape[0]
         size = tuple(x.shape[2:])
         outputs, capture = self._forward(x)
@@ -389,12 +391,9 @@ class BaseCAM(GradCamExtension):
         if isinstance(scores, torch.Tensor) and scores.dtype in (torch.float16, torch.bfloat16):
             scores = scores.float()
         targets = self.resolve_targets(scores, targets, batch)
-        depth = max((len(t) for t in targets), default=0)
         pairs = [(i, t) for i in range(batch) for t in range(len(targets[i]))]
-        row_of = {pair: row for row, pair in enumerate(pairs)}
-        cams = torch.empty((len(pairs), *size), device=x.device, dtype=torch.float32)
         if not pairs:
-            pass
+            cams = torch.empty((0, *size), device=x.device, dtype=torch.float32)
         elif self.uses_extra_passes:
             # ScoreCAM / AblationCAM: target-dependent CAMs from extra forward passes, which the
             # method runs under inference_mode (the capture pass above already did).
@@ -403,27 +402,53 @@ class BaseCAM(GradCamExtension):
         elif not self.uses_gradients:
             # A gradient-free CAM does not depend on the target: compute once per image.
             image_cams = self._layer_cams(capture, None, None, size, eigen_smooth)
-            for row, (image, _) in enumerate(pairs):
-                cams[row] = image_cams[image]
+            cams = image_cams[torch.tensor([image for image, _ in pairs], device=x.device)]
         else:
             tensors = [t for i in range(len(self.target_layers)) for t in tensors_of(capture.outputs[i])]
             tensors = [t for t in tensors if t.requires_grad]
-            image_sets = [[i for i in range(batch) if len(targets[i]) > d] for d in range(depth)]
-            losses = [sum(targets[i][d](per_image(scores, i)).sum() for i in image_sets[d]) for d in range(depth)]
-            batched = self.batched_target_gradients(losses, tensors) if depth > 1 else None
-            for depth_index in range(depth):
-                images = image_sets[depth_index]
-                if batched is not None:
-                    grads = batched[depth_index]
+            batched: list = []
+
+            def depth_cams(depth_index: int, images: list[int], losses: list[torch.Tensor]) -> torch.Tensor:
+                if depth_index == 0 and len(losses) > 1:
+                    batched.append(self.batched_target_gradients(losses, tensors))
+                if batched and batched[0] is not None:
+                    grads = batched[0][depth_index]
                 else:
-                    grads = self.target_gradients(losses[depth_index], tensors, retain_graph=depth_index < depth - 1)
+                    grads = self.target_gradients(losses[depth_index], tensors, retain_graph=depth_index < len(losses) - 1)
                 gradient_maps = {id(t): g for t, g in zip(tensors, grads)}
                 rows = torch.tensor(images, device=x.device) if len(images) < batch else None
-                layer_cams = self._layer_cams(capture, gradient_maps, rows, size, eigen_smooth)
-                for local, image in enumerate(images):
-                    cams[row_of[(image, depth_index)]] = layer_cams[local]
-                del grads, gradient_maps
+                return self._layer_cams(capture, gradient_maps, rows, size, eigen_smooth)
+
+            cams = self.cams_per_target(scores, targets, size, x.device, depth_cams)
         return CAMResult(cams, pairs, map_structure(outputs, lambda t: t.detach()), targets)
+
+    def cams_per_target(
+        self,
+        scores: Any,
+        targets: list[list[Any]],
+        size: tuple[int, ...],
+        device: torch.device,
+        depth_cams: Callable[[int, list[int], list[torch.Tensor]], torch.Tensor],
+    ) -> torch.Tensor:
+        """The gradient methods' loop over target positions, shared by the engine and FullGrad.
+
+        Target position ``d`` (the ``d``-th target of each image that has one) has the loss
+        ``losses[d] = sum_i targets[i][d](scores[i])``; ``depth_cams(d, images, losses)`` returns the
+        CAMs ``[len(images), *size]`` of those images for it. Returns ``[N, *size]`` float32, one row per
+        (image, target) pair, image-major.
+        """
+        batch = len(targets)
+        depth = max((len(t) for t in targets), default=0)
+        image_sets = [[i for i in range(batch) if len(targets[i]) > d] for d in range(depth)]
+        losses = [sum(targets[i][d](per_image(scores, i)).sum() for i in image_sets[d]) for d in range(depth)]
+        row_of = {pair: row for row, pair in enumerate((i, t) for i in range(batch) for t in range(len(targets[i])))}
+        cams = torch.empty((len(row_of), *size), device=device, dtype=torch.float32)
+        for depth_index, images in enumerate(image_sets):
+            layer_cams = depth_cams(depth_index, images, losses)
+            for local, image in enumerate(images):
+                cams[row_of[(image, depth_index)]] = layer_cams[local]
+            del layer_cams
+        return cams
 
     def _run_augmented(self, x: torch.Tensor, targets: list[list[Any]] | None, eigen_smooth: bool) -> CAMResult:
         """aug_smooth: all six augmentations in one batched pass, de-augmented and averaged."""

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import functional as CF
 from .core import BaseCAM, CAMResult
-from .model_utils import default_targets, map_structure, model_scores, per_image
+from .model_utils import default_targets, map_structure, model_scores
 from .registry import register
 
 __all__ = ["FullGrad", "bias_layers", "effective_bias", "fused_activation"]
@@ -149,20 +149,15 @@ class FullGrad(BaseCAM):
             scores = scores.float()
         if targets is None:
             targets = [[t] for t in default_targets(scores, batch)]
-        depth = max((len(t) for t in targets), default=0)
         pairs = [(i, t) for i in range(batch) for t in range(len(targets[i]))]
-        row_of = {pair: row for row, pair in enumerate(pairs)}
-        cams = torch.empty((len(pairs), *size), device=x.device, dtype=torch.float32)
-        for depth_index in range(depth):
-            images = [i for i in range(batch) if len(targets[i]) > depth_index]
-            loss = sum(targets[i][depth_index](per_image(scores, i)).sum() for i in images)
+
+        def depth_cams(depth_index: int, images: list[int], losses: list[torch.Tensor]) -> torch.Tensor:
             grads.clear()
-            (input_grad,) = torch.autograd.grad(loss, leaf, retain_graph=depth_index < depth - 1)
+            (input_grad,) = torch.autograd.grad(losses[depth_index], leaf, retain_graph=depth_index < len(losses) - 1)
             rows = torch.tensor(images, device=x.device)
-            cam = self._saliency(leaf.detach()[rows], input_grad[rows], calls, grads, biases, rows, size, eigen_smooth)
-            for local, image in enumerate(images):
-                cams[row_of[(image, depth_index)]] = cam[local]
-            del input_grad
+            return self._saliency(leaf.detach()[rows], input_grad[rows], calls, grads, biases, rows, size, eigen_smooth)
+
+        cams = self.cams_per_target(scores, targets, size, x.device, depth_cams)
         calls.clear()
         grads.clear()
         return CAMResult(cams, pairs, map_structure(outputs, lambda t: t.detach()), targets)

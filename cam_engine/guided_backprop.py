@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model_utils import eval_mode, model_device_dtype, model_scores
 from .image import deprocess_image
+from .model_utils import eval_mode, model_device_dtype, model_scores
 from .targets import ClassifierOutputTarget
 
 __all__ = ["GuidedBackpropReLU", "GuidedBackpropReLUasModule", "GuidedBackpropReLUModel", "guided_gradcam",

@@ -124,8 +124,8 @@ def test_arcc_and_its_parts_match_reference(oracle, resnet, batch):
 
 # ------------------------------------------------------------------------------------ utilities
 def test_projections_match_reference(oracle):
-    from pytorch_grad_cam.utils import svd_on_activations as reference
     from oracle import sign_aligned_projection
+    from pytorch_grad_cam.utils import svd_on_activations as reference
 
     from cam_engine.utils import svd_on_activations as ours
 
