@@ -36,7 +36,7 @@ lint: $(STAMP)
 # Archives are rebuilt when their inputs change; ports come from INFERENCE_PORT/MANAGEMENT_PORT/METRICS_PORT.
 DEFAULT_MODEL ?= efficientnet_lite0
 ARCHIVE := model_store/$(DEFAULT_MODEL).mar
-ARCHIVE_INPUTS := model_store/configs/$(DEFAULT_MODEL).yaml $(wildcard handlers/*.py cam_engine/*.py model_store/build.py)
+ARCHIVE_INPUTS := model_store/configs/$(DEFAULT_MODEL).yaml $(wildcard handlers/*.py cam_engine/*.py cam_engine/*/*.py model_store/build.py)
 
 $(ARCHIVE): $(STAMP) $(ARCHIVE_INPUTS)
 	$(PY) -m model_store.build $(DEFAULT_MODEL) --output model_store
