@@ -310,3 +310,31 @@ def test_finer_cam_third_positional_argument_is_eigen_smooth(resnet, batch):
     cam = cam_engine.FinerCAM(resnet, [resnet.layer4[-1]])
     np.testing.assert_allclose(cam(batch, None, True), cam(batch, None, eigen_smooth=True))
     assert not np.allclose(cam(batch, None, True), cam(batch, None, False))
+
+
+def test_engine_hooks_for_user_subclasses_stay_on_the_fast_path(resnet, batch):
+    """A method written against the engine's own hook (cam_image) runs on the fast path and equals the
+    same weights through grad-cam's hook (get_cam_weights) on the extension path."""
+
+    class FastAbsGrad(cam_engine.BaseCAM):
+        def cam_image(self, activations, gradients, eigen_smooth):
+            return (gradients.abs().mean(dim=(2, 3))[:, :, None, None] * activations).sum(dim=1)
+
+    fast = FastAbsGrad(resnet, [resnet.layer4[-1]])
+    slow = _mean_abs_grad_cam(cam_engine.BaseCAM)(resnet, [resnet.layer4[-1]])
+    assert not fast.uses_extension_path() and slow.uses_extension_path()
+    np.testing.assert_allclose(fast(batch, None), slow(batch, None), atol=1e-4)
+
+
+def test_volume_resize_choice(resnet):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, stride=2, padding=1), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    x = torch.randn(1, 1, 6, 8, 10)
+    cam = cam_engine.GradCAM(model, [model[0]])
+    zoomed = cam(x, None)
+    cam.volume_resize = "trilinear"
+    trilinear = cam(x, None)
+    assert zoomed.shape == trilinear.shape == (1, 6, 8, 10)
+    assert not np.allclose(zoomed, trilinear, atol=1e-3)
+    assert agree(zoomed, trilinear, 0.9)
