@@ -85,10 +85,10 @@ def prepare(package: str = "cam_engine") -> Path:
     return target
 
 
-def run(package: str = "cam_engine", args: list[str] | tuple[str, ...] = (), timeout: float = 3600) -> dict[str, str]:
+def run(package: str = "cam_engine", args: list[str] | tuple[str, ...] = (), timeout: float = 4 * 3600) -> dict[str, str]:
     """Run the rewritten suite in a subprocess; returns ``{node id: passed|failed|skipped}``."""
     target = prepare(package)
-    report = target / "report.xml"
+    report = target / f"report-{os.getpid()}.xml"  # one per run: runs may overlap
     report.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     subprocess.run(
@@ -168,8 +168,8 @@ def summary(results: dict[str, str]) -> str:
 if __name__ == "__main__":
     package = sys.argv[1] if len(sys.argv) > 1 else "cam_engine"
     args = sys.argv[2:]
-    if args == ["--quick"]:
-        args = [node for node in collect(package) if quick_subset(node)]
+    if args[:1] == ["--quick"]:
+        args = [node for node in collect(package) if quick_subset(node) and all(k in node for k in args[1:])]
     results = run(package, args)
     for node, outcome in sorted(results.items()):
         if outcome != "passed":

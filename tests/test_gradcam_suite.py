@@ -27,9 +27,11 @@ def test_gradcam_suite_passes_where_gradcam_passes(baseline):
         nodes = collect("cam_engine")
     except Exception as error:  # noqa: BLE001 - no registry, no sdist: say so rather than pass
         pytest.skip(f"grad-cam's sdist is not available: {error}")
-    assert sorted(nodes) == sorted(baseline), "the suite's test ids differ from the recorded baseline"
+    assert set(baseline) <= set(nodes), "the recorded baseline names tests the suite does not have"
     full = os.environ.get("GRADCAM_SUITE") == "full"
     selected = nodes if full else [node for node in nodes if quick_subset(node)]
+    # "unmeasured": the baseline run did not reach the test (grad-cam's ScoreCAM SESS at 224 is slow)
+    assert not [node for node in selected if node not in baseline], "selected tests without a baseline outcome"
     results = run("cam_engine", selected)
     print(f"grad-cam 1.5.7 suite against cam_engine ({'full' if full else 'subset'}): {summary(results)}")
     assert set(results) == set(selected), "some selected tests did not run"
