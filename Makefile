@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve stop lint archives
+.PHONY: install test test-peer serve stop lint archives
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ install: $(STAMP)
 
 test: $(STAMP) chromium
 	$(PY) -m pytest
+
+# grad-cam 1.5.7's own test suite (from its sdist, cached under ~/.cache/torchserve-cam) against cam_engine:
+# the whole grid (`make test` runs a representative subset), then against grad-cam itself for the baseline.
+test-peer: $(STAMP)
+	GRADCAM_SUITE=full $(PY) -m pytest -q tests/test_gradcam_suite.py -s
+	$(PY) tests/gradcam_suite.py pytorch_grad_cam
 
 # Headless Chromium for the audit report test (apt-get install only when /usr/bin/chromium is missing).
 .PHONY: chromium
@@ -35,7 +41,7 @@ lint: $(STAMP)
 DEFAULT_MODEL ?= efficientnet_lite0
 MODELS ?= $(DEFAULT_MODEL)
 ARCHIVES := $(foreach m,$(MODELS),model_store/$(m).mar)
-ARCHIVE_CODE := $(wildcard handlers/*.py cam_engine/*.py model_store/build.py)
+ARCHIVE_CODE := $(wildcard handlers/*.py cam_engine/*.py cam_engine/*/*.py model_store/build.py)
 GRACE ?= 30
 
 model_store/%.mar: $(STAMP) model_store/configs/%.yaml $(ARCHIVE_CODE)

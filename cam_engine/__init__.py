@@ -36,9 +36,26 @@ from .perturbation import AblationCAM, ScoreCAM  # isort: skip
 from .fullgrad import FullGrad  # isort: skip
 from .baselines import RandomCAM  # isort: skip
 from .guided_backprop import GuidedBackpropReLUModel  # isort: skip
+from .methods import SegEigenCAM  # isort: skip
+from .meta import SESS, RefineCAM  # isort: skip
+from .activations_and_gradients import ActivationsAndGradients  # isort: skip
+from .ablation_layer import AblationLayer, AblationLayerFasterRCNN, AblationLayerVit  # isort: skip
+from .feature_factorization import DeepFeatureFactorization, run_dff_on_image  # isort: skip
+from . import utils, metrics  # isort: skip  (grad-cam's package paths)
 
 __all__ = [
     "AblationCAM",
+    "AblationLayer",
+    "AblationLayerFasterRCNN",
+    "AblationLayerVit",
+    "ActivationsAndGradients",
+    "DeepFeatureFactorization",
+    "RefineCAM",
+    "SESS",
+    "SegEigenCAM",
+    "metrics",
+    "run_dff_on_image",
+    "utils",
     "BaseCAM",
     "CAMResult",
     "EigenCAM",

@@ -22,18 +22,27 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import functional as CF
+from .activations_and_gradients import ActivationsAndGradients
+from .extension import GradCamExtension
 from .layers import layer_names, resolve_layers
-from .targets import ClassifierOutputTarget
+from .model_utils import (
+    default_targets,
+    eval_mode,
+    map_structure,
+    model_device_dtype,
+    model_scores,
+    per_image,
+    tensors_of,
+)
 
 __all__ = ["BaseCAM", "CAMResult", "PassContext", "current_input_size", "model_scores", "AUGMENTATIONS"]
 
@@ -49,84 +58,10 @@ def current_input_size() -> tuple[int, ...] | None:
     return _INPUT_SIZE.get()
 
 
-def model_scores(outputs: Any) -> Any:
-    """The part of a model's output that targets read.
-
-    ``logits`` of a HuggingFace ModelOutput or dict when present; the first element of a tuple of
-    tensors; otherwise the output itself (a tensor, or a list of per-image dicts for detectors).
-    """
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    logits = getattr(outputs, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
-        return outputs["logits"]
-    if isinstance(outputs, tuple) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0]
-    return outputs
-
-
-def _per_image(scores: Any, index: int) -> Any:
-    return scores[index]
-
-
-def _default_targets(scores: Any, batch: int) -> list:
-    if not isinstance(scores, torch.Tensor):
-        raise ValueError(
-            "targets=None needs a model that returns class scores; pass explicit targets for this model"
-        )
-    flat = scores.reshape(scores.shape[0], -1) if scores.ndim > 2 else scores
-    return [ClassifierOutputTarget(int(c)) for c in flat.argmax(dim=-1).tolist()]
-
-
-def _tensors(structure: Any) -> list[torch.Tensor]:
-    if isinstance(structure, torch.Tensor):
-        return [structure]
-    if isinstance(structure, Mapping):
-        return [t for v in structure.values() for t in _tensors(v)]
-    if isinstance(structure, (list, tuple)):
-        return [t for v in structure for t in _tensors(v)]
-    return []
-
-
-def _map(structure: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(structure, torch.Tensor):
-        return fn(structure)
-    if isinstance(structure, Mapping):
-        return type(structure)((k, _map(v, fn)) for k, v in structure.items())
-    if isinstance(structure, tuple) and hasattr(structure, "_fields"):
-        return type(structure)(*(_map(v, fn) for v in structure))
-    if isinstance(structure, (list, tuple)):
-        return type(structure)(_map(v, fn) for v in structure)
-    return structure
-
-
 def _leaf(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.requires_grad or not tensor.is_floating_point():
         return tensor
     return tensor.detach().requires_grad_(True)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    training = [m for m in model.modules() if m.training]
-    for module in training:
-        module.training = False
-    try:
-        yield
-    finally:
-        for module in training:
-            module.training = True
-
-
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device, None
-    return torch.device("cpu"), None
 
 
 @dataclass
@@ -168,13 +103,30 @@ class CAMResult:
     targets: list[list[Any]]
 
 
-class BaseCAM:
+class BaseCAM(GradCamExtension):
     """A CAM method bound to a model and its target layers.
 
-    Subclasses implement :meth:`cam_image` (and set ``uses_gradients = False`` when they need no
-    gradients). The drop-in call ``cam(input_tensor, targets)`` returns NumPy ``[B, H, W]``;
-    :meth:`explain` returns the same as a tensor on the model's device; :meth:`run` also returns the
-    model's outputs from the same forward pass and accepts several targets per image.
+    The engine's extension points, for methods written against cam_engine (public, documented,
+    and what the built-in methods override):
+
+    * :meth:`cam_image` - one layer's CAM from activations and gradients (most methods);
+    * :meth:`pass_cam` - for gradient-free methods that run extra forward passes (ScoreCAM);
+    * :meth:`target_gradients` / :meth:`batched_target_gradients` - how gradients at the target
+      layers are taken (ShapleyCAM adds a Hessian-vector product);
+    * :meth:`forward_context` - a context the forward pass runs in;
+    * :meth:`resolve_targets` - the targets when the caller gives none (FinerCAM);
+    * :meth:`aggregate_layers` - how per-layer CAMs combine (RefineCAM multiplies them);
+    * :meth:`explain_batch` - the whole computation for a batch (FullGrad).
+
+    pytorch-grad-cam's extension points (``get_cam_weights``, ``get_cam_image``, ...) work too, on
+    the extension path described in :mod:`cam_engine.extension`.
+
+    The drop-in call ``cam(input_tensor, targets)`` returns NumPy ``[B, H, W]``; :meth:`explain`
+    returns the same as a tensor on the model's device; :meth:`run` also returns the model's
+    outputs from the same forward pass and accepts several targets per image.
+
+    ``volume_resize``: how 3-D CAMs are resized to the input (``"zoom"``, grad-cam's
+    ``scipy.ndimage.zoom``, by default; ``"trilinear"`` on the device).
     """
 
     #: registry name, set by :func:`cam_engine.registry.register`
@@ -185,16 +137,32 @@ class BaseCAM:
     uses_extra_passes: bool = False
     #: several targets per image: one vmapped backward pass instead of one pass per target
     batch_target_gradients: bool = True
+    AUGMENTATIONS = AUGMENTATIONS
+    volume_resize: str = "zoom"
 
     def __init__(
         self,
         model: nn.Module,
         target_layers: Sequence[nn.Module | str] | nn.Module | str,
         reshape_transform: Callable[[Any], torch.Tensor] | None = None,
+        compute_input_gradient: bool = False,
+        uses_gradients: bool | None = None,
+        tta_transforms: Any = None,
+        detach: bool = True,
     ) -> None:
         self.model = model
         self.target_layers = resolve_layers(model, target_layers)
         self.reshape_transform = reshape_transform
+        self.compute_input_gradient = compute_input_gradient
+        if uses_gradients is not None:
+            self.uses_gradients = uses_gradients
+        self.tta_transforms = tta_transforms
+        self.detach = detach
+        self.device = model_device_dtype(model)[0]
+        #: grad-cam's recorder; filled by calls on the extension path (no hooks stay on the model)
+        self.activations_and_grads = ActivationsAndGradients(
+            model, self.target_layers, reshape_transform, detach, persistent=False
+        )
 
     # ------------------------------------------------------------------ method hooks
     def cam_image(self, activations: torch.Tensor, gradients: torch.Tensor | None, eigen_smooth: bool) -> torch.Tensor:
@@ -209,11 +177,12 @@ class BaseCAM:
         """
         raise NotImplementedError
 
-    def _gradients(self, loss: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool) -> list[torch.Tensor]:
+    def target_gradients(self, loss: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool) -> list[torch.Tensor]:
+        """``d loss / d t`` for every captured target-layer tensor ``t`` (zeros where unused)."""
         grads = torch.autograd.grad(loss, tensors, retain_graph=retain_graph, allow_unused=True)
         return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
 
-    def _batched_gradients(self, losses: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[list[torch.Tensor]] | None:
+    def batched_target_gradients(self, losses: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[list[torch.Tensor]] | None:
         """Gradients of several losses (one per target position) from ONE vmapped backward pass.
 
         ``torch.autograd.grad(stack(losses), tensors, grad_outputs=eye(T), is_grads_batched=True)``:
@@ -236,7 +205,7 @@ class BaseCAM:
             [torch.zeros_like(t) if g is None else g[d] for t, g in zip(tensors, grads)] for d in range(len(losses))
         ]
 
-    def _forward_context(self) -> contextlib.AbstractContextManager:
+    def forward_context(self) -> contextlib.AbstractContextManager:
         """A context the forward pass runs in (e.g. an attention backend that supports 2nd derivatives)."""
         return contextlib.nullcontext()
 
@@ -245,7 +214,9 @@ class BaseCAM:
         return self
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
-        return None  # hooks only live inside a call: nothing to release, no exception swallowed
+        # Hooks only live inside a call; release what the extension path recorded. No exception
+        # is swallowed (grad-cam swallows IndexError here).
+        self.activations_and_grads.release()
 
     # ------------------------------------------------------------------ public calls
     def __call__(
@@ -256,6 +227,10 @@ class BaseCAM:
         eigen_smooth: bool = False,
     ) -> np.ndarray:
         """pytorch-grad-cam's call: float32 NumPy ``[B, H, W]`` in [0, 1] at the input's size."""
+        if self.uses_extension_path():
+            if aug_smooth:
+                return self.forward_augmentation_smoothing(input_tensor, targets, eigen_smooth)
+            return self.forward(input_tensor, targets, eigen_smooth)
         return self.explain(input_tensor, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth).cpu().numpy()
 
     def explain(
@@ -291,15 +266,15 @@ class BaseCAM:
             targets = [list(t) if isinstance(t, (list, tuple)) else [t] for t in targets]
             if len(targets) != batch:
                 raise ValueError(f"got target lists for {len(targets)} images in a batch of {batch}")
-        device, dtype = _model_device_dtype(self.model)
+        device, dtype = model_device_dtype(self.model)
         x = input_tensor.to(device)
         if dtype is not None and x.is_floating_point() and x.dtype != dtype:
             x = x.to(dtype)
         token = _INPUT_SIZE.set(tuple(x.shape[2:]))
         try:
-            with _eval_mode(self.model):
+            with eval_mode(self.model):
                 if not aug_smooth:
-                    return self._run(x, targets, eigen_smooth)
+                    return self.explain_batch(x, targets, eigen_smooth)
                 return self._run_augmented(x, targets, eigen_smooth)
         finally:
             _INPUT_SIZE.reset(token)
@@ -312,12 +287,12 @@ class BaseCAM:
         def make_hook(index: int):
             def hook(module, inputs, output):
                 if gradients:
-                    output = _map(output, _leaf)
+                    output = map_structure(output, _leaf)
                     torch.set_grad_enabled(True)
                     capture.outputs[index] = output
                     # Downstream in-place ops (DenseNet's relu(inplace=True) after features.-1) must not
                     # touch the leaf: hand the rest of the model a copy, gradients flow back through it.
-                    return _map(output, lambda t: t.clone() if t.requires_grad else t)
+                    return map_structure(output, lambda t: t.clone() if t.requires_grad else t)
                 capture.outputs[index] = output
                 return output
 
@@ -326,7 +301,7 @@ class BaseCAM:
         handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(self.target_layers)]
         try:
             context = torch.no_grad() if gradients else torch.inference_mode()
-            with context, self._forward_context():
+            with context, self.forward_context():
                 outputs = self.model(x)
         finally:
             for handle in handles:
@@ -359,7 +334,7 @@ class BaseCAM:
         return tensor.float()
 
     def _grad_structure(self, structure: Any, grads: dict[int, torch.Tensor]) -> Any:
-        return _map(structure, lambda t: grads.get(id(t), torch.zeros_like(t)))
+        return map_structure(structure, lambda t: grads.get(id(t), torch.zeros_like(t)))
 
     def _layer_cams(
         self,
@@ -389,31 +364,36 @@ class BaseCAM:
             else:
                 cam = self.cam_image(activations, gradients, eigen_smooth).float().clamp_min(0)
             cam = CF.scale_per_image(cam)
-            per_layer.append(_resize(cam, size))
+            per_layer.append(CF.resize_maps(cam, size, self.volume_resize))
+        return self.aggregate_layers(per_layer)
+
+    def aggregate_layers(self, per_layer: list[torch.Tensor]) -> torch.Tensor:
+        """Combine the per-layer CAMs (each ``[N, *S]`` in [0, 1], at the input's size) into ``[N, *S]``
+        in [0, 1]: the mean of their positive parts, min-max scaled (grad-cam's default)."""
         stacked = torch.stack(per_layer, dim=1).clamp_min(0).mean(dim=1)
         return CF.scale_per_image(stacked)
 
-    def _resolve_targets(self, outputs: Any, targets: list[list[Any]] | None, batch: int) -> list[list[Any]]:
+    def resolve_targets(self, outputs: Any, targets: list[list[Any]] | None, batch: int) -> list[list[Any]]:
+        """``targets[i]``: image ``i``'s targets; when None, each image's top class (``outputs``: scores)."""
         if targets is None:
             if not self.uses_gradients and not self.uses_extra_passes and not isinstance(outputs, torch.Tensor):
                 return [[None] for _ in range(batch)]  # one target-free CAM per image (a detector's EigenCAM)
-            return [[t] for t in _default_targets(model_scores(outputs), batch)]
+            return [[t] for t in default_targets(model_scores(outputs), batch)]
         return targets
 
-    def _run(self, x: torch.Tensor, targets: list[list[Any]] | None, eigen_smooth: bool) -> CAMResult:
+    def explain_batch(self, x: torch.Tensor, targets: list[list[Any]] | None, eigen_smooth: bool) -> CAMResult:
+        """The whole computation for a batch ``x`` ``[B, C, *S]`` (on the model's device, in eval mode):
+        forward with the target layers captured, targets resolved, CAMs ``[N, *S]`` per (image, target)."""
         batch = x.shape[0]
         size = tuple(x.shape[2:])
         outputs, capture = self._forward(x)
         scores = model_scores(outputs)
         if isinstance(scores, torch.Tensor) and scores.dtype in (torch.float16, torch.bfloat16):
             scores = scores.float()
-        targets = self._resolve_targets(scores, targets, batch)
-        depth = max((len(t) for t in targets), default=0)
+        targets = self.resolve_targets(scores, targets, batch)
         pairs = [(i, t) for i in range(batch) for t in range(len(targets[i]))]
-        row_of = {pair: row for row, pair in enumerate(pairs)}
-        cams = torch.empty((len(pairs), *size), device=x.device, dtype=torch.float32)
         if not pairs:
-            pass
+            cams = torch.empty((0, *size), device=x.device, dtype=torch.float32)
         elif self.uses_extra_passes:
             # ScoreCAM / AblationCAM: target-dependent CAMs from extra forward passes, which the
             # method runs under inference_mode (the capture pass above already did).
@@ -421,35 +401,61 @@ class BaseCAM:
             cams = self._layer_cams(capture, None, None, size, eigen_smooth, context=context)
         elif not self.uses_gradients:
             # A gradient-free CAM does not depend on the target: compute once per image.
-            per_image = self._layer_cams(capture, None, None, size, eigen_smooth)
-            for row, (image, _) in enumerate(pairs):
-                cams[row] = per_image[image]
+            image_cams = self._layer_cams(capture, None, None, size, eigen_smooth)
+            cams = image_cams[torch.tensor([image for image, _ in pairs], device=x.device)]
         else:
-            tensors = [t for i in range(len(self.target_layers)) for t in _tensors(capture.outputs[i])]
+            tensors = [t for i in range(len(self.target_layers)) for t in tensors_of(capture.outputs[i])]
             tensors = [t for t in tensors if t.requires_grad]
-            image_sets = [[i for i in range(batch) if len(targets[i]) > d] for d in range(depth)]
-            losses = [sum(targets[i][d](_per_image(scores, i)).sum() for i in image_sets[d]) for d in range(depth)]
-            batched = self._batched_gradients(losses, tensors) if depth > 1 else None
-            for depth_index in range(depth):
-                images = image_sets[depth_index]
-                if batched is not None:
-                    grads = batched[depth_index]
+            batched: list = []
+
+            def depth_cams(depth_index: int, images: list[int], losses: list[torch.Tensor]) -> torch.Tensor:
+                if depth_index == 0 and len(losses) > 1:
+                    batched.append(self.batched_target_gradients(losses, tensors))
+                if batched and batched[0] is not None:
+                    grads = batched[0][depth_index]
                 else:
-                    grads = self._gradients(losses[depth_index], tensors, retain_graph=depth_index < depth - 1)
+                    grads = self.target_gradients(losses[depth_index], tensors, retain_graph=depth_index < len(losses) - 1)
                 gradient_maps = {id(t): g for t, g in zip(tensors, grads)}
                 rows = torch.tensor(images, device=x.device) if len(images) < batch else None
-                layer_cams = self._layer_cams(capture, gradient_maps, rows, size, eigen_smooth)
-                for local, image in enumerate(images):
-                    cams[row_of[(image, depth_index)]] = layer_cams[local]
-                del grads, gradient_maps
-        return CAMResult(cams, pairs, _map(outputs, lambda t: t.detach()), targets)
+                return self._layer_cams(capture, gradient_maps, rows, size, eigen_smooth)
+
+            cams = self.cams_per_target(scores, targets, size, x.device, depth_cams)
+        return CAMResult(cams, pairs, map_structure(outputs, lambda t: t.detach()), targets)
+
+    def cams_per_target(
+        self,
+        scores: Any,
+        targets: list[list[Any]],
+        size: tuple[int, ...],
+        device: torch.device,
+        depth_cams: Callable[[int, list[int], list[torch.Tensor]], torch.Tensor],
+    ) -> torch.Tensor:
+        """The gradient methods' loop over target positions, shared by the engine and FullGrad.
+
+        Target position ``d`` (the ``d``-th target of each image that has one) has the loss
+        ``losses[d] = sum_i targets[i][d](scores[i])``; ``depth_cams(d, images, losses)`` returns the
+        CAMs ``[len(images), *size]`` of those images for it. Returns ``[N, *size]`` float32, one row per
+        (image, target) pair, image-major.
+        """
+        batch = len(targets)
+        depth = max((len(t) for t in targets), default=0)
+        image_sets = [[i for i in range(batch) if len(targets[i]) > d] for d in range(depth)]
+        losses = [sum(targets[i][d](per_image(scores, i)).sum() for i in image_sets[d]) for d in range(depth)]
+        row_of = {pair: row for row, pair in enumerate((i, t) for i in range(batch) for t in range(len(targets[i])))}
+        cams = torch.empty((len(row_of), *size), device=device, dtype=torch.float32)
+        for depth_index, images in enumerate(image_sets):
+            layer_cams = depth_cams(depth_index, images, losses)
+            for local, image in enumerate(images):
+                cams[row_of[(image, depth_index)]] = layer_cams[local]
+            del layer_cams
+        return cams
 
     def _run_augmented(self, x: torch.Tensor, targets: list[list[Any]] | None, eigen_smooth: bool) -> CAMResult:
         """aug_smooth: all six augmentations in one batched pass, de-augmented and averaged."""
         batch = x.shape[0]
         augmented = torch.cat([(x.flip(-1) if flip else x) * factor for flip, factor in AUGMENTATIONS])
         aug_targets = None if targets is None else [t for _ in AUGMENTATIONS for t in targets]
-        result = self._run(augmented, aug_targets, eigen_smooth)
+        result = self.explain_batch(augmented, aug_targets, eigen_smooth)
         # Rows are image-major within each augmentation block; a block holds the same pair layout only
         # when targets are given. With targets=None each augmented image has exactly one target.
         per_block = len(result.pairs) // len(AUGMENTATIONS)
@@ -457,15 +463,7 @@ class BaseCAM:
         restored = [b.flip(-1) if flip else b for b, (flip, _) in zip(blocks, AUGMENTATIONS)]
         cams = torch.stack(restored).mean(dim=0)
         pairs = [(image, t) for image, t in result.pairs[:per_block]]
-        outputs = _map(result.outputs, lambda t: t[: batch] if t.ndim and t.shape[0] == augmented.shape[0] else t)
+        outputs = map_structure(result.outputs, lambda t: t[: batch] if t.ndim and t.shape[0] == augmented.shape[0] else t)
         if isinstance(result.outputs, list) and len(result.outputs) == augmented.shape[0]:
             outputs = result.outputs[:batch]
         return CAMResult(cams, pairs, outputs, result.targets[:batch])
-
-
-def _resize(cam: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Bilinear (trilinear for volumes) resize of ``[B, *S]`` to ``size``, half-pixel centres."""
-    if tuple(cam.shape[1:]) == tuple(size):
-        return cam
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-    return F.interpolate(cam[:, None], size=size, mode=mode, align_corners=False)[:, 0]

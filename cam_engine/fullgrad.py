@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as CF
-from .core import BaseCAM, CAMResult, _default_targets, _map, _per_image, model_scores
+from .core import BaseCAM, CAMResult
+from .model_utils import default_targets, map_structure, model_scores
 from .registry import register
 
 __all__ = ["FullGrad", "bias_layers", "effective_bias", "fused_activation"]
@@ -103,7 +104,7 @@ class FullGrad(BaseCAM):
             raise ValueError("FullGrad needs at least one Conv2d or BatchNorm2d layer with a bias")
         super().__init__(model, layers, reshape_transform)
 
-    def _run(self, x: torch.Tensor, targets: list[list[Any]] | None, eigen_smooth: bool) -> CAMResult:
+    def explain_batch(self, x: torch.Tensor, targets: list[list[Any]] | None, eigen_smooth: bool) -> CAMResult:
         batch = x.shape[0]
         size = tuple(x.shape[2:])
         if len(size) != 2:
@@ -138,7 +139,7 @@ class FullGrad(BaseCAM):
             handles.append(activation.register_forward_pre_hook(
                 lambda module, inputs, hook=hook: hook(module, inputs, inputs[0] if inputs else None)))  # fmt: skip
         try:
-            with torch.enable_grad(), self._forward_context():
+            with torch.enable_grad(), self.forward_context():
                 outputs = self.model(leaf)
         finally:
             for handle in handles:
@@ -147,24 +148,19 @@ class FullGrad(BaseCAM):
         if isinstance(scores, torch.Tensor) and scores.dtype in (torch.float16, torch.bfloat16):
             scores = scores.float()
         if targets is None:
-            targets = [[t] for t in _default_targets(scores, batch)]
-        depth = max((len(t) for t in targets), default=0)
+            targets = [[t] for t in default_targets(scores, batch)]
         pairs = [(i, t) for i in range(batch) for t in range(len(targets[i]))]
-        row_of = {pair: row for row, pair in enumerate(pairs)}
-        cams = torch.empty((len(pairs), *size), device=x.device, dtype=torch.float32)
-        for depth_index in range(depth):
-            images = [i for i in range(batch) if len(targets[i]) > depth_index]
-            loss = sum(targets[i][depth_index](_per_image(scores, i)).sum() for i in images)
+
+        def depth_cams(depth_index: int, images: list[int], losses: list[torch.Tensor]) -> torch.Tensor:
             grads.clear()
-            (input_grad,) = torch.autograd.grad(loss, leaf, retain_graph=depth_index < depth - 1)
+            (input_grad,) = torch.autograd.grad(losses[depth_index], leaf, retain_graph=depth_index < len(losses) - 1)
             rows = torch.tensor(images, device=x.device)
-            cam = self._saliency(leaf.detach()[rows], input_grad[rows], calls, grads, biases, rows, size, eigen_smooth)
-            for local, image in enumerate(images):
-                cams[row_of[(image, depth_index)]] = cam[local]
-            del input_grad
+            return self._saliency(leaf.detach()[rows], input_grad[rows], calls, grads, biases, rows, size, eigen_smooth)
+
+        cams = self.cams_per_target(scores, targets, size, x.device, depth_cams)
         calls.clear()
         grads.clear()
-        return CAMResult(cams, pairs, _map(outputs, lambda t: t.detach()), targets)
+        return CAMResult(cams, pairs, map_structure(outputs, lambda t: t.detach()), targets)
 
     def _saliency(self, x, input_grad, calls, grads, biases, rows, size, eigen_smooth) -> torch.Tensor:
         """The FullGrad map ``[n, H, W]`` in [0, 1] for the batch rows ``rows``."""

@@ -8,6 +8,7 @@ engine applies. Nothing here touches NumPy, hooks or the model.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -25,7 +26,13 @@ __all__ = [
     "eigengradcam",
     "fem",
     "scale_per_image",
+    "resize_maps",
+    "VOLUME_RESIZES",
 ]
+
+#: How volumetric (3-D) maps are resized: ``"zoom"`` is ``scipy.ndimage.zoom`` (cubic spline, on the
+#: host), as pytorch-grad-cam does; ``"trilinear"`` stays on the device (half-pixel centres).
+VOLUME_RESIZES = ("zoom", "trilinear")
 
 
 def spatial_dims(x: torch.Tensor) -> tuple[int, ...]:
@@ -183,3 +190,26 @@ def scale_per_image(cam: torch.Tensor) -> torch.Tensor:
     flat = flat - flat.amin(dim=1, keepdim=True)
     flat = flat / (flat.amax(dim=1, keepdim=True) + 1e-7)
     return flat.reshape(cam.shape)
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, ...], volume: str = "zoom") -> torch.Tensor:
+    """Resize ``[B, *S]`` maps to ``[B, *size]``.
+
+    1-D and 2-D maps: (bi)linear interpolation with half-pixel centres (OpenCV's ``INTER_LINEAR``,
+    as pytorch-grad-cam resizes). 3-D maps: ``volume="zoom"`` uses ``scipy.ndimage.zoom`` (cubic
+    spline, ``order=3``, per map on the host) like pytorch-grad-cam; ``"trilinear"`` interpolates on
+    the maps' device instead.
+    """
+    if tuple(maps.shape[1:]) == tuple(size):
+        return maps
+    if len(size) == 3 and volume == "zoom":
+        from scipy.ndimage import zoom
+
+        host = maps.detach().float().cpu().numpy()
+        factors = [t / s for s, t in zip(host.shape[1:], size)]
+        zoomed = [zoom(volume_map, factors) for volume_map in host]
+        return torch.from_numpy(np.stack(zoomed)).to(maps.device)
+    if len(size) == 3 and volume != "trilinear":
+        raise ValueError(f"volume resize must be one of {VOLUME_RESIZES}, got {volume!r}")
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return torch.nn.functional.interpolate(maps[:, None], size=size, mode=mode, align_corners=False)[:, 0]

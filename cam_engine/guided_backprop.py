@@ -27,11 +27,33 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import _eval_mode, _model_device_dtype, model_scores
 from .image import deprocess_image
+from .model_utils import eval_mode, model_device_dtype, model_scores
 from .targets import ClassifierOutputTarget
 
-__all__ = ["GuidedBackpropReLUModel", "guided_gradcam", "deprocess_image"]
+__all__ = ["GuidedBackpropReLU", "GuidedBackpropReLUasModule", "GuidedBackpropReLUModel", "guided_gradcam",
+           "deprocess_image"]
+
+
+class GuidedBackpropReLU(torch.autograd.Function):
+    """ReLU whose backward passes ``(x > 0) * relu(grad)`` (pytorch-grad-cam's autograd function)."""
+
+    @staticmethod
+    def forward(ctx: Any, input_img: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(input_img)
+        return input_img.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
+        (input_img,) = ctx.saved_tensors
+        return grad_output.clamp_min(0) * (input_img > 0).to(grad_output.dtype)
+
+
+class GuidedBackpropReLUasModule(nn.Module):
+    """:class:`GuidedBackpropReLU` as a module (to swap into a model by hand, as grad-cam does)."""
+
+    def forward(self, input_img: torch.Tensor) -> torch.Tensor:
+        return GuidedBackpropReLU.apply(input_img)
 
 
 def _positive_gradient_hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -48,7 +70,7 @@ class GuidedBackpropReLUModel:
     """
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None) -> None:
-        model_device, _ = _model_device_dtype(model)
+        model_device, _ = model_device_dtype(model)
         if device is not None and torch.device(device) != model_device:
             model = copy.deepcopy(model).to(device)
         self.model = model
@@ -67,7 +89,7 @@ class GuidedBackpropReLUModel:
         relus = [m for m in self.model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
         handles = [m.register_forward_hook(_positive_gradient_hook) for m in relus]
         try:
-            with _eval_mode(self.model), torch.enable_grad():
+            with eval_mode(self.model), torch.enable_grad():
                 scores = model_scores(self.forward(x))
                 batch = x.shape[0]
                 if targets is None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .functional import scale_per_image
+from .functional import resize_maps, scale_per_image
 
 __all__ = [
     "preprocess_image",
@@ -23,6 +23,9 @@ __all__ = [
     "colorize",
     "overlay",
     "to_uint8",
+    "create_labels_legend",
+    "show_factorization_on_image",
+    "scale_accross_batch_and_channels",
 ]
 
 
@@ -84,29 +87,104 @@ def show_cam_on_image(
 ) -> np.ndarray:
     """Overlay ``mask`` ``[H, W]`` in [0, 1] on ``img`` ``[H, W, 3]`` float in [0, 1]; uint8 result.
 
-    The colour map is jet; ``colormap`` may be a callable mapping ``[H, W]`` values to ``[H, W, 3]``
-    RGB floats. The result is BGR unless ``use_rgb`` (pytorch-grad-cam's convention).
+    ``colormap``: an OpenCV colour map id (``cv2.COLORMAP_JET``, the default, ``cv2.COLORMAP_VIRIDIS``,
+    ...) looked up with ``cv2.applyColorMap`` as pytorch-grad-cam does, or a callable mapping ``[H, W]``
+    values to ``[H, W, 3]`` RGB floats in [0, 1]. The result is BGR unless ``use_rgb`` (grad-cam's
+    convention). ``image_weight * img + (1 - image_weight) * heatmap``, divided by its maximum.
     """
     if np.max(img) > 1:
         raise ValueError("The input image should be np.float32 in the range [0, 1]")
     if not 0 <= image_weight <= 1:
         raise ValueError(f"image_weight should be in the range [0, 1], got {image_weight}")
     # Like the reference: the mask is quantised to 8 bits, then looked up in an 8-bit colour table.
-    cam_t = torch.as_tensor(np.uint8(255 * np.asarray(mask, dtype=np.float32))).float() / 255
-    heat = colormap(cam_t) if callable(colormap) else jet(cam_t)
-    heat = (torch.as_tensor(np.asarray(heat, dtype=np.float32)) * 255).round() / 255
-    if not use_rgb:
-        heat = heat.flip(-1)
+    quantised = np.uint8(255 * np.asarray(mask, dtype=np.float32))
+    if colormap is None or isinstance(colormap, (int, np.integer)):
+        if colormap is None or int(colormap) == 2:  # cv2.COLORMAP_JET: the torch table, no OpenCV needed
+            heat = (jet(torch.as_tensor(quantised).float() / 255) * 255).round() / 255
+            heat = heat if use_rgb else heat.flip(-1)
+        else:
+            import cv2
+
+            bgr = cv2.applyColorMap(quantised, int(colormap))
+            heat = torch.as_tensor(np.float32(bgr[..., ::-1] if use_rgb else bgr) / 255)
+    else:
+        heat = torch.as_tensor(np.asarray(colormap(torch.as_tensor(quantised).float() / 255), dtype=np.float32))
+        heat = (heat * 255).round() / 255
+        heat = heat if use_rgb else heat.flip(-1)
     cam = (1 - image_weight) * heat + image_weight * torch.as_tensor(np.asarray(img, dtype=np.float32))
     cam = cam / cam.max()
     return np.uint8(255 * cam.numpy())
 
 
-def scale_cam_image(cam: np.ndarray, target_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Min-max scale each ``[h, w]`` map of a batch to [0, 1], then resize to ``target_size`` (W, H)."""
+def create_labels_legend(concept_scores: np.ndarray, labels: dict[int, str], top_k: int = 2) -> list[str]:
+    """Per concept (row of ``concept_scores`` ``[N, K]``), its ``top_k`` labels ``"name:score"``, one per line."""
+    legends = []
+    for scores in np.asarray(concept_scores):
+        top = np.argsort(scores)[::-1][:top_k]
+        legends.append("\n".join(f"{','.join(labels[c].split(',')[:3])}:{scores[c]:.2f}" for c in top))
+    return legends
+
+
+def show_factorization_on_image(img: np.ndarray, explanations: np.ndarray, colors: Sequence[np.ndarray] | None = None,
+                                image_weight: float = 0.5, concept_labels: Sequence[str] | None = None) -> np.ndarray:
+    """Colour each pixel of RGB ``img`` ``[H, W, 3]`` (floats in [0, 1]) by the component of
+    ``explanations`` ``[N, H, W]`` that is largest there, brightness = its value (HSV V channel).
+
+    ``colors``: RGB(A) per component in [0, 1] (default: matplotlib's ``gist_rainbow``). With
+    ``concept_labels`` a legend (matplotlib) is drawn to the right. Returns uint8 RGB. Like the
+    reference, the non-maximal entries of ``explanations`` are set to 0 in place.
+    """
+    import cv2
+
+    count = explanations.shape[0]
+    if colors is None:
+        from matplotlib import colormaps
+
+        cmap = colormaps["gist_rainbow"]
+        colors = [np.array(cmap(i)) for i in np.arange(0, 1, 1.0 / count)]
+    winner = explanations.argmax(axis=0)
+    masks = []
+    for i in range(count):
+        mask = np.zeros((img.shape[0], img.shape[1], 3))
+        mask[:, :, :] = colors[i][:3]
+        explanation = explanations[i]
+        explanation[winner != i] = 0
+        hsv = cv2.cvtColor(np.uint8(mask * 255), cv2.COLOR_RGB2HSV)
+        hsv[:, :, 2] = np.uint8(255 * explanation)
+        masks.append(np.float32(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)) / 255)
+    result = np.uint8((img * image_weight + np.sum(np.float32(masks), axis=0) * (1 - image_weight)) * 255)
+    if concept_labels is None:
+        return result
+    from matplotlib import pyplot as plt
+    from matplotlib.lines import Line2D
+
+    px = 1 / plt.rcParams["figure.dpi"]
+    fig = plt.figure(figsize=(result.shape[1] * px, result.shape[0] * px))
+    plt.rcParams["legend.fontsize"] = int(14 * result.shape[0] / 256 / max(1, count / 6))
+    width = 5 * result.shape[0] / 256
+    lines = [Line2D([0], [0], color=colors[i], lw=width) for i in range(count)]
+    plt.legend(lines, concept_labels, mode="expand", fancybox=True, shadow=True)
+    plt.tight_layout(pad=0, w_pad=0, h_pad=0)
+    plt.axis("off")
+    fig.canvas.draw()
+    data = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig=fig)
+    data = cv2.resize(data, (result.shape[1], result.shape[0]))
+    return np.hstack((result, data))
+
+
+def scale_cam_image(cam: np.ndarray, target_size: tuple[int, ...] | None = None) -> np.ndarray:
+    """Min-max scale each map of a batch ``[B, *S]`` to [0, 1], then resize to ``target_size``
+    (``(W, H)``, or ``(W, H, D)`` reversed axes for volumes: bilinear, or ``scipy.ndimage.zoom`` for
+    volumes, as pytorch-grad-cam). float32 NumPy."""
     tensor = scale_per_image(torch.as_tensor(np.asarray(cam, dtype=np.float32)))
     if target_size is not None:
-        size = tuple(target_size[::-1])
-        mode = "bilinear" if len(size) == 2 else "trilinear"
-        tensor = F.interpolate(tensor[:, None], size=size, mode=mode, align_corners=False)[:, 0]
+        tensor = resize_maps(tensor, tuple(target_size[::-1]))
     return tensor.numpy().astype(np.float32)
+
+
+def scale_accross_batch_and_channels(tensor: np.ndarray, target_size: tuple[int, int]) -> np.ndarray:
+    """:func:`scale_cam_image` of every ``[h, w]`` map of ``[B, C, h, w]``: ``[B, C, H, W]``."""
+    batch, channels = tensor.shape[:2]
+    scaled = scale_cam_image(np.asarray(tensor).reshape(batch * channels, *tensor.shape[2:]), target_size)
+    return scaled.reshape(batch, channels, target_size[1], target_size[0])

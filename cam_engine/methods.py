@@ -14,7 +14,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import functional as CF
-from .core import BaseCAM, CAMResult, model_scores
+from .core import BaseCAM, CAMResult
+from .extension import to_numpy, to_tensor
+from .model_utils import model_scores
 from .registry import register
 from .targets import FinerWeightedTarget
 
@@ -31,7 +33,13 @@ __all__ = [
     "FEM",
     "ShapleyCAM",
     "FinerCAM",
+    "SegEigenCAM",
 ]
+
+
+def _weights(function, activations, grads):
+    """grad-cam's ``get_cam_weights`` contract: NumPy ``[B, C]`` from arrays or tensors ``[B, C, *S]``."""
+    return to_numpy(function(to_tensor(activations), to_tensor(grads)))
 
 
 @register("gradcam")
@@ -40,6 +48,9 @@ class GradCAM(BaseCAM):
 
     def cam_image(self, activations, gradients, eigen_smooth):
         return CF.weighted_sum(CF.gradcam_weights(activations, gradients), activations, eigen_smooth)
+
+    def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
+        return _weights(CF.gradcam_weights, activations, grads)
 
 
 @register("hirescam")
@@ -57,6 +68,9 @@ class GradCAMPlusPlus(BaseCAM):
     def cam_image(self, activations, gradients, eigen_smooth):
         return CF.weighted_sum(CF.gradcam_plusplus_weights(activations, gradients), activations, eigen_smooth)
 
+    def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
+        return _weights(CF.gradcam_plusplus_weights, activations, grads)
+
 
 @register("xgradcam")
 class XGradCAM(BaseCAM):
@@ -64,6 +78,9 @@ class XGradCAM(BaseCAM):
 
     def cam_image(self, activations, gradients, eigen_smooth):
         return CF.weighted_sum(CF.xgradcam_weights(activations, gradients), activations, eigen_smooth)
+
+    def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
+        return _weights(CF.xgradcam_weights, activations, grads)
 
 
 @register("layercam")
@@ -140,11 +157,11 @@ class ShapleyCAM(BaseCAM):
 
     batch_target_gradients = False  # the Hessian-vector product needs one graph per target
 
-    def _forward_context(self):
+    def forward_context(self):
         # Fused attention kernels have no second derivative: use the math kernel for this method.
         return sdpa_kernel([SDPBackend.MATH])
 
-    def _gradients(self, loss, tensors, retain_graph):
+    def target_gradients(self, loss, tensors, retain_graph):
         grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
         out = []
         for tensor, grad in zip(tensors, grads):
@@ -187,13 +204,13 @@ class FinerCAM(BaseCAM):
     def cam_image(self, activations, gradients, eigen_smooth):
         return self.base_cam.cam_image(activations, gradients, eigen_smooth)
 
-    def _gradients(self, loss, tensors, retain_graph):
-        return self.base_cam._gradients(loss, tensors, retain_graph)
+    def target_gradients(self, loss, tensors, retain_graph):
+        return self.base_cam.target_gradients(loss, tensors, retain_graph)
 
-    def _batched_gradients(self, losses, tensors):
-        return self.base_cam._batched_gradients(losses, tensors)
+    def batched_target_gradients(self, losses, tensors):
+        return self.base_cam.batched_target_gradients(losses, tensors)
 
-    def _resolve_targets(self, outputs: Any, targets, batch: int):
+    def resolve_targets(self, outputs: Any, targets, batch: int):
         if targets is not None:
             return targets
         scores = model_scores(outputs).detach().float()
@@ -210,16 +227,28 @@ class FinerCAM(BaseCAM):
             for i in range(batch)
         ]
 
-    def __call__(self, input_tensor, targets=None, aug_smooth=False, eigen_smooth=False, alpha: float = 1,
-                 comparison_categories: Sequence[int] | None = None, target_idx: int | None = None):
+    def __call__(self, input_tensor, targets=None, eigen_smooth: bool = False, alpha: float = 1,
+                 comparison_categories: Sequence[int] | None = None, target_idx: int | None = None,
+                 aug_smooth: bool = False):
+        """grad-cam's ``FinerCAM.__call__``: ``(input_tensor, targets, eigen_smooth, alpha, ...)``;
+        ``aug_smooth`` (keyword only) is an addition. NumPy ``[B, H, W]``."""
         self.alpha, self.comparison_categories, self.target_idx = alpha, comparison_categories, target_idx
         return super().__call__(input_tensor, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
 
     def forward(self, input_tensor, targets=None, eigen_smooth=False, alpha: float = 1,
                 comparison_categories=None, target_idx=None):
         """pytorch-grad-cam's FinerCAM.forward signature."""
-        return self(input_tensor, targets, eigen_smooth=eigen_smooth, alpha=alpha,
-                    comparison_categories=comparison_categories, target_idx=target_idx)
+        return self(input_tensor, targets, eigen_smooth, alpha, comparison_categories, target_idx)
 
     def run(self, input_tensor, targets=None, aug_smooth=False, eigen_smooth=False) -> CAMResult:
         return super().run(input_tensor, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
+
+
+class SegEigenCAM(BaseCAM):
+    """Seg-Eigen-CAM (Chung & Ying, Appl. Sci. 2025, 15(13), 7562): first principal component of
+    ``|G| * A`` (gradient-weighted activations, eq. 10) with the sign chosen so that the largest
+    magnitude is positive (eq. 13). ``eigen_smooth`` changes nothing (the CAM already is a projection).
+    """
+
+    def cam_image(self, activations, gradients, eigen_smooth):
+        return CF.project_2d(gradients.abs() * activations)

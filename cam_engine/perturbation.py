@@ -203,10 +203,9 @@ def _assemble(new_scores: torch.Tensor, original: torch.Tensor, ablated: list[in
 class _Layout:
     """Where the channels of the reshaped activations ``[B, C, ...]`` live in a layer's raw output.
 
-    A tensor (or the first tensor of a tuple) holds them along one axis. A dict of tensors (an FPN's
-    levels, which ``fasterrcnn_reshape_transform`` concatenates in order) holds channel ``c`` in the
-    level whose channel range contains it, as ``AblationLayerFasterRCNN`` maps them. Copies are kept
-    as a list of level tensors ``[n, ...]``.
+    A tensor (or a tuple's first tensor) holds them along one axis; a dict of tensors (FPN levels,
+    concatenated in order by ``fasterrcnn_reshape_transform``) holds channel ``c`` in the level whose
+    channel range contains it. Copies are kept as a list of level tensors ``[n, ...]``.
     """
 
     def __init__(self, structure: Any, channels: int, axis_of: Callable[[torch.Tensor, int], int]) -> None:
@@ -271,7 +270,7 @@ class _Layout:
 
 
 class _ModeFailed(RuntimeError):
-    pass
+    """A shortcut mode gave the wrong number of outputs."""
 
 
 @register("ablationcam")
@@ -324,16 +323,17 @@ class AblationCAM(BaseCAM):
         model: nn.Module,
         target_layers,
         reshape_transform: Callable | None = None,
+        ablation_layer: Any = None,
         batch_size: int = 32,
         ratio_channels_to_ablate: float = 1.0,
         mode: str | None = None,
         channel_axis: int | None = None,
-        ablation_layer: Any = None,
     ) -> None:
-        # ``ablation_layer`` (grad-cam's AblationLayer / AblationLayerVit) is accepted so that drop-in
-        # code runs; the channel axis is inferred from the layer output instead (or ``channel_axis``).
-        del ablation_layer
+        # grad-cam's built-in ablation layers select the engine's batched ablation (same values; the
+        # channel axis is inferred, or ``channel_axis``); any other layer is used as grad-cam uses it
+        # (see cam_engine.ablation_layer).
         super().__init__(model, target_layers, reshape_transform)
+        self.ablation_layer = ablation_layer
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if mode is not None and mode not in self.MODES:
@@ -361,9 +361,10 @@ class AblationCAM(BaseCAM):
 
     @contextlib.contextmanager
     def _inject(self, layer: nn.Module, replacement: Any, shrink: bool = False) -> Iterator[None]:
-        """The target layer returns ``replacement``; with ``shrink`` it computes its (discarded) output
-        from a 1x1 slice of each image-like input instead of the full maps."""
-        handles = [layer.register_forward_hook(lambda module, inputs, output: replacement)]
+        """The target layer returns ``replacement`` (or ``replacement(output)`` for a callable); with ``shrink``
+        it computes its (discarded) output from a 1x1 slice of each image-like input, not the full maps."""
+        handles = [layer.register_forward_hook(
+            lambda module, inputs, output: replacement(output) if callable(replacement) else replacement)]
         if shrink:
             handles.append(layer.register_forward_pre_hook(lambda module, inputs: tuple(
                 t[(slice(None), slice(None)) + (slice(0, 1),) * (t.ndim - 2)]
@@ -453,16 +454,43 @@ class AblationCAM(BaseCAM):
                 scores = self._downstream(mode, index, context, layout, copies, images)
                 new[select.to(new.device)] = row_target_scores(scores, images, context.targets)
                 del copies, scores
+        starts = np.cumsum([0] + [len(order) for order in orders])
+        result = [_assemble(new[starts[i] : starts[i + 1]], original[i], orders[i], channels) for i in range(batch)]
+        return torch.stack(result), original
+
+    def uses_custom_ablation_layer(self) -> bool:
+        """True when ``ablation_layer`` is a user's layer (grad-cam's three built-in ones set ``engine_native``)."""
+        return self.ablation_layer is not None and not vars(type(self.ablation_layer)).get("engine_native", False)
+
+    def layer_channel_scores(self, context: PassContext, index: int, activations: torch.Tensor):
+        """:meth:`channel_scores` with a user's ``ablation_layer`` driven as grad-cam 1.5.7 drives it: per
+        image and chunk, ``set_next_batch`` then ``layer(output)`` replaces the target layer's output."""
+        layer, raw = self.ablation_layer, context.capture.outputs[index]
+        batch, channels = activations.shape[:2]
+        original = row_target_scores(context.scores, list(range(batch)), context.targets)  # [B, D]
         result = []
-        start = 0
-        for i in range(batch):
-            count = len(orders[i])
-            result.append(_assemble(new[start : start + count], original[i], orders[i], channels))
-            start += count
+        with torch.inference_mode():
+            for image in range(batch):
+                chosen = [int(c) for c in layer.activations_to_be_ablated(activations[image].cpu().numpy(),
+                                                                          self.ratio_channels_to_ablate)]
+                new = []
+                for part in _chunks(len(chosen), self.batch_size):
+                    count = part.stop - part.start
+                    layer.set_next_batch(input_batch_index=image, activations=raw, num_channels_to_ablate=count)
+                    feed = context.input[image : image + 1].repeat(count, *([1] * (context.input.ndim - 1)))
+                    with self._inject(self.target_layers[index], layer):  # output -> layer(output)
+                        scores = model_scores(self.model(feed))
+                    new.append(row_target_scores(scores, [image] * count, context.targets))
+                    layer.indices = layer.indices[count:]
+                new_scores = torch.cat(new) if new else original[image][None, :0]
+                result.append(_assemble(new_scores, original[image], chosen, channels))
         return torch.stack(result), original
 
     def pass_cam(self, context: PassContext, index: int, activations: torch.Tensor, eigen_smooth: bool) -> torch.Tensor:
-        scores, original = self.channel_scores(context, index, activations)  # [B, C, D], [B, D]
+        if self.uses_custom_ablation_layer():
+            scores, original = self.layer_channel_scores(context, index, activations)
+        else:
+            scores, original = self.channel_scores(context, index, activations)  # [B, C, D], [B, D]
         weights = (original[:, None, :] - scores) / original[:, None, :]
         per_image = [weights[i] for i in range(weights.shape[0])]
         pair_weights = _pair_weights(per_image, context.pairs).to(activations.device)

@@ -21,6 +21,7 @@ __all__ = [
     "vit_reshape_transform",
     "deit_reshape_transform",
     "swin_reshape_transform",
+    "swinT_reshape_transform",
     "clip_reshape_transform",
     "clip_reshape_for",
     "fasterrcnn_reshape_transform",
@@ -130,6 +131,12 @@ def swin_reshape_transform(output: Any, height: int | None = None, width: int | 
     if tensor.ndim == 4:
         return tensor.permute(0, 3, 1, 2)
     return _tokens_to_maps(tensor, height, width, 0 if height is None else None)
+
+
+def swinT_reshape_transform(output: Any, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """pytorch-grad-cam's name for :func:`swin_reshape_transform` (there ``height=width=7`` by
+    default; here the grid is inferred unless given)."""
+    return swin_reshape_transform(output, height, width)
 
 
 def fasterrcnn_reshape_transform(features: dict) -> torch.Tensor:

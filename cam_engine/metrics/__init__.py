@@ -10,6 +10,7 @@ is perturbed according to the CAM.
   percentiles, and ROADCombined).
 """
 
+from .arcc import ARCC, Coherency, Complexity, batch_pearson_coherency
 from .cam_mult_image import (
     CamMultImageConfidenceChange,
     DropInConfidence,
@@ -32,6 +33,10 @@ from .road import (
 )
 
 __all__ = [
+    "ARCC",
+    "Coherency",
+    "Complexity",
+    "batch_pearson_coherency",
     "AveragerAcrossThresholds",
     "CamMultImageConfidenceChange",
     "DropInConfidence",

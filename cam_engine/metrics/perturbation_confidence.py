@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core import _eval_mode, model_scores
+from ..model_utils import eval_mode, model_scores
 
 __all__ = [
     "PerturbationConfidenceMetric",
@@ -33,7 +33,7 @@ def _as_tensor(cams: Any) -> torch.Tensor:
 def target_scores(model: nn.Module, batch: torch.Tensor, targets: Sequence[Callable], batch_size: int = 64) -> np.ndarray:
     """``target_i(model(batch)[i])`` for every row, float32 ``[R]``; ``targets`` has one entry per row."""
     values = []
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for start in range(0, batch.shape[0], batch_size):
             scores = model_scores(model(batch[start : start + batch_size]))
             for offset in range(scores.shape[0] if isinstance(scores, torch.Tensor) else len(scores)):

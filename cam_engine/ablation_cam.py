@@ -1,0 +1,5 @@
+"""pytorch-grad-cam"s module path ``ablation_cam``: re-exports :mod:`cam_engine.perturbation`."""
+
+from .perturbation import AblationCAM
+
+__all__ = ["AblationCAM"]

@@ -1,0 +1,5 @@
+"""pytorch-grad-cam"s module path ``base_cam``: re-exports :mod:`cam_engine.core`."""
+
+from .core import BaseCAM
+
+__all__ = ["BaseCAM"]

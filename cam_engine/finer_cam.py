@@ -1,0 +1,5 @@
+"""pytorch-grad-cam"s module path ``finer_cam``: re-exports :mod:`cam_engine.methods`."""
+
+from .methods import FinerCAM
+
+__all__ = ["FinerCAM"]

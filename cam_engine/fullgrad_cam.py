@@ -1,0 +1,5 @@
+"""pytorch-grad-cam"s module path ``fullgrad_cam``: re-exports :mod:`cam_engine.fullgrad`."""
+
+from .fullgrad import FullGrad
+
+__all__ = ["FullGrad"]

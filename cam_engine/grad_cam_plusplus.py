@@ -1,0 +1,5 @@
+"""pytorch-grad-cam"s module path ``grad_cam_plusplus``: re-exports :mod:`cam_engine.methods`."""
+
+from .methods import GradCAMPlusPlus
+
+__all__ = ["GradCAMPlusPlus"]

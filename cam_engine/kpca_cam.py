@@ -1,0 +1,5 @@
+"""pytorch-grad-cam"s module path ``kpca_cam``: re-exports :mod:`cam_engine.methods`."""
+
+from .methods import KPCA_CAM
+
+__all__ = ["KPCA_CAM"]

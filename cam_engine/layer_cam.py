@@ -1,0 +1,5 @@
+"""pytorch-grad-cam"s module path ``layer_cam``: re-exports :mod:`cam_engine.methods`."""
+
+from .methods import LayerCAM
+
+__all__ = ["LayerCAM"]

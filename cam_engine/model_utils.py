@@ -1,0 +1,105 @@
+"""Small helpers shared by the engine and its extras: model device and mode, output structures.
+
+Public so that every module of ``cam_engine`` (and extensions written by users) can use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .targets import ClassifierOutputTarget
+
+__all__ = [
+    "eval_mode",
+    "model_device_dtype",
+    "model_scores",
+    "default_targets",
+    "per_image",
+    "map_structure",
+    "tensors_of",
+]
+
+
+def model_scores(outputs: Any) -> Any:
+    """The part of a model's output that targets read.
+
+    ``logits`` of a HuggingFace ModelOutput or dict when present; the first element of a tuple of
+    tensors; otherwise the output itself (a tensor, or a list of per-image dicts for detectors).
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), torch.Tensor):
+        return outputs["logits"]
+    if isinstance(outputs, tuple) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    return outputs
+
+
+def per_image(scores: Any, index: int) -> Any:
+    """Image ``index``'s part of the model scores (a row of a tensor, an element of a list)."""
+    return scores[index]
+
+
+def default_targets(scores: Any, batch: int) -> list[ClassifierOutputTarget]:
+    """Each image's top class as a :class:`ClassifierOutputTarget` (scores ``[B, K]`` or ``[B, ...]``)."""
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(
+            "targets=None needs a model that returns class scores; pass explicit targets for this model"
+        )
+    flat = scores.reshape(scores.shape[0], -1) if scores.ndim > 2 else scores
+    return [ClassifierOutputTarget(int(c)) for c in flat.argmax(dim=-1).tolist()]
+
+
+def tensors_of(structure: Any) -> list[torch.Tensor]:
+    """Every tensor in a nested structure of tensors, mappings, lists and tuples, in order."""
+    if isinstance(structure, torch.Tensor):
+        return [structure]
+    if isinstance(structure, Mapping):
+        return [t for v in structure.values() for t in tensors_of(v)]
+    if isinstance(structure, (list, tuple)):
+        return [t for v in structure for t in tensors_of(v)]
+    return []
+
+
+def map_structure(structure: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """The same nested structure with ``fn`` applied to every tensor (named tuples kept)."""
+    if isinstance(structure, torch.Tensor):
+        return fn(structure)
+    if isinstance(structure, Mapping):
+        return type(structure)((k, map_structure(v, fn)) for k, v in structure.items())
+    if isinstance(structure, tuple) and hasattr(structure, "_fields"):
+        return type(structure)(*(map_structure(v, fn) for v in structure))
+    if isinstance(structure, (list, tuple)):
+        return type(structure)(map_structure(v, fn) for v in structure)
+    return structure
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode inside the block; the modules that were training are restored."""
+    training = [m for m in model.modules() if m.training]
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    """The device of the model's first parameter or buffer and its first floating dtype (or None)."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device, None
+    return torch.device("cpu"), None

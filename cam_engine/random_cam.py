@@ -1,0 +1,5 @@
+"""pytorch-grad-cam"s module path ``random_cam``: re-exports :mod:`cam_engine.baselines`."""
+
+from .baselines import RandomCAM
+
+__all__ = ["RandomCAM"]

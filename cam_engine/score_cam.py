@@ -1,0 +1,5 @@
+"""pytorch-grad-cam"s module path ``score_cam``: re-exports :mod:`cam_engine.perturbation`."""
+
+from .perturbation import ScoreCAM
+
+__all__ = ["ScoreCAM"]

@@ -1,0 +1,5 @@
+"""pytorch-grad-cam"s module path ``seg_eigen_cam``: re-exports :mod:`cam_engine.methods`."""
+
+from .methods import SegEigenCAM
+
+__all__ = ["SegEigenCAM"]

@@ -1,0 +1,29 @@
+"""pytorch-grad-cam's module path ``utils.model_targets``: re-exports :mod:`cam_engine.targets`."""
+
+from ..targets import (
+    BinaryClassifierOutputTarget,
+    ClassifierOutputReST,
+    ClassifierOutputSoftmaxTarget,
+    ClassifierOutputTarget,
+    DifferenceFromConceptTarget,
+    FasterRCNNBoxScoreTarget,
+    FinerWeightedTarget,
+    RawScoresOutputTarget,
+    SemanticSegmentationTarget,
+    SimilarityToConceptTarget,
+    SoftmaxOutputTarget,
+)
+
+__all__ = [
+    "BinaryClassifierOutputTarget",
+    "ClassifierOutputReST",
+    "ClassifierOutputSoftmaxTarget",
+    "ClassifierOutputTarget",
+    "DifferenceFromConceptTarget",
+    "FasterRCNNBoxScoreTarget",
+    "FinerWeightedTarget",
+    "RawScoresOutputTarget",
+    "SemanticSegmentationTarget",
+    "SimilarityToConceptTarget",
+    "SoftmaxOutputTarget",
+]
