@@ -11,7 +11,8 @@ One TorchServe on free loopback ports serves, side by side:
   with the same worker count and batch settings (batchSize, maxBatchDelay) as ours.
 
 The comparison is like for like: one worker each, the same ``OMP_NUM_THREADS`` per worker, the same
-batch settings (``--unbatched`` adds batchSize-1 archives of both, ours and stock), the same request
+batch settings (``--batch SIZE:DELAY`` adds archives of both with other batch settings, measured in the
+same rounds; ``--unbatched`` is ``--batch 1:0``), the same request
 bytes and content type. The clients keep every 5th answer of ours and check them after the timed run,
 so checking (JSON and PNG decoding on the same CPUs) does not slow the side being measured.
 
@@ -54,8 +55,8 @@ from model_store.build import ArchiveSpec, _load_weights, build_archive, imagene
 
 MODEL = "efficientnet_lite0"
 STOCK = "stock_lite0"
-UNBATCHED = "efficientnet_lite0_b1"
-STOCK_UNBATCHED = "stock_lite0_b1"
+OTHER = "efficientnet_lite0_other"  # --batch: the same archive with other batch settings
+STOCK_OTHER = "stock_lite0_other"
 SERVING_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay")  # given to stock as to ours
 ENDPOINTS = [("ours /predictions", MODEL, "predictions"), ("ours /explanations", MODEL, "explanations"),
              ("stock /predictions", STOCK, "predictions")]  # fmt: skip
@@ -155,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         "(ours sizes itself to the CPUs, handlers/threads.py; stock takes torch's default)",
     )  # fmt: skip
     parser.add_argument(
-        "--unbatched", action="store_true",
-        help="also serve ours and stock with batchSize 1 (and maxBatchDelay 0), measured in the same rounds",
+        "--batch", default=None, metavar="SIZE:DELAY",
+        help="also serve ours and stock with batchSize SIZE and maxBatchDelay DELAY ms, measured in the same rounds",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unbatched", action="store_true", help="the same as --batch 1:0",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -169,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("OMP_NUM_THREADS", None)
     inputs = photos()
     endpoints = list(ENDPOINTS)
-    if args.unbatched:
-        endpoints += [("ours b1 /predictions", UNBATCHED, "predictions"), ("ours b1 /explanations", UNBATCHED, "explanations"),
-                      ("stock b1 /predictions", STOCK_UNBATCHED, "predictions")]  # fmt: skip
+    other = None
+    if args.unbatched or args.batch:
+        size, _, delay = (args.batch or "1:0").partition(":")
+        other = {"batchSize": int(size), "maxBatchDelay": int(delay or 0)}
+        tag = f"b{other['batchSize']}/{other['maxBatchDelay']}ms"
+        endpoints += [(f"ours {tag} /predictions", OTHER, "predictions"), (f"ours {tag} /explanations", OTHER, "explanations"),
+                      (f"stock {tag} /predictions", STOCK_OTHER, "predictions")]  # fmt: skip
     load_before = os.getloadavg()
     rates: dict[tuple[str, int, str], list[float]] = {}
     failures = 0
@@ -181,13 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         print("building archives ...", flush=True)
         build_archive(ArchiveSpec(config=MODEL), store, log=lambda line: None)
         build_stock_archive(store, workdir)
-        if args.unbatched:
-            unbatched = {"batchSize": 1, "maxBatchDelay": 0}
-            build_archive(ArchiveSpec(config=MODEL, archive_name=UNBATCHED, overrides=unbatched), store, log=lambda line: None)
-            build_stock_archive(store, workdir, STOCK_UNBATCHED, unbatched)
+        if other:
+            build_archive(ArchiveSpec(config=MODEL, archive_name=OTHER, overrides=other), store, log=lambda line: None)
+            build_stock_archive(store, workdir, STOCK_OTHER, other)
         ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
         print("starting TorchServe ...", flush=True)
-        models = [MODEL, STOCK] + ([UNBATCHED, STOCK_UNBATCHED] if args.unbatched else [])
+        models = [MODEL, STOCK] + ([OTHER, STOCK_OTHER] if other else [])
         server = serve.start(workdir, store, models, ports=ports, timeout=300)
         try:
             for photo in inputs:  # warm-up: lazy initialisation, first-call allocations
@@ -220,25 +227,25 @@ def main(argv: list[str] | None = None) -> int:
                    "ours_explanations": ours_e, "stock_predictions": stock_p,
                    "predictions_ours_over_stock": ours_p / stock_p, "explanations_over_stock_predictions": ours_e / stock_p,
                    "explanations_over_our_predictions": ours_e / ours_p}  # fmt: skip
-            if args.unbatched:
-                row["unbatched_predictions"] = statistics.median(rates[(photo.format, n, "ours b1 /predictions")])
-                row["unbatched_explanations"] = statistics.median(rates[(photo.format, n, "ours b1 /explanations")])
-                row["unbatched_stock_predictions"] = statistics.median(rates[(photo.format, n, "stock b1 /predictions")])
+            if other:
+                for key, (name, _, _) in zip(("other_predictions", "other_explanations", "other_stock_predictions"), endpoints[3:]):
+                    row[key] = statistics.median(rates[(photo.format, n, name)])
             figures.append(row)
             print(f"| {row['input']} | {n} | {ours_p:.1f} | {ours_e:.1f} | {stock_p:.1f} | {ours_p / stock_p:.2f}x "
                   f"| {ours_e / stock_p:.2f}x | {ours_e / ours_p:.2f}x |")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"threads": args.threads, "failures": failures, "rows": figures}, indent=1))
-    if args.unbatched:
+    if other:
         print()
-        print("| input | users | batchSize 1: ours /predictions | ours /explanations | stock /predictions "
+        print(f"| input | users | batchSize {other['batchSize']}, maxBatchDelay {other['maxBatchDelay']}: ours /predictions "
+              "| ours /explanations | stock /predictions "
               "| ÷ stock /predictions (pred, expl) |")  # fmt: skip
         print("|---|---:|---:|---:|---:|---:|")
         for row in figures:
-            stock = row["unbatched_stock_predictions"]
-            print(f"| {row['input']} | {row['users']} | {row['unbatched_predictions']:.1f} | {row['unbatched_explanations']:.1f} "
-                  f"| {stock:.1f} | {row['unbatched_predictions'] / stock:.2f}x, {row['unbatched_explanations'] / stock:.2f}x |")  # fmt: skip
+            stock = row["other_stock_predictions"]
+            print(f"| {row['input']} | {row['users']} | {row['other_predictions']:.1f} | {row['other_explanations']:.1f} "
+                  f"| {stock:.1f} | {row['other_predictions'] / stock:.2f}x, {row['other_explanations'] / stock:.2f}x |")  # fmt: skip
     return 1 if failures else 0
 
 

@@ -203,7 +203,7 @@ class CamHandler:
         self.model = self.load_model(model_dir).to(self.device).eval()
         for parameter in self.model.parameters():  # serving never needs parameter gradients
             parameter.requires_grad_(False)
-        self.predict, self.channels_last = fast_forward.prepare(self)  # unexplained batches; CAMs' memory layout
+        self.predict, self.channels_last = fast_forward.prepare(self)  # see handlers.fast_forward
         self.cams = self._build_cams()
         self._metrics = _Metrics(context, self.model_name)
         self._warm_up()
