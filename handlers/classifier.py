@@ -34,6 +34,7 @@ class ClassifierHandler(CamHandler):
     """Predictions (softmax top-k) and class CAMs for any classifier the config describes."""
 
     task_options = ("targets", "top_k")
+    fast_forward = True  # frozen copy for predictions, channels-last for CAMs (handlers.fast_forward)
 
     def parse_task_options(self, request: ParsedRequest, options: Mapping[str, Any]) -> None:
         """``targets`` -> list of class indices (or None for the top class); ``top_k`` -> int."""

@@ -7,7 +7,9 @@ image is copied once (PIL's buffer into NumPy). Heatmaps are 8-bit grayscale PNG
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -59,15 +61,32 @@ def decode_image(raw: bytes | bytearray, max_image_pixels: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)  # a [3, h, w] view (channels-last strides), not a copy
 
 
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
 def encode_png(gray: np.ndarray) -> bytes:
     """uint8 ``[h, w]`` -> 8-bit grayscale PNG bytes.
 
-    zlib level 1: a smooth heatmap encodes 3-5x faster than at level 6 for ~1.3-1.7x the bytes (25 KB
-    instead of 19 KB at 451x300); above 16 MP level 6 keeps large heatmaps far from the response limit.
+    Written directly with zlib: every row uses the PNG "Up" filter (row minus the row above, one NumPy
+    subtraction), which suits smooth heatmaps, and zlib level 1: at 451x300 this takes ~1.0 ms and ~27 KB
+    against ~1.9 ms and ~23 KB for Pillow at level 1 (~3-5x faster than Pillow's default level 6 at
+    ~1.4x its 19 KB). Above 16 MP level 6 keeps large heatmaps far from the response limit.
     """
-    buffer = io.BytesIO()
-    Image.fromarray(gray).save(buffer, format="PNG", compress_level=1 if gray.size <= 16_000_000 else 6)
-    return buffer.getvalue()
+    gray = np.ascontiguousarray(gray, dtype=np.uint8)
+    height, width = gray.shape
+    rows = np.empty((height, width + 1), np.uint8)
+    rows[:, 0] = 2  # filter type Up
+    rows[:1, 1:] = gray[:1]
+    np.subtract(gray[1:], gray[:-1], out=rows[1:, 1:])  # modulo 256, as the filter defines
+    level = 1 if gray.size <= 16_000_000 else 6
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale, no interlace
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:

@@ -1,0 +1,175 @@
+"""Faster forward passes for serving: a frozen, inference-optimised copy of the model for batches that no
+request asks to explain; for the eager model that explanations hook into, batch norms folded into the
+convolutions before them and channels-last memory.
+
+Measured on EfficientNet-Lite0, one CPU thread (``bench/bench_serving.py`` and the issue-16 notes in the
+README): eager 35 ms/image, TorchScript trace (what stock TorchServe serves) 32, channels-last eager 32,
+trace + ``torch.jit.freeze`` + ``torch.jit.optimize_for_inference`` (batch norm folded into the
+convolutions, MKL-DNN layouts) 22 at batch 1 and 16 at batch 4.
+
+The frozen copy is an optimisation only: it is built at load time, checked against the eager model on a
+random batch of two, and dropped (the eager model then answers everything) when tracing fails, the model
+does not return one tensor, the device is not a CPU, or the outputs differ by more than ``TOLERANCE``.
+Explanations always run on the eager model (cam_engine hooks its layers). :func:`fold_batch_norms` folds
+every batch norm whose input is exactly the output of the convolution that ran just before it (found by
+one hooked forward pass); the batch norm module is replaced in place, under the same name, by what
+remains of it (timm's ``BatchNormAct2d``: its drop and activation; a plain ``BatchNorm2d``: identity), so
+a target layer such as ``bn2`` still resolves and outputs the same values. The folded model is checked
+against the original on a random batch and the fold is undone when they differ (a convolution output
+that something else also reads).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+__all__ = ["TOLERANCE", "build_predictor", "fold_batch_norms", "to_channels_last", "prepare"]
+
+logger = logging.getLogger(__name__)
+
+#: largest absolute difference of the frozen copy's outputs from the eager model's, relative to the
+#: outputs' largest magnitude (batch-norm folding changes the float rounding, ~1e-6 relative)
+TOLERANCE = 1e-4
+
+
+def build_predictor(
+    model: nn.Module, input_size: tuple[int, ...], device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A frozen, optimised TorchScript copy of ``model`` (eval, fp32, CPU) for inputs ``[B, 3, *input_size]``.
+
+    Returns None (and logs why) when no such copy can stand in for the eager model.
+    """
+    if device.type != "cpu":
+        return None
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes and dtypes != {torch.float32}:
+        return None
+    example = torch.rand((1, 3, *input_size))
+    check = torch.rand((2, 3, *input_size))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, example, check_trace=False)
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+            expected = model(check)
+            got = frozen(check)
+    except Exception as error:  # noqa: BLE001 - any failure only means: serve with the eager model
+        logger.info("no frozen predictor (%s: %s); predictions use the eager model", type(error).__name__, error)
+        return None
+    if not isinstance(expected, torch.Tensor) or not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        logger.info("no frozen predictor: the model does not return one tensor; predictions use the eager model")
+        return None
+    scale = float(expected.abs().max()) or 1.0
+    error = float((got - expected).abs().max()) / scale
+    if not error <= TOLERANCE:
+        logger.warning("frozen predictor differs from the eager model by %.2g (relative); not used", error)
+        return None
+    logger.info("predictions use a frozen TorchScript copy (relative difference %.2g)", error)
+    return frozen
+
+
+
+class _AfterNorm(nn.Module):
+    """What is left of a folded ``BatchNormAct2d``: its dropout and activation (identity for a plain batch norm)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.drop = getattr(norm, "drop", nn.Identity())
+        self.act = getattr(norm, "act", nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+def _conv_norm_pairs(model: nn.Module, input_size: tuple[int, ...]) -> list[tuple[str, str]]:
+    """``(conv name, batch-norm name)`` where the norm's input is the output of the conv that ran just before."""
+    names = {module: name for name, module in model.named_modules()}
+    last: list[Any] = [None, None]  # (conv module, its output)
+    pairs: list[tuple[str, str]] = []
+
+    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if isinstance(module, nn.Conv2d):
+            last[:] = [module, output]
+        elif isinstance(module, nn.BatchNorm2d):
+            if last[0] is not None and inputs and inputs[0] is last[1] and module.track_running_stats:
+                pairs.append((names[last[0]], names[module]))
+            last[:] = [None, None]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    try:
+        with torch.no_grad():
+            model(torch.rand((1, 3, *input_size)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return pairs
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def fold_batch_norms(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """Fold each eval-mode batch norm into the convolution feeding it, in place; returns how many were folded
+    (0 and ``model`` untouched when the folded model's outputs would differ by more than ``TOLERANCE``)."""
+    try:
+        pairs = _conv_norm_pairs(model, input_size)
+    except Exception as error:  # noqa: BLE001 - no fold, the model stays as it is
+        logger.info("batch norms not folded (%s: %s)", type(error).__name__, error)
+        return 0
+    if not pairs:
+        return 0
+    folded = copy.deepcopy(model)
+    for conv_name, norm_name in pairs:
+        conv, norm = folded.get_submodule(conv_name), folded.get_submodule(norm_name)
+        weight, bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+        )
+        conv.weight, conv.bias = weight.requires_grad_(False), bias.requires_grad_(False)
+        _set(folded, norm_name, _AfterNorm(norm))
+    check = torch.rand((2, 3, *input_size))
+    with torch.no_grad():
+        expected, got = model(check), folded(check)
+    if not isinstance(expected, torch.Tensor) or not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        return 0
+    error = float((got - expected).abs().max()) / (float(expected.abs().max()) or 1.0)
+    if not error <= TOLERANCE:
+        logger.warning("folding %d batch norms changes the outputs by %.2g (relative); not folded", len(pairs), error)
+        return 0
+    for conv_name, norm_name in pairs:
+        _set(model, conv_name, folded.get_submodule(conv_name))
+        _set(model, norm_name, folded.get_submodule(norm_name))
+    logger.info("folded %d batch norms into their convolutions (relative difference %.2g)", len(pairs), error)
+    return len(pairs)
+
+
+def to_channels_last(model: nn.Module) -> bool:
+    """Put ``model``'s 4-d weights in channels-last memory when it has convolutions; True when it did."""
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True
+
+
+def prepare(handler: Any) -> tuple[Callable[[torch.Tensor], Any], bool]:
+    """``(predict, channels_last)`` for a loaded handler: ``predict`` answers unexplained batches under
+    ``torch.inference_mode`` (the frozen copy when the handler's class sets ``fast_forward = True`` and
+    one can be built, else the eager model); the eager model gets its batch norms folded (CPU) and
+    channels-last weights, and ``channels_last`` tells whether it did (explained batches should match)."""
+    model = handler.model
+    if not getattr(handler, "fast_forward", False):
+        return torch.inference_mode()(model), False
+    size = tuple(handler.config.preprocessing.input_size)
+    predictor = build_predictor(model, size, handler.device) or model
+    if handler.device.type == "cpu" and not model.training:
+        fold_batch_norms(model, size)
+    return torch.inference_mode()(predictor), to_channels_last(model)

@@ -1,0 +1,89 @@
+"""handlers.fast_forward: the frozen prediction copy and the batch-norm fold change speed, never answers."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+import cam_engine
+from handlers import fast_forward
+
+
+def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine terms, so a wrong fold shows in the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model.eval().requires_grad_(False)
+
+
+class ConvNormReadTwice(nn.Module):
+    """The conv's output feeds the batch norm *and* a residual sum: folding would change the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return (self.bn(y) + y).mean(dim=(2, 3))
+
+
+class DictOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"scores": self.conv(x).mean(dim=(2, 3))}
+
+
+def test_frozen_predictor_matches_the_eager_model_at_any_batch_size() -> None:
+    torch.manual_seed(0)
+    model = _randomise_norms(torchvision.models.resnet18(num_classes=10))
+    predictor = fast_forward.build_predictor(model, (64, 64), torch.device("cpu"))
+    assert predictor is not None
+    x = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        expected, got = model(x), predictor(x)
+    assert got.shape == (3, 10)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_no_frozen_predictor_for_a_model_without_one_output_tensor() -> None:
+    assert fast_forward.build_predictor(DictOutput().eval(), (16, 16), torch.device("cpu")) is None
+
+
+def test_folded_resnet_gives_the_same_outputs_and_cams_under_the_same_layer_names() -> None:
+    torch.manual_seed(1)
+    original = _randomise_norms(torchvision.models.resnet18(num_classes=10))
+    model = _randomise_norms(torchvision.models.resnet18(num_classes=10))
+    model.load_state_dict(original.state_dict())
+    assert fast_forward.fold_batch_norms(model, (64, 64)) == 20  # every conv -> bn pair, downsamples included
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert fast_forward.to_channels_last(model)
+    x = torch.rand(2, 3, 64, 64)
+    targets = [[cam_engine.targets.ClassifierOutputTarget(3)], [cam_engine.targets.ClassifierOutputTarget(7)]]
+    expected = cam_engine.create("gradcam", original, [cam_engine.resolve_layer(original, "layer4.-1.bn2")]).run(x, targets)
+    got = cam_engine.create("gradcam", model, [cam_engine.resolve_layer(model, "layer4.-1.bn2")]).run(
+        x.contiguous(memory_format=torch.channels_last), targets
+    )
+    assert torch.allclose(got.outputs, expected.outputs, atol=1e-4)
+    assert got.cams.shape == expected.cams.shape == (2, 64, 64)
+    assert float((got.cams - expected.cams).abs().max()) < 1e-4
+
+
+def test_a_conv_output_read_elsewhere_is_not_folded() -> None:
+    torch.manual_seed(2)
+    model = _randomise_norms(ConvNormReadTwice())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fast_forward.fold_batch_norms(model, (8, 8)) == 0
+    assert isinstance(model.bn, nn.BatchNorm2d)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
