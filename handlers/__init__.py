@@ -9,5 +9,5 @@
 - :mod:`handlers.config` - the validated ``handler:`` section of model-config.yaml;
 - :mod:`handlers.preprocess` - resize/letterbox/crop and its exact inverse;
 - :mod:`handlers.architectures` - architecture name -> builder registry;
-- :mod:`handlers.audit` - the prediction audit trail; :mod:`handlers.audit_report` - its HTML report.
+- :mod:`handlers.audit` - the prediction audit trail; :mod:`handlers.audit.report` - its HTML report.
 """

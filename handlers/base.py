@@ -69,6 +69,8 @@ class TopClassTarget:
     Lets one batched ``cam.run`` explain "the top class" for some images and given classes for others.
     """
 
+    kind = "top_class"  # what the audit observer reads (handlers.audit.TOP_CLASS)
+
     def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
         return model_output.max(dim=-1).values
 
@@ -258,7 +260,7 @@ class CamHandler:
         self.cams = self._build_cams()
         self._metrics = _Metrics(context, self.model_name)
         self._warm_up()
-        self.audit = Auditor(self, context)
+        self.audit = Auditor(self, context, metrics=metrics_cache(context))
         self.initialized = True
         logger.info(
             "model %s loaded from %s: handlers at %s, cam_engine at %s, weights %s",

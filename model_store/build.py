@@ -53,6 +53,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent
 PACKAGES = ("handlers", "cam_engine")
+#: offline tools inside the packages that serving never imports: left out of archives
+OFFLINE_ONLY = ("handlers/audit/report.py", "handlers/audit/__main__.py")
 HANDLERS = {
     "classifier": "handlers/classifier.py",
     "detection": "handlers/detection.py",
@@ -99,6 +101,13 @@ class ArchiveSpec:
     allow_random_weights: bool = False
     task: str | None = None
     extra_files: Mapping[str, str | Path | Callable[[], str | Path]] = field(default_factory=dict)
+
+
+def _package_ignore(directory: str, names: list[str]) -> set[str]:
+    """``shutil.copytree`` ignore for the shipped packages: caches and :data:`OFFLINE_ONLY`."""
+    skipped = set(shutil.ignore_patterns("__pycache__", "*.pyc")(directory, names))
+    relative = Path(directory).resolve().relative_to(REPO_ROOT.resolve())
+    return skipped | {name for name in names if (relative / name).as_posix() in OFFLINE_ONLY}
 
 
 def imagenet_labels() -> list[str]:
@@ -419,7 +428,7 @@ def build_archive(
         }
         (extra / "build_info.json").write_text(json.dumps(info, indent=1))
         for package in PACKAGES:
-            shutil.copytree(REPO_ROOT / package, extra / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(REPO_ROOT / package, extra / package, ignore=_package_ignore)
         check_dir = stage / "check"
         shutil.copytree(extra, check_dir)
         if model is not None:
