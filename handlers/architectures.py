@@ -4,7 +4,7 @@ The handler builds the architecture named in its config and loads the archived s
 ``model_store.build`` uses the same builders. Names registered here are the ones configs use::
 
     model = build("resnet50", num_classes=1000)
-    list_architectures()  # ['densenet121', 'deit_small', 'efficientnet_lite0', ...]
+    get_architecture("resnet50").reshape  # 'none'; 'vit' for a ViT: reshape_transform("vit")
 
 ``torchvision/<name>`` and ``timm/<name>`` build any model those libraries know, for tests and
 experiments; ``ultralytics/<cfg>`` builds a YOLO detector (``ultralytics/yolov8n``, optional package,
@@ -27,7 +27,7 @@ __all__ = [
     "register",
     "build",
     "get_architecture",
-    "list_architectures",
+    "reshape_transform",
     "SegmentationLogits",
     "freeze_batch_norm",
 ]
@@ -232,6 +232,14 @@ def build(name: str, num_classes: int, **options: Any) -> nn.Module:
     return get_architecture(name).builder(num_classes, **options).eval()
 
 
-def list_architectures() -> list[str]:
-    """The registered names, sorted."""
-    return sorted(_REGISTRY)
+def reshape_transform(reshape: str) -> Callable[[Any], Any] | None:
+    """cam_engine's reshape transform for a ``reshape`` setting ``none``/``vit``/``swin``/``fasterrcnn``
+    (``auto`` is resolved by the caller through :func:`get_architecture`); None for ``none``."""
+    import cam_engine
+
+    return {
+        "none": None,
+        "vit": cam_engine.reshape.vit_reshape_transform,
+        "swin": cam_engine.reshape.swin_reshape_transform,
+        "fasterrcnn": cam_engine.reshape.fasterrcnn_reshape_transform,
+    }[reshape]

@@ -138,7 +138,8 @@ def decode_image(raw: bytes | bytearray, max_image_pixels: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def _b64(value: Any, key: str) -> bytes:
+def decode_base64(value: Any, key: str) -> bytes:
+    """The bytes of a base64 string (a ``data:...;base64,`` URL's payload too); :class:`RequestError` naming ``key``."""
     if not isinstance(value, str):
         raise RequestError(f"{key} must be a base64 string, got {type(value).__name__}")
     if value.startswith("data:") and "," in value:
@@ -324,12 +325,7 @@ class CamHandler:
                 reshape = architectures.get_architecture(self.config.architecture).reshape
             except KeyError:
                 reshape = "none"
-        return {
-            "none": None,
-            "vit": cam_engine.reshape.vit_reshape_transform,
-            "swin": cam_engine.reshape.swin_reshape_transform,
-            "fasterrcnn": cam_engine.reshape.fasterrcnn_reshape_transform,
-        }[reshape]
+        return architectures.reshape_transform(reshape)
 
     def _build_cams(self) -> dict[str, cam_engine.BaseCAM]:
         explanation = self.config.explanation
@@ -416,7 +412,7 @@ class CamHandler:
             options = dict(raw)
             if "image" not in options:
                 raise RequestError('JSON requests need "image": "<base64 image>"')
-            raw = _b64(options.pop("image"), "image")
+            raw = decode_base64(options.pop("image"), "image")
         elif not isinstance(raw, (bytes, bytearray)):
             raise RequestError(f"the JSON body must be an object, got {type(raw).__name__}")
         return bytes(raw), options

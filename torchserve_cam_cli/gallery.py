@@ -114,7 +114,8 @@ def load_model_spec(
     import cam_engine
     from handlers import architectures
     from handlers.config import ConfigError, PreprocessingConfig
-    from model_store.build import CONFIG_DIR, BuildError, _labels, _load_weights, load_config
+    from model_store.build import CONFIG_DIR, BuildError, load_config, load_weights
+    from model_store.labels import resolve_labels
 
     configs = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     handler: dict[str, Any] = {}
@@ -146,7 +147,7 @@ def load_model_spec(
     if num_classes is not None:
         labels = [str(i) for i in range(num_classes)]
     else:
-        labels = _labels(handler) or _labels({"labels": "imagenet"})
+        labels = resolve_labels(handler) or resolve_labels({"labels": "imagenet"})
     try:
         preprocessing = PreprocessingConfig.from_dict(handler.get("preprocessing"))
     except ConfigError as error:
@@ -158,7 +159,7 @@ def load_model_spec(
         raise CliError(f"{name}: no weights: give --weights PATH (a state dict); --random-weights for a layout check")
     model = architectures.build(handler["architecture"], len(labels))
     try:
-        described = _load_weights(model, source, allow_random=random_weights).replace("--allow-", "--")
+        described = load_weights(model, source, allow_random=random_weights).replace("--allow-", "--")
     except BuildError as error:
         raise CliError(f"{name}: {error}".replace("--allow-random-weights", "--random-weights")) from None
     model = model.to(device).eval()
@@ -170,11 +171,7 @@ def load_model_spec(
             cam_engine.resolve_layer(model, path)
         except cam_engine.LayerNotFoundError as error:
             raise CliError(f"--layer: {error}") from None
-    transform = {
-        "none": None,
-        "vit": cam_engine.reshape.vit_reshape_transform,
-        "swin": cam_engine.reshape.swin_reshape_transform,
-    }[reshape]
+    transform = architectures.reshape_transform(reshape)
     return ModelSpec(name, model, labels, preprocessing, target_layers, transform, described)
 
 
