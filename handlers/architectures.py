@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "build",
     "get_architecture",
     "reshape_transform",
+    "load_state",
     "SegmentationLogits",
     "freeze_batch_norm",
 ]
@@ -230,6 +232,22 @@ def build(name: str, num_classes: int, **options: Any) -> nn.Module:
 
     ``options`` go to the builder (the config's ``model_options``)."""
     return get_architecture(name).builder(num_classes, **options).eval()
+
+
+def load_state(
+    model: nn.Module, path: Path, state: Mapping[str, Any] | None = None, drop_prefixes: tuple[str, ...] = ()
+) -> None:
+    """Load the state-dict file ``path`` (or its already-read ``state``) into ``model``, strictly.
+
+    A ``{"state_dict": ...}`` wrapper is unwrapped; keys under ``drop_prefixes`` (an embedding model's
+    removed head) are dropped. Raises RuntimeError when the tensors do not fit the model."""
+    if state is None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if drop_prefixes:
+        state = {k: v for k, v in state.items() if not k.startswith(drop_prefixes)}
+    model.load_state_dict(state, strict=True)
 
 
 def reshape_transform(reshape: str) -> Callable[[Any], Any] | None:

@@ -310,9 +310,8 @@ class CamHandler:
             path = model_dir / self.config.weights
             if not path.exists():
                 raise ConfigError(f"handler.weights: file {self.config.weights!r} is not in the archive")
-            state = torch.load(path, map_location="cpu", weights_only=True)
             try:
-                model.load_state_dict(state, strict=True)
+                architectures.load_state(model, path)
             except RuntimeError as error:
                 raise ConfigError(f"handler.weights: does not fit {self.config.architecture}: {error}") from None
         return model

@@ -185,17 +185,11 @@ def load_weights(
     if not path.exists():
         raise BuildError(f"weights: file {path} does not exist")
     hint = ""
-    if state is None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    elif "__config__" in state:  # a YOLO checkpoint names the model YAML it was built from
+    if state is not None and "__config__" in state:  # a YOLO checkpoint names the model YAML it was built from
         state = dict(state)
         hint = f" ({path.name} was built from {state.pop('__config__')}.yaml: set handler.architecture to match)"
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if drop_prefixes:
-        state = {k: v for k, v in state.items() if not k.startswith(drop_prefixes)}
     try:
-        model.load_state_dict(state, strict=True)
+        architectures.load_state(model, path, state, drop_prefixes)
     except RuntimeError as error:
         raise BuildError(f"weights: {path} does not fit the architecture{hint}: {error}") from None
     return f"file:{path.name} (sha256:{_sha256(path)[:16]})"
