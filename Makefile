@@ -41,7 +41,7 @@ lint: $(STAMP)
 DEFAULT_MODEL ?= efficientnet_lite0
 MODELS ?= $(DEFAULT_MODEL)
 ARCHIVES := $(foreach m,$(MODELS),model_store/$(m).mar)
-ARCHIVE_CODE := $(wildcard handlers/*.py cam_engine/*.py cam_engine/*/*.py model_store/build.py)
+ARCHIVE_CODE := $(wildcard handlers/*.py handlers/*/*.py cam_engine/*.py cam_engine/*/*.py model_store/build.py)
 GRACE ?= 30
 
 model_store/%.mar: $(STAMP) model_store/configs/%.yaml $(ARCHIVE_CODE)

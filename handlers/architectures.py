@@ -4,7 +4,7 @@ The handler builds the architecture named in its config and loads the archived s
 ``model_store.build`` uses the same builders. Names registered here are the ones configs use::
 
     model = build("resnet50", num_classes=1000)
-    list_architectures()  # ['densenet121', 'deit_small', 'efficientnet_lite0', ...]
+    get_architecture("resnet50").reshape  # 'none'; 'vit' for a ViT: reshape_transform("vit")
 
 ``torchvision/<name>`` and ``timm/<name>`` build any model those libraries know, for tests and
 experiments; ``ultralytics/<cfg>`` builds a YOLO detector (``ultralytics/yolov8n``, optional package,
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +28,8 @@ __all__ = [
     "register",
     "build",
     "get_architecture",
-    "list_architectures",
+    "reshape_transform",
+    "load_state",
     "SegmentationLogits",
     "freeze_batch_norm",
 ]
@@ -232,6 +234,30 @@ def build(name: str, num_classes: int, **options: Any) -> nn.Module:
     return get_architecture(name).builder(num_classes, **options).eval()
 
 
-def list_architectures() -> list[str]:
-    """The registered names, sorted."""
-    return sorted(_REGISTRY)
+def load_state(
+    model: nn.Module, path: Path, state: Mapping[str, Any] | None = None, drop_prefixes: tuple[str, ...] = ()
+) -> None:
+    """Load the state-dict file ``path`` (or its already-read ``state``) into ``model``, strictly.
+
+    A ``{"state_dict": ...}`` wrapper is unwrapped; keys under ``drop_prefixes`` (an embedding model's
+    removed head) are dropped. Raises RuntimeError when the tensors do not fit the model."""
+    if state is None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if drop_prefixes:
+        state = {k: v for k, v in state.items() if not k.startswith(drop_prefixes)}
+    model.load_state_dict(state, strict=True)
+
+
+def reshape_transform(reshape: str) -> Callable[[Any], Any] | None:
+    """cam_engine's reshape transform for a ``reshape`` setting ``none``/``vit``/``swin``/``fasterrcnn``
+    (``auto`` is resolved by the caller through :func:`get_architecture`); None for ``none``."""
+    import cam_engine
+
+    return {
+        "none": None,
+        "vit": cam_engine.reshape.vit_reshape_transform,
+        "swin": cam_engine.reshape.swin_reshape_transform,
+        "fasterrcnn": cam_engine.reshape.fasterrcnn_reshape_transform,
+    }[reshape]

@@ -19,7 +19,6 @@ device-to-host copy per batch; per-request 4xx errors; custom metrics; and the m
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from cam_engine import image as cam_image
 
 from . import architectures, fast_forward, limits, serving, threads
 from .audit import Auditor
-from .codec import decode_image, encode_jpeg, encode_png
+from .codec import decode_base64, decode_image, encode_jpeg, encode_png
 from .config import ConfigError, HandlerConfig
 from .errors import RequestError
 from .preprocess import Geometry, preprocess, to_source
@@ -66,6 +65,8 @@ class TopClassTarget:
 
     Lets one batched ``cam.run`` explain "the top class" for some images and given classes for others.
     """
+
+    kind = "top_class"  # what the audit observer reads (handlers.audit.TOP_CLASS)
 
     def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
         return model_output.max(dim=-1).values
@@ -96,17 +97,6 @@ class ParsedRequest:
     raw: bytes = b""  # the encoded image bytes as submitted (the audit hashes them)
     audited: bool = False  # sampled for the audit trail (handlers.audit)
     request_index: int = 0  # the TorchServe request it came in (one request may carry several images)
-
-
-def _b64(value: Any, key: str) -> bytes:
-    if not isinstance(value, str):
-        raise RequestError(f"{key} must be a base64 string, got {type(value).__name__}")
-    if value.startswith("data:") and "," in value:
-        value = value.split(",", 1)[1]
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(f"{key} is not valid base64") from None
 
 
 def _bool_option(options: Mapping[str, Any], key: str, default: bool) -> bool:
@@ -207,7 +197,7 @@ class CamHandler:
         self.cams = self._build_cams()
         self._metrics = _Metrics(context, self.model_name)
         self._warm_up()
-        self.audit = Auditor(self, context)
+        self.audit = Auditor(self, context, metrics=metrics_cache(context))
         self.initialized = True
         logger.info(
             "model %s loaded from %s: handlers at %s, cam_engine at %s, weights %s",
@@ -256,9 +246,8 @@ class CamHandler:
             path = model_dir / self.config.weights
             if not path.exists():
                 raise ConfigError(f"handler.weights: file {self.config.weights!r} is not in the archive")
-            state = torch.load(path, map_location="cpu", weights_only=True)
             try:
-                model.load_state_dict(state, strict=True)
+                architectures.load_state(model, path)
             except RuntimeError as error:
                 raise ConfigError(f"handler.weights: does not fit {self.config.architecture}: {error}") from None
         return model
@@ -271,12 +260,7 @@ class CamHandler:
                 reshape = architectures.get_architecture(self.config.architecture).reshape
             except KeyError:
                 reshape = "none"
-        return {
-            "none": None,
-            "vit": cam_engine.reshape.vit_reshape_transform,
-            "swin": cam_engine.reshape.swin_reshape_transform,
-            "fasterrcnn": cam_engine.reshape.fasterrcnn_reshape_transform,
-        }[reshape]
+        return architectures.reshape_transform(reshape)
 
     def _build_cams(self) -> dict[str, cam_engine.BaseCAM]:
         explanation = self.config.explanation
@@ -363,7 +347,7 @@ class CamHandler:
             options = dict(raw)
             if "image" not in options:
                 raise RequestError('JSON requests need "image": "<base64 image>"')
-            raw = _b64(options.pop("image"), "image")
+            raw = decode_base64(options.pop("image"), "image")
         elif not isinstance(raw, (bytes, bytearray)):
             raise RequestError(f"the JSON body must be an object, got {type(raw).__name__}")
         return bytes(raw), options

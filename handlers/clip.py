@@ -48,7 +48,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import cam_engine
 from handlers.base import CamHandler, ParsedRequest, RequestError
 from handlers.clip_model import (
     ClipConfig,
@@ -57,7 +56,9 @@ from handlers.clip_model import (
     PromptTarget,
     TextEmbeddingCache,
     TextEntry,
+    clip_reshape,
     clip_section,
+    load_clip,
 )
 from handlers.config import ConfigError, HandlerConfig
 
@@ -96,14 +97,7 @@ class ClipHandler(CamHandler):
 
     def load_model(self, model_dir: Path) -> nn.Module:
         """The vision tower as the CAM model; the text tower and tokenizer are kept beside it."""
-        from transformers import AutoTokenizer, CLIPModel
-
-        try:
-            clip = CLIPModel.from_pretrained(str(self.clip_dir))
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.clip_dir))
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"handler.clip.model_dir: cannot load a CLIP from {self.clip_dir}: {error}") from None
-        clip.eval()
+        clip, self.tokenizer = load_clip(self.clip_dir, tokenizer=True)
         self.vision_config = clip.config.vision_config
         self.logit_scale = float(clip.logit_scale.detach().exp())
         limit = getattr(self.tokenizer, "model_max_length", None) or 10**9
@@ -118,9 +112,7 @@ class ClipHandler(CamHandler):
 
     def reshape_transform(self) -> Any:
         """cam_engine's CLIP reshape with the grid from ``vision_config`` (B/32, B/16, L/14, L/14@336)."""
-        if self.config.explanation.reshape == "none":
-            return None
-        return cam_engine.reshape.clip_reshape_for(self.vision_config)
+        return clip_reshape(self.vision_config, self.config.explanation.reshape)
 
     def _load_labels(self, model_dir: Path) -> list[str]:
         labels = super()._load_labels(model_dir)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, _check_keys, _choice, _int
+import cam_engine
+
+from .config import ClipConfig, ConfigError
 
 __all__ = [
     "DEFAULT_TARGET_LAYER",
@@ -27,45 +28,14 @@ __all__ = [
     "TextEmbeddingCache",
     "resolve_clip_dir",
     "clip_section",
+    "clip_reshape",
+    "load_clip",
     "processor_preprocessing",
     "directory_digest",
 ]
 
 DEFAULT_TARGET_LAYER = "vision_model.encoder.layers.-1.layer_norm1"
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
-
-
-@dataclass(frozen=True)
-class ClipConfig:
-    """The ``handler.clip`` section.
-
-    - ``model_dir``: the ``save_pretrained`` directory: relative = inside the archive, absolute = a
-      mounted path (not archived).
-    - ``max_labels``: the most prompts one request may send (default prompts included).
-    - ``score``: what a heatmap explains: ``softmax`` (the probability of the prompt among the
-      request's prompts, as the seed does) or ``logit`` (the scaled cosine similarity). A request with a
-      single prompt always uses ``logit``: its probability is constantly 1 and has no gradient.
-    - ``text_cache_size``: label sets kept in the LRU cache of text embeddings.
-    """
-
-    model_dir: str = "clip"
-    max_labels: int = 16
-    score: str = "softmax"
-    text_cache_size: int = 256
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.clip") -> ClipConfig:
-        data = {} if data is None else data
-        _check_keys(data, [f.name for f in fields(cls)], where)
-        model_dir = data.get("model_dir", cls.model_dir)
-        if not isinstance(model_dir, str) or not model_dir:
-            raise ConfigError(f"{where}.model_dir: must be a directory name or path, got {model_dir!r}")
-        return cls(
-            model_dir=model_dir,
-            max_labels=_int(data.get("max_labels", cls.max_labels), f"{where}.max_labels", 1),
-            score=_choice(data.get("score", cls.score), ("softmax", "logit"), f"{where}.score"),
-            text_cache_size=_int(data.get("text_cache_size", cls.text_cache_size), f"{where}.text_cache_size", 1),
-        )
 
 
 class ClipImageEncoder(nn.Module):
@@ -174,6 +144,26 @@ def clip_section(handler: dict[str, Any], archive_dir: Path) -> tuple[ClipConfig
     if "preprocessing" not in handler:
         handler["preprocessing"] = processor_preprocessing(clip_dir)
     return config, clip_dir
+
+
+def load_clip(clip_dir: Path, tokenizer: bool = False) -> tuple[nn.Module, Any]:
+    """``(CLIPModel in eval mode, its tokenizer or None)`` from a ``save_pretrained`` directory.
+
+    Raises :class:`ConfigError` naming ``handler.clip.model_dir`` when either does not load."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    try:
+        clip = CLIPModel.from_pretrained(str(clip_dir))
+        loaded = AutoTokenizer.from_pretrained(str(clip_dir)) if tokenizer else None
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"handler.clip.model_dir: cannot load a CLIP from {clip_dir}: {error}") from None
+    return clip.eval(), loaded
+
+
+def clip_reshape(vision_config: Any, reshape: str) -> Any:
+    """The CAM reshape of a CLIP vision tower: None for ``reshape: none``, else cam_engine's CLIP reshape
+    for the token grid of ``vision_config`` (B/32, B/16, L/14, L/14@336)."""
+    return None if reshape == "none" else cam_engine.reshape.clip_reshape_for(vision_config)
 
 
 def processor_preprocessing(clip_dir: Path) -> dict[str, Any]:

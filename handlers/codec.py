@@ -6,10 +6,13 @@ image is copied once (PIL's buffer into NumPy). Heatmaps are 8-bit grayscale PNG
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import struct
 import warnings
 import zlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +20,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import RequestError
 
-__all__ = ["decode_image", "encode_png", "encode_jpeg"]
+__all__ = ["decode_base64", "decode_image", "encode_png", "encode_jpeg"]
 
 
 def decode_image(raw: bytes | bytearray, max_image_pixels: int) -> torch.Tensor:
@@ -94,3 +97,15 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def decode_base64(value: Any, key: str) -> bytes:
+    """The bytes of a base64 string (a ``data:...;base64,`` URL's payload too); :class:`RequestError` naming ``key``."""
+    if not isinstance(value, str):
+        raise RequestError(f"{key} must be a base64 string, got {type(value).__name__}")
+    if value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{key} is not valid base64") from None

@@ -35,11 +35,11 @@ __all__ = [
     "ExplanationConfig",
     "HandlerConfig",
     "AuditConfig",
+    "ClipConfig",
     "AUDIT_SINKS",
     "RESIZE_MODES",
     "RESHAPES",
     "INTERPOLATIONS",
-    "HEATMAP_FORMATS",
     "TASKS",
     "DetectionConfig",
     "SegmentationConfig",
@@ -50,7 +50,6 @@ RESIZE_MODES = ("stretch", "letterbox", "shorter_side")
 RESHAPES = ("auto", "vit", "swin", "fasterrcnn", "none")
 TASKS = ("classifier", "detection", "segmentation", "embedding")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-HEATMAP_FORMATS = ("png",)
 AUDIT_SINKS = ("sqlite", "stdout")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -190,7 +189,7 @@ class ExplanationConfig:
     - ``methods``: the cam_engine method names a request may ask for; ``default_method`` among them.
     - ``max_targets``: the most targets one request may ask to explain.
     - ``explain_on_predict``: whether /predictions explains without being asked.
-    - ``heatmap_format``: ``png`` (8-bit grayscale); ``overlay_quality``: JPEG quality of overlays.
+    - ``overlay_quality``: JPEG quality of overlays (heatmaps are 8-bit grayscale PNGs).
     - ``aug_smooth``/``eigen_smooth``: whether requests may turn these options on.
     """
 
@@ -200,7 +199,6 @@ class ExplanationConfig:
     default_method: str = "gradcam"
     max_targets: int = 5
     explain_on_predict: bool = False
-    heatmap_format: str = "png"
     overlay_quality: int = 85
     aug_smooth: bool = False
     eigen_smooth: bool = True
@@ -465,8 +463,36 @@ def _explanation(data: Mapping[str, Any], where: str) -> ExplanationConfig:
         default_method=default_method.lower(),
         max_targets=_int(data.get("max_targets", defaults.max_targets), f"{where}.max_targets", 1),
         explain_on_predict=_bool(data.get("explain_on_predict", defaults.explain_on_predict), f"{where}.explain_on_predict"),
-        heatmap_format=_choice(data.get("heatmap_format", defaults.heatmap_format), HEATMAP_FORMATS, f"{where}.heatmap_format"),
         overlay_quality=quality,
         aug_smooth=_bool(data.get("aug_smooth", defaults.aug_smooth), f"{where}.aug_smooth"),
         eigen_smooth=_bool(data.get("eigen_smooth", defaults.eigen_smooth), f"{where}.eigen_smooth"),
     )
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """The ``handler.clip`` section. ``model_dir``: the ``save_pretrained`` directory (relative = inside the
+    archive, absolute = a mounted path, not archived); ``max_labels``: the most prompts one request may
+    send (default prompts included); ``score``: what a heatmap explains, ``softmax`` (the prompt's
+    probability among the request's prompts) or ``logit`` (the scaled cosine similarity; always used for
+    a single prompt, whose probability is 1 with no gradient); ``text_cache_size``: label sets kept in
+    the LRU cache of text embeddings."""
+
+    model_dir: str = "clip"
+    max_labels: int = 16
+    score: str = "softmax"
+    text_cache_size: int = 256
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.clip") -> ClipConfig:
+        data = {} if data is None else data
+        _check_keys(data, [f.name for f in fields(cls)], where)
+        model_dir = data.get("model_dir", cls.model_dir)
+        if not isinstance(model_dir, str) or not model_dir:
+            raise ConfigError(f"{where}.model_dir: must be a directory name or path, got {model_dir!r}")
+        return cls(
+            model_dir=model_dir,
+            max_labels=_int(data.get("max_labels", cls.max_labels), f"{where}.max_labels", 1),
+            score=_choice(data.get("score", cls.score), ("softmax", "logit"), f"{where}.score"),
+            text_cache_size=_int(data.get("text_cache_size", cls.text_cache_size), f"{where}.text_cache_size", 1),
+        )

@@ -34,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import cam_engine
 from cam_engine.targets import DifferenceFromConceptTarget, SimilarityToConceptTarget
-from handlers.base import CamHandler, ParsedRequest, RequestError, _b64, decode_image
-from handlers.clip_model import ClipImageEncoder, clip_section
+from handlers.base import CamHandler, ParsedRequest, RequestError, decode_base64, decode_image
+from handlers.clip_model import ClipImageEncoder, clip_reshape, clip_section, load_clip
 from handlers.config import ConfigError, HandlerConfig
 from handlers.preprocess import preprocess
 from handlers.targets import SumTarget
@@ -72,23 +71,16 @@ class EmbeddingHandler(CamHandler):
         """A CLIP image tower (unit image embeddings) from the directory, else the registered architecture."""
         if self.clip_dir is None:
             return super().load_model(model_dir)
-        from transformers import CLIPModel
-
-        try:
-            clip = CLIPModel.from_pretrained(str(self.clip_dir))
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"handler.clip.model_dir: cannot load a CLIP from {self.clip_dir}: {error}") from None
+        clip, _ = load_clip(self.clip_dir)
         self.vision_config = clip.config.vision_config
         if not self.build_info.get("weights_source"):
             self.build_info["weights_source"] = f"dir:{self.clip_dir}"
-        return ClipImageEncoder(clip.eval())  # the text tower is dropped with ``clip``
+        return ClipImageEncoder(clip)  # the text tower is dropped with ``clip``
 
     def reshape_transform(self) -> Any:
         if self.clip_dir is None:
             return super().reshape_transform()
-        if self.config.explanation.reshape == "none":
-            return None
-        return cam_engine.reshape.clip_reshape_for(self.vision_config)
+        return clip_reshape(self.vision_config, self.config.explanation.reshape)
 
     def _load_labels(self, model_dir: Path) -> list[str]:
         return []  # an embedding model has no classes
@@ -155,7 +147,7 @@ class EmbeddingHandler(CamHandler):
             pictures = []
             for position, value in enumerate(references):
                 try:
-                    pictures.append(decode_image(_b64(value, f"references[{position}]"), self.config.max_image_pixels))
+                    pictures.append(decode_image(decode_base64(value, f"references[{position}]"), self.config.max_image_pixels))
                 except RequestError as error:
                     raise RequestError(f"references[{position}]: {error.message}", error.code, error.kind) from None
             reference_inputs = torch.stack([preprocess(p, self.config.preprocessing)[0] for p in pictures])

@@ -1,1 +1,2 @@
-"""Model configs (configs/*.yaml) and the archive builder (python -m model_store.build)."""
+"""Model configs (configs/*.yaml), their label aliases (:mod:`model_store.labels`) and the archive builder
+(python -m model_store.build)."""

@@ -46,13 +46,17 @@ from handlers.config import HandlerConfig
 from handlers.detection import DetectionHandler
 from handlers.embedding import EmbeddingHandler
 from handlers.segmentation import SegmentationHandler
+from model_store.labels import CONFIG_DIR, imagenet_labels, resolve_labels
 
-__all__ = ["ArchiveSpec", "build_archive", "imagenet_labels", "load_config", "main", "CONFIG_DIR", "REPO_ROOT"]
+__all__ = [
+    "ArchiveSpec", "build_archive", "imagenet_labels", "load_config", "load_weights", "main", "CONFIG_DIR", "REPO_ROOT",
+]  # fmt: skip
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent
 PACKAGES = ("handlers", "cam_engine")
+#: offline tools inside the packages that serving never imports: left out of archives
+OFFLINE_ONLY = ("handlers/audit/report.py", "handlers/audit/__main__.py")
 HANDLERS = {
     "classifier": "handlers/classifier.py",
     "detection": "handlers/detection.py",
@@ -101,11 +105,11 @@ class ArchiveSpec:
     extra_files: Mapping[str, str | Path | Callable[[], str | Path]] = field(default_factory=dict)
 
 
-def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet class names, from torchvision's weight metadata (no download)."""
-    import torchvision
-
-    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+def _package_ignore(directory: str, names: list[str]) -> set[str]:
+    """``shutil.copytree`` ignore for the shipped packages: caches and :data:`OFFLINE_ONLY`."""
+    skipped = set(shutil.ignore_patterns("__pycache__", "*.pyc")(directory, names))
+    relative = Path(directory).resolve().relative_to(REPO_ROOT.resolve())
+    return skipped | {name for name in names if (relative / name).as_posix() in OFFLINE_ONLY}
 
 
 def load_config(name: str) -> dict[str, Any]:
@@ -135,21 +139,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def coco_labels() -> list[str]:
-    """The 91 COCO detection categories torchvision's detectors use (index 0 ``__background__``)."""
-    import torchvision
-
-    return list(torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
-
-
-def voc_labels() -> list[str]:
-    """The 21 Pascal VOC categories torchvision's segmentation models use (index 0 ``__background__``)."""
-    import torchvision
-
-    return list(torchvision.models.segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1.meta["categories"])
-
-
-def _load_weights(
+def load_weights(
     model: torch.nn.Module,
     source: str | None,
     allow_random: bool,
@@ -195,45 +185,14 @@ def _load_weights(
     if not path.exists():
         raise BuildError(f"weights: file {path} does not exist")
     hint = ""
-    if state is None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    elif "__config__" in state:  # a YOLO checkpoint names the model YAML it was built from
+    if state is not None and "__config__" in state:  # a YOLO checkpoint names the model YAML it was built from
         state = dict(state)
         hint = f" ({path.name} was built from {state.pop('__config__')}.yaml: set handler.architecture to match)"
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if drop_prefixes:
-        state = {k: v for k, v in state.items() if not k.startswith(drop_prefixes)}
     try:
-        model.load_state_dict(state, strict=True)
+        architectures.load_state(model, path, state, drop_prefixes)
     except RuntimeError as error:
         raise BuildError(f"weights: {path} does not fit the architecture{hint}: {error}") from None
     return f"file:{path.name} (sha256:{_sha256(path)[:16]})"
-
-
-def _labels(handler: dict[str, Any]) -> list[str] | None:
-    labels = handler.get("labels")
-    if labels == "imagenet":
-        return imagenet_labels()
-    if labels == "coco":
-        return coco_labels()
-    if labels == "voc":
-        return voc_labels()
-    if labels == "coco80":
-        from handlers.ultralytics_model import coco80_labels
-
-        return coco80_labels()
-    if labels == "checkpoint":  # read from the weights file (see _read_checkpoint)
-        return None
-    if isinstance(labels, list):
-        return [str(label) for label in labels]
-    if isinstance(labels, str):
-        path = Path(labels)
-        if not path.is_absolute():
-            path = CONFIG_DIR / path
-        loaded = json.loads(path.read_text())
-        return list(loaded.values()) if isinstance(loaded, dict) else list(loaded)
-    return None
 
 
 def _read_checkpoint(
@@ -364,7 +323,7 @@ def build_archive(
     if task not in DIRECTORY_TASKS:
         handler["task"] = task
     extra_files = {key: Path(value() if callable(value) else value).expanduser() for key, value in spec.extra_files.items()}
-    labels = _labels(handler)
+    labels = resolve_labels(handler)
     model = None
     if directory_model:
         weights_source = _directory_model(handler, spec, extra_files, name)
@@ -386,7 +345,7 @@ def build_archive(
         except KeyError as error:
             raise BuildError(f"{name}: handler.architecture: {error.args[0]}") from None
         step(f"built {handler['architecture']} with {num_classes} classes")
-        weights_source = _load_weights(model, source, spec.allow_random_weights, architecture.drop_prefixes, state)
+        weights_source = load_weights(model, source, spec.allow_random_weights, architecture.drop_prefixes, state)
     step(f"weights: {weights_source}")
     with tempfile.TemporaryDirectory(prefix=f"mar-{name}-") as tmp:
         stage = Path(tmp)
@@ -419,7 +378,7 @@ def build_archive(
         }
         (extra / "build_info.json").write_text(json.dumps(info, indent=1))
         for package in PACKAGES:
-            shutil.copytree(REPO_ROOT / package, extra / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(REPO_ROOT / package, extra / package, ignore=_package_ignore)
         check_dir = stage / "check"
         shutil.copytree(extra, check_dir)
         if model is not None:

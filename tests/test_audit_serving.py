@@ -15,6 +15,7 @@ import json
 import re
 import sqlite3
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -199,3 +200,11 @@ def test_records_survive_torchserve_stop_right_after_the_responses(server, tmp_p
     ids = [a.headers["x-request-id"] for a in answers]
     found = records_for(tmp_path / "full" / "audit.sqlite3", ids, timeout=5)
     assert sorted(found) == sorted(ids) and all(len(v) == 1 for v in found.values())
+
+
+def test_archives_ship_the_auditor_but_not_the_offline_report_or_cli(server) -> None:
+    """The worker records through handlers.audit; the HTML report and ``python -m handlers.audit`` stay out."""
+    names = zipfile.ZipFile(server.workdir / "model_store" / f"{AUDIT_FULL}.mar").namelist()
+    shipped = {name.split("handlers/audit/", 1)[1] for name in names if "handlers/audit/" in name}
+    assert {"__init__.py", "auditor.py", "sinks.py", "writer.py"} <= shipped, sorted(names)
+    assert not shipped & {"report.py", "__main__.py"}, sorted(shipped)

@@ -51,7 +51,7 @@ def test_defaults_and_types() -> None:
         ({**BASE, "explain_on_predict": "yes"}, "handler.explain_on_predict"),
         ({**BASE, "default_method": "layercam"}, "handler.default_method"),
         ({**BASE, "reshape": "conv"}, "handler.reshape"),
-        ({**BASE, "heatmap_format": "json"}, "handler.heatmap_format"),
+        ({**BASE, "heatmap_format": "png"}, "handler.heatmap_format"),  # a removed key: refused, named
         ({**BASE, "target_layers": []}, "handler.target_layers"),
         ({k: v for k, v in BASE.items() if k != "architecture"}, "handler.architecture"),
     ],

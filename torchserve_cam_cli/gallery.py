@@ -21,19 +21,19 @@ fastest of 3 interleaved rounds, so that a busy machine's load hits every method
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from .client import CliError, parse_target
+from .gallery_render import Gallery, MethodResult, compose_side_by_side, render
 
 __all__ = [
     "ModelSpec",
@@ -53,9 +53,6 @@ __all__ = [
 #: constructor keyword -> value, passed to a method whose signature takes it
 METHOD_OPTIONS: dict[str, Any] = {"batch_size": 32, "seed": 0}
 GUIDED_NAME = "guided gradcam"
-BACKGROUND = (255, 255, 255)
-CAPTION_HEIGHT = 34
-GAP = 6
 
 
 @dataclass
@@ -69,27 +66,6 @@ class ModelSpec:
     target_layers: list[str]
     reshape_transform: Callable | None
     weights: str
-
-
-@dataclass
-class MethodResult:
-    """One method's CAMs ``[T, H, W]`` in [0, 1] at the model input (None when it failed) and its time."""
-
-    name: str
-    cams: Any = None  # torch.Tensor [T, H, W]
-    seconds: float = 0.0
-    error: str | None = None
-    picture: np.ndarray | None = None  # a ready RGB picture per target [T, h, w, 3] (guided Grad-CAM)
-
-
-@dataclass
-class Gallery:
-    """The rendered grid and where each cell's tiles are: ``boxes[name]`` = [(left, top, right, bottom), ...]."""
-
-    image: Image.Image
-    boxes: dict[str, list[tuple[int, int, int, int]]] = field(default_factory=dict)
-    results: list[MethodResult] = field(default_factory=list)
-    targets: list[int] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -114,7 +90,8 @@ def load_model_spec(
     import cam_engine
     from handlers import architectures
     from handlers.config import ConfigError, PreprocessingConfig
-    from model_store.build import CONFIG_DIR, BuildError, _labels, _load_weights, load_config
+    from model_store.build import CONFIG_DIR, BuildError, load_config, load_weights
+    from model_store.labels import resolve_labels
 
     configs = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     handler: dict[str, Any] = {}
@@ -146,7 +123,7 @@ def load_model_spec(
     if num_classes is not None:
         labels = [str(i) for i in range(num_classes)]
     else:
-        labels = _labels(handler) or _labels({"labels": "imagenet"})
+        labels = resolve_labels(handler) or resolve_labels({"labels": "imagenet"})
     try:
         preprocessing = PreprocessingConfig.from_dict(handler.get("preprocessing"))
     except ConfigError as error:
@@ -158,7 +135,7 @@ def load_model_spec(
         raise CliError(f"{name}: no weights: give --weights PATH (a state dict); --random-weights for a layout check")
     model = architectures.build(handler["architecture"], len(labels))
     try:
-        described = _load_weights(model, source, allow_random=random_weights).replace("--allow-", "--")
+        described = load_weights(model, source, allow_random=random_weights).replace("--allow-", "--")
     except BuildError as error:
         raise CliError(f"{name}: {error}".replace("--allow-random-weights", "--random-weights")) from None
     model = model.to(device).eval()
@@ -170,30 +147,11 @@ def load_model_spec(
             cam_engine.resolve_layer(model, path)
         except cam_engine.LayerNotFoundError as error:
             raise CliError(f"--layer: {error}") from None
-    transform = {
-        "none": None,
-        "vit": cam_engine.reshape.vit_reshape_transform,
-        "swin": cam_engine.reshape.swin_reshape_transform,
-    }[reshape]
+    transform = architectures.reshape_transform(reshape)
     return ModelSpec(name, model, labels, preprocessing, target_layers, transform, described)
 
 
 # ---------------------------------------------------------------------------------------- images
-def compose_side_by_side(pictures: Sequence[np.ndarray], gap: int = 0) -> np.ndarray:
-    """uint8 RGB ``[h_i, w_i, 3]`` pictures -> one ``[H, sum w, 3]``, each resized to the first's height."""
-    height = pictures[0].shape[0]
-    resized = []
-    for picture in pictures:
-        if picture.shape[0] != height:
-            width = max(1, round(picture.shape[1] * height / picture.shape[0]))
-            picture = np.asarray(Image.fromarray(picture).resize((width, height), Image.Resampling.LANCZOS))
-        resized.append(picture)
-    if gap and len(resized) > 1:
-        spacer = np.full((height, gap, 3), 255, dtype=np.uint8)
-        resized = [part for picture in resized for part in (picture, spacer)][:-1]
-    return np.concatenate(resized, axis=1)
-
-
 def load_rgb(path: Path) -> np.ndarray:
     """An image file as uint8 RGB ``[H, W, 3]``; :class:`CliError` if it cannot be read."""
     try:
@@ -355,115 +313,6 @@ def _guided_gradcam(
         result.error = f"{type(error).__name__}: {error}"
         call = None
     return result, call
-
-
-# ---------------------------------------------------------------------------------------- drawing
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # Pillow's bundled scalable font: same look everywhere
-    except (TypeError, OSError):
-        return ImageFont.load_default()
-
-
-def _tile(image: np.ndarray, spec_geometry: Any, cam: Any | None, picture: np.ndarray | None, size: tuple[int, int]) -> Image.Image:
-    """One tile ``size`` (w, h): the CAM mapped onto the image (jet overlay), or a ready picture."""
-    import torch
-
-    from cam_engine.image import overlay
-    from handlers.preprocess import to_source
-
-    width, height = size
-    geometry = dataclasses.replace(spec_geometry, source_size=(height, width))
-    if picture is not None:  # model-input-sized RGB -> the tile, through the same inverse mapping
-        channels = torch.from_numpy(picture.astype(np.float32)).permute(2, 0, 1)
-        mapped = to_source(channels, geometry).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0)
-        return Image.fromarray(mapped.numpy())
-    base = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS))
-    if cam is None:
-        return Image.fromarray(base)
-    mapped = to_source(cam[None], geometry)[0]
-    return Image.fromarray(overlay(torch.from_numpy(base.copy()), mapped).numpy())
-
-
-def render(
-    image: np.ndarray,
-    geometry: Any,
-    results: Sequence[MethodResult],
-    target_names: Sequence[str],
-    title: str,
-    tile_height: int = 150,
-    max_width: int = 1000,
-) -> Gallery:
-    """Draw the grid: ``input`` then one cell per method, ``T`` tiles stacked per cell, captions below."""
-    tile_width = max(1, round(image.shape[1] * tile_height / image.shape[0]))
-    targets = len(target_names)
-    cell_w, cell_h = tile_width, targets * tile_height + (targets - 1) * 2 + CAPTION_HEIGHT
-    columns = max(1, min(len(results) + 1, (max_width + GAP) // (cell_w + GAP)))
-    rows = -(-(len(results) + 1) // columns)
-    title_font, font, small = _font(15), _font(13), _font(11)
-    header = 26
-    canvas = Image.new("RGB", (columns * (cell_w + GAP) + GAP, header + rows * (cell_h + GAP) + GAP), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    draw.text((GAP, 5), title, fill=(0, 0, 0), font=title_font)
-    gallery = Gallery(canvas, results=list(results))
-    cells: list[tuple[str, MethodResult | None]] = [("input", None)] + [(r.name, r) for r in results]
-    for position, (name, result) in enumerate(cells):
-        left = GAP + (position % columns) * (cell_w + GAP)
-        top = header + GAP + (position // columns) * (cell_h + GAP)
-        boxes = []
-        for t in range(targets):
-            box = (left, top + t * (tile_height + 2), left + tile_width, top + t * (tile_height + 2) + tile_height)
-            if result is None:
-                tile = _tile(image, geometry, None, None, (tile_width, tile_height))
-                tile_draw = ImageDraw.Draw(tile)
-                label = target_names[t]
-                bounds = tile_draw.textbbox((4, 3), label, font=font)
-                tile_draw.rectangle((bounds[0] - 3, bounds[1] - 2, bounds[2] + 3, bounds[3] + 2), fill=(0, 0, 0))
-                tile_draw.text((4, 3), label, fill=(255, 255, 255), font=font)
-            elif result.error is not None:
-                tile = Image.new("RGB", (tile_width, tile_height), (225, 225, 225))
-                ImageDraw.Draw(tile).multiline_text((4, 4), _wrap(result.error, tile_width, small), fill=(120, 0, 0), font=small)
-            else:
-                picture = result.picture[t] if result.picture is not None else None
-                cam = result.cams[t] if result.cams is not None else None
-                tile = _tile(image, geometry, cam, picture, (tile_width, tile_height))
-            canvas.paste(tile, box[:2])
-            boxes.append(box)
-        gallery.boxes[name] = boxes
-        caption_top = top + targets * (tile_height + 2) - 2 + 3
-        draw.text((left, caption_top), _fit(name, cell_w, font), fill=(0, 0, 0), font=font)
-        if result is not None:
-            timing = "n/a" if result.error is not None else _duration(result.seconds)
-        else:
-            timing = "rows: " + ", ".join(target_names) if targets > 1 else "target: " + target_names[0]
-        draw.text((left, caption_top + 16), _fit(timing, cell_w, small), fill=(90, 90, 90), font=small)
-    return gallery
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
-
-
-def _fit(text: str, width: int, font: ImageFont.ImageFont) -> str:
-    """``text`` cut with an ellipsis so that it fits ``width`` pixels."""
-    if font.getlength(text) <= width:
-        return text
-    while text and font.getlength(text + "...") > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def _wrap(text: str, width: int, font: ImageFont.ImageFont) -> str:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        candidate = f"{line} {word}".strip()
-        if font.getlength(candidate) > width - 8 and line:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    lines.append(line)
-    return "\n".join(lines[:8])
 
 
 # ---------------------------------------------------------------------------------------- one call

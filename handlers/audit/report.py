@@ -27,7 +27,7 @@ import torch
 
 from cam_engine.image import colorize, overlay
 
-from .audit import JSON_COLUMNS
+from .sinks import JSON_COLUMNS
 
 __all__ = ["load_records", "render_report", "parse_since"]
 

@@ -1,0 +1,325 @@
+"""The Auditor: samples requests before the batched run and records the audited ones after it.
+
+See :mod:`handlers.audit` for what a record holds and how it reaches the disk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cam_engine.core import model_scores
+from cam_engine.image import to_uint8
+from cam_engine.targets import ClassifierOutputTarget
+
+from ..config import AuditConfig
+from ..preprocess import to_source
+from .metrics import AuditMetrics
+from .sinks import PendingRecord, SqliteSink, StdoutSink, resolve_directory
+from .summary import confidence, heatmap_summary, remove_top_pixels
+from .writer import SHUTDOWN_FLUSH_S, AuditWriter
+
+__all__ = ["Auditor", "TOP_CLASS"]
+
+logger = logging.getLogger(__name__)
+
+#: the ``kind`` of a target that names the image's own top class (resolved to that class in the record)
+TOP_CLASS = "top_class"
+
+
+# ---------------------------------------------------------------------------------------------- answers
+#: where each task's answer lists its results, and the fields of its best one (index, label, score)
+_ANSWER_LISTS = {
+    "predictions": ("index", "label", "score"),  # classifiers, CLIP
+    "detections": ("class", "label", "score"),
+    "classes": ("index", "label", "fraction"),  # segmentation: the classes of the mask, largest first
+    "similarities": (None, "concept", "similarity"),  # embeddings
+}
+_PICTURES = ("heatmap", "overlay", "method", "layers")
+
+
+def _answer_list(body: Mapping[str, Any]) -> tuple[str | None, Any]:
+    """(key, list) of the task's results in a response body: class predictions, detections, ..."""
+    return next(((key, body[key]) for key in _ANSWER_LISTS if key in body), (None, None))
+
+
+def _top_fields(entry: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``index``/``label``/``score`` of a response's best result (``key``: the list it came from)."""
+    index, label, score = (entry.get(k) if k else None for k in _ANSWER_LISTS[key])
+    return {
+        "index": index if isinstance(index, int) and not isinstance(index, bool) else None,
+        "label": label if isinstance(label, str) else None,
+        "score": score if isinstance(score, (int, float)) and not isinstance(score, bool) else None,
+    }
+
+
+def _subject(explanation: Mapping[str, Any]) -> dict[str, Any]:
+    """What one explanation of a response is about (its target, box or concept), without the pictures:
+    ``{"target": ..., "label": ..., **the task's own fields}``."""
+    fields = {k: v for k, v in explanation.items() if k not in _PICTURES}
+    target = fields.pop("target", None)
+    if "box_index" in fields:
+        target = fields.pop("box_index")
+    elif "concept" in fields:
+        fields["kind"] = target
+        target = fields.pop("concept")
+    return {"target": target, "label": fields.pop("label", None), **fields}
+
+
+def _utc_now() -> tuple[str, float]:
+    now = time.time()
+    stamp = dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return stamp, now
+
+
+def _request_id(context: Any, index: int) -> str | None:
+    getter = getattr(context, "get_request_id", None)
+    if getter is None:
+        return None
+    try:
+        value = getter(index)
+    except (IndexError, KeyError, AttributeError, TypeError):
+        return None
+    return str(value) if value else None
+
+
+@dataclass
+class _Pair:
+    """One audited (request, target): its batch row, its model-input CAM ``[H, W]`` and its target."""
+
+    row: int
+    record: int
+    target: Any
+    cam: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Auditor:
+    """The audit observer a handler is given (see :mod:`handlers.audit`).
+
+    ``handler``: the handler it observes, read through these attributes only: ``config`` (its
+    ``audit`` and ``explanation`` sections), ``model_name``, ``version``, ``weights_source``,
+    ``labels``, ``model``, ``context``, ``targets_for(request)`` and ``explanation_meta(request)``.
+    ``metrics``: ``(cache, MetricTypes)`` of TorchServe, or None. A target whose ``kind`` is
+    ``"top_class"`` names the image's own top class; the record names that class.
+
+    Disabled (``handler.audit.enabled: false``, the default), both calls return at once.
+    """
+
+    def __init__(
+        self,
+        handler: Any,
+        context: Any = None,
+        rng: random.Random | None = None,
+        metrics: tuple[Any, Any] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.config: AuditConfig = handler.config.audit
+        self.enabled = self.config.enabled
+        self.rng = rng or random.Random()
+        self.writer: AuditWriter | None = None
+        self._warned: set[str] = set()
+        if not self.enabled:
+            return
+        if self.config.sink == "stdout":
+            sink: Any = StdoutSink()
+        else:
+            sink = SqliteSink(resolve_directory(self.config.directory))
+            sink.synchronous = "FULL" if self.config.durability == "strict" else "NORMAL"
+        self.metrics = AuditMetrics(metrics, handler.model_name, sink.name)
+        self.writer = AuditWriter(sink, self.config.queue_size, handler.model_name)
+        logger.info(
+            "auditing %s: %.0f%% of requests to %r (heatmaps %s, faithfulness %s, inputs %s)",
+            handler.model_name, 100 * self.config.sample_rate, sink, self.config.store_heatmaps,
+            self.config.faithfulness, self.config.store_inputs,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ before the batched run
+    def sample(self, requests: Sequence[Any]) -> None:
+        """Mark each valid request as audited with probability ``sample_rate``.
+
+        An audited request that asked for no explanation keeps its response unchanged; it only drops
+        ``aug_smooth`` for its audit heatmap (six extra passes for a picture nobody asked for).
+        """
+        if not self.enabled:
+            return
+        rate = self.config.sample_rate
+        for request in requests:
+            request.audited = rate >= 1.0 or (rate > 0.0 and self.rng.random() < rate)
+            if request.audited and not request.explain:
+                request.aug_smooth = False
+
+    # ------------------------------------------------------------------ after the responses are built
+    def record(
+        self,
+        requests: Sequence[Any],
+        batch: torch.Tensor,
+        outputs: Any,
+        cams: Sequence[torch.Tensor | None],
+        bodies: Mapping[int, Mapping[str, Any]],
+    ) -> None:
+        """Queue one record per audited request that got a response (``bodies`` by request index).
+
+        Never raises: an error is logged and counted, the responses go out unchanged.
+        """
+        if not self.enabled or self.writer is None:
+            return
+        started = time.perf_counter()
+        try:
+            self._record(requests, batch, outputs, cams, bodies)
+        except Exception as error:  # noqa: BLE001 - auditing must never fail a prediction
+            self._warn_once("record", f"audit record failed for model {self.handler.model_name}: {error!r}")
+            self.writer.count_write_errors(sum(bool(getattr(r, "audited", False)) for r in requests))
+        finally:
+            if self.config.durability == "strict" and not self.writer.flush(SHUTDOWN_FLUSH_S):
+                self._warn_once("strict", f"audit records of {self.handler.model_name} not committed in time")
+            self.metrics.gauge("AuditOverheadTime", (time.perf_counter() - started) * 1000)
+            self.metrics.publish(self.writer.counters())
+
+    def _record(
+        self,
+        requests: Sequence[Any],
+        batch: torch.Tensor,
+        outputs: Any,
+        cams: Sequence[torch.Tensor | None],
+        bodies: Mapping[int, Mapping[str, Any]],
+    ) -> None:
+        handler = self.handler
+        context = handler.context
+        audited = [(row, r) for row, r in enumerate(requests) if getattr(r, "audited", False) and r.index in bodies]
+        if not audited:
+            return
+        scores = model_scores(outputs)
+        records: list[PendingRecord] = []
+        pairs: list[_Pair] = []
+        heatmap_parts: list[torch.Tensor] = []
+        heatmap_owner: list[tuple[int, tuple[int, int], int]] = []  # (record, shape, count)
+        stamp, epoch = _utc_now()
+        layers = list(handler.config.explanation.target_layers)
+        for row, request in audited:
+            body = bodies[request.index]
+            kind, predictions = _answer_list(body)
+            predictions = list(predictions[: self.config.top_k]) if isinstance(predictions, list) else []
+            top = _top_fields(predictions[0], kind) if predictions and isinstance(predictions[0], Mapping) else {}
+            subjects = [_subject(e) for e in body.get("explanations") or [] if isinstance(e, Mapping)]
+            meta = handler.explanation_meta(request)
+            fields: dict[str, Any] = {
+                "record_id": uuid.uuid4().hex,
+                "request_id": _request_id(context, getattr(request, "request_index", request.index)),
+                "timestamp": stamp,
+                "epoch": epoch,
+                "model": handler.model_name,
+                "version": handler.version,
+                "weights": handler.weights_source,
+                "image_width": int(request.image.shape[-1]),
+                "image_height": int(request.image.shape[-2]),
+                "explained": bool(request.explain),
+                "predictions": predictions,
+                "top_index": top.get("index"),
+                "top_label": top.get("label"),
+                "top_score": top.get("score"),
+                "method": meta.get("method", request.method),
+                "layers": meta.get("layers", layers),
+                "targets": [],
+                "explanations": [],
+                "batch_size": len(requests),
+                "worker_pid": os.getpid(),
+            }
+            request_cams = cams[row] if row < len(cams) else None
+            if request_cams is not None:
+                targets = list(handler.targets_for(request))[: request_cams.shape[0]]
+                mapped = to_source(request_cams, request.geometry)  # [T, h, w] in [0, 1]
+                for position, target in enumerate(targets):
+                    resolved, described = self._describe_target(target, scores, row)
+                    if described["label"] is None and position < len(subjects):  # the answer names it
+                        described = subjects[position]
+                    summary = heatmap_summary(mapped[position])
+                    fields["targets"].append(described)
+                    fields["explanations"].append({**described, **summary})
+                    pairs.append(_Pair(row, len(records), resolved, request_cams[position], fields["explanations"][-1]))
+                if targets and self.config.store_heatmaps:
+                    pictures = to_uint8(mapped[: len(targets)])
+                    heatmap_owner.append((len(records), tuple(pictures.shape[1:]), pictures.shape[0]))
+                    heatmap_parts.append(pictures.reshape(-1))
+                if fields["explanations"]:
+                    first = fields["explanations"][0]
+                    fields.update({k: first[k] for k in ("peak_x", "peak_y", "top10_mass", "entropy")})
+            records.append(PendingRecord(fields, bytes(request.raw), None, self.config.store_inputs))
+        if self.config.faithfulness and pairs:
+            self._faithfulness(batch, scores, pairs, records)
+        if heatmap_parts:
+            host = torch.cat(heatmap_parts).cpu().numpy()  # one device-to-host copy for the batch
+            offset = 0
+            for index, shape, count in heatmap_owner:
+                size = count * shape[0] * shape[1]
+                records[index].heatmaps = host[offset : offset + size].reshape(count, *shape)
+                offset += size
+        for record in records:
+            self.writer.submit(record)
+
+    def _describe_target(self, target: Any, scores: Any, row: int) -> tuple[Any, dict[str, Any]]:
+        """(a target fixed to a class where it named "the top class", its JSON description)."""
+        labels = self.handler.labels
+        index = getattr(target, "category", None)
+        if index is None and getattr(target, "kind", None) == TOP_CLASS and isinstance(scores, torch.Tensor):
+            index = int(scores[row].reshape(-1).argmax())
+            target = ClassifierOutputTarget(index)
+        if isinstance(index, int):
+            label = labels[index] if 0 <= index < len(labels) else None
+            return target, {"target": index, "label": label}
+        return target, {"target": repr(target), "label": None}
+
+    def _faithfulness(
+        self, batch: torch.Tensor, scores: Any, pairs: list[_Pair], records: list[PendingRecord]
+    ) -> None:
+        """One extra forward pass for every audited (image, target): confidence before and after
+        removing the top 20% of its heatmap. Its cost (ms) goes into each record of the batch."""
+        started = time.perf_counter()
+        try:
+            rows = torch.tensor([p.row for p in pairs], device=batch.device)
+            cam_stack = torch.stack([p.cam.to(batch.device) for p in pairs])
+            perturbed = remove_top_pixels(batch[rows], cam_stack)
+            with torch.inference_mode():
+                perturbed_scores = model_scores(self.handler.model(perturbed))
+            results = []
+            for position, pair in enumerate(pairs):
+                before, basis = confidence(scores, pair.row, pair.target)
+                after, _ = confidence(perturbed_scores, position, pair.target)
+                results.append((before, after, basis))
+            if batch.device.type == "cuda":
+                torch.cuda.synchronize(batch.device)
+        except Exception as error:  # noqa: BLE001 - a task whose outputs do not fit: no score, no failure
+            self._warn_once("faithfulness", f"faithfulness check skipped for {self.handler.model_name}: {error!r}")
+            return
+        cost = (time.perf_counter() - started) * 1000
+        for pair, (before, after, basis) in zip(pairs, results):
+            pair.info["faithfulness"] = {
+                "before": round(before, 6), "after": round(after, 6), "drop": round(before - after, 6), "basis": basis,
+            }  # fmt: skip
+        for record in records:
+            explanations = record.fields["explanations"]
+            if explanations and "faithfulness" in explanations[0]:
+                record.fields["faithfulness"] = explanations[0]["faithfulness"]["drop"]
+                record.fields["faithfulness_ms"] = round(cost, 3)
+        self.metrics.gauge("AuditFaithfulnessTime", cost)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.error(message)
+
+    def flush(self, timeout: float = SHUTDOWN_FLUSH_S) -> bool:
+        return self.writer.flush(timeout) if self.writer is not None else True
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

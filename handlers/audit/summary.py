@@ -1,0 +1,58 @@
+"""Heatmap maths of the audit: a heatmap's summary and the faithfulness check's perturbation.
+
+Shapes: a heatmap ``[h, w]`` with values >= 0; model inputs ``[N, C, H, W]`` (normalised) and their
+CAMs ``[N, H, W]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["heatmap_summary", "remove_top_pixels", "confidence", "REMOVED_FRACTION", "TOP_MASS_FRACTION"]
+
+REMOVED_FRACTION = 0.2  # faithfulness: the share of heatmap pixels removed from the input
+TOP_MASS_FRACTION = 0.1  # summary: the share of pixels whose mass is reported
+
+
+def heatmap_summary(heatmap: torch.Tensor) -> dict[str, Any]:
+    """Peak, top-10% mass share and normalised entropy of one heatmap ``[h, w]`` (values >= 0).
+
+    ``peak_x``/``peak_y``: column/row of the maximum (the first one in row-major order);
+    ``top10_mass``: ``sum of the ceil(0.1 n) largest values / sum of all``; ``entropy``:
+    ``-sum(p log p) / log(n)`` with ``p = heatmap / sum(heatmap)``. Both are None for an all-zero map.
+    """
+    flat = heatmap.float().reshape(-1).clamp_min(0)
+    count = flat.numel()
+    peak = int(flat.argmax())
+    width = heatmap.shape[-1]
+    total = float(flat.sum())
+    summary: dict[str, Any] = {"peak_x": peak % width, "peak_y": peak // width, "top10_mass": None, "entropy": None}
+    if total <= 0 or count < 2:
+        return summary
+    top = max(1, math.ceil(TOP_MASS_FRACTION * count))
+    summary["top10_mass"] = round(float(flat.topk(top).values.sum()) / total, 6)
+    p = flat / total
+    p = p[p > 0]
+    summary["entropy"] = round(float(-(p * p.log()).sum()) / math.log(count), 6)
+    return summary
+
+
+def remove_top_pixels(inputs: torch.Tensor, cams: torch.Tensor, fraction: float = REMOVED_FRACTION) -> torch.Tensor:
+    """Inputs ``[N, C, H, W]`` with the ``round(fraction * H * W)`` hottest pixels of ``cams`` ``[N, H, W]``
+    set to 0 in every channel (after normalisation: the dataset's mean colour). Returns a new tensor."""
+    count, height, width = cams.shape
+    removed = max(1, round(fraction * height * width))
+    hottest = cams.reshape(count, -1).float().topk(removed, dim=1).indices
+    keep = torch.ones((count, height * width), dtype=inputs.dtype, device=inputs.device)
+    keep.scatter_(1, hottest.to(inputs.device), 0)
+    return inputs * keep.reshape(count, 1, height, width)
+
+
+def confidence(scores: Any, row: int, target: Any) -> tuple[float, str]:
+    """The target's confidence in image ``row``: softmax probability for [B, C] class scores, else the raw score."""
+    if isinstance(scores, torch.Tensor) and scores.ndim == 2:
+        return float(target(torch.softmax(scores[row].float(), dim=-1))), "softmax"
+    return float(target(scores[row])), "score"
