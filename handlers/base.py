@@ -36,18 +36,19 @@ from torch import nn
 import cam_engine
 from cam_engine import image as cam_image
 
-from . import architectures, fast_forward, limits, serving, threads
+from . import architectures, fast_forward, limits, protocols, serving, threads
 from .audit import Auditor
-from .codec import decode_base64, decode_image, encode_jpeg, encode_png
+from .codec import decode_image, encode_jpeg, encode_png
 from .config import ConfigError, HandlerConfig
 from .errors import RequestError
+from .metrics import CamMetrics, metrics_cache
 from .preprocess import Geometry, preprocess, to_source
+from .targets import TopClassTarget
 
 __all__ = [
     "CamHandler",
     "ParsedRequest",
     "RequestError",
-    "TopClassTarget",
     "decode_image",
     "encode_png",
     "encode_jpeg",
@@ -58,21 +59,6 @@ logger = logging.getLogger(__name__)
 
 OUTPUTS = ("heatmap", "overlay")
 COMMON_OPTIONS = ("image", "method", "aug_smooth", "eigen_smooth", "explain", "output")
-
-
-class TopClassTarget:
-    """The score of the image's own top class: ``output[argmax(output)]`` for a row ``[num_classes]``.
-
-    Lets one batched ``cam.run`` explain "the top class" for some images and given classes for others.
-    """
-
-    kind = "top_class"  # what the audit observer reads (handlers.audit.TOP_CLASS)
-
-    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
-        return model_output.max(dim=-1).values
-
-    def __repr__(self) -> str:
-        return "TopClassTarget()"
 
 
 @dataclass
@@ -109,46 +95,6 @@ def _bool_option(options: Mapping[str, Any], key: str, default: bool) -> bool:
 def load_handler_config(model_yaml_config: Mapping[str, Any] | None) -> HandlerConfig:
     """The validated ``handler:`` section of a parsed model-config.yaml."""
     return HandlerConfig.from_dict((model_yaml_config or {}).get("handler"))
-
-
-def metrics_cache(context: Any) -> tuple[Any, Any] | None:
-    """TorchServe's metric cache of ``context`` and its ``MetricTypes`` enum; None outside TorchServe."""
-    cache = getattr(context, "metrics", None)
-    if cache is None or not hasattr(cache, "add_metric_to_cache"):
-        return None
-    try:
-        from ts.metrics.metric_type_enum import MetricTypes
-    except ImportError:  # pragma: no cover - TorchServe absent
-        return None
-    return cache, MetricTypes
-
-
-class _Metrics:
-    """Custom metrics: ``CamMethodTime`` (ms per batched CAM call, by method), ``CamExplanations``
-    (count, by method) and ``HeatmapBytes`` (encoded bytes per response). A no-op without TorchServe."""
-
-    def __init__(self, context: Any, model_name: str) -> None:
-        self.model_name = model_name
-        self._cam_time = self._explanations = self._heatmap_bytes = None
-        found = metrics_cache(context)
-        if found is None:
-            return
-        cache, MetricTypes = found
-        dims = ["ModelName", "Method"]
-        self._cam_time = cache.add_metric_to_cache("CamMethodTime", "ms", dims, MetricTypes.GAUGE)
-        self._explanations = cache.add_metric_to_cache("CamExplanations", "count", dims, MetricTypes.COUNTER)
-        self._heatmap_bytes = cache.add_metric_to_cache(
-            "HeatmapBytes", "bytes", ["ModelName", "Format"], MetricTypes.GAUGE
-        )
-
-    def cam(self, method: str, milliseconds: float, explanations: int) -> None:
-        if self._cam_time is not None:
-            self._cam_time.add_or_update(round(milliseconds, 3), [self.model_name, method])
-            self._explanations.add_or_update(explanations, [self.model_name, method])
-
-    def heatmap(self, fmt: str, size: int) -> None:
-        if self._heatmap_bytes is not None:
-            self._heatmap_bytes.add_or_update(size, [self.model_name, fmt])
 
 
 # ---------------------------------------------------------------------------------------------- handler
@@ -195,7 +141,7 @@ class CamHandler:
             parameter.requires_grad_(False)
         self.predict, self.channels_last = fast_forward.prepare(self)  # see handlers.fast_forward
         self.cams = self._build_cams()
-        self._metrics = _Metrics(context, self.model_name)
+        self._metrics = CamMetrics(context, self.model_name)
         self._warm_up()
         self.audit = Auditor(self, context, metrics=metrics_cache(context))
         self.initialized = True
@@ -318,43 +264,9 @@ class CamHandler:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ request parsing
-    def _split_body(self, item: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
-        """(image bytes, JSON options) from one TorchServe request item."""
-        if "data" in item and item["data"] is not None:
-            raw, options = item["data"], {}
-            extra = item.get("options")
-            if isinstance(extra, Mapping):  # sent with Content-Type application/json: already parsed
-                options = dict(extra)
-            elif extra:
-                try:
-                    options = json.loads(bytes(extra).decode("utf-8") if not isinstance(extra, str) else extra)
-                except (ValueError, UnicodeDecodeError, TypeError):
-                    raise RequestError("multipart field 'options' must be a JSON object") from None
-                if not isinstance(options, dict):
-                    raise RequestError("multipart field 'options' must be a JSON object")
-        elif "body" in item:
-            raw, options = item["body"], {}
-        else:
-            raise RequestError("no image: send raw bytes, a multipart field 'data' or JSON {\"image\": ...}")
-        if isinstance(raw, (bytes, bytearray)) and raw[:1] == b"{":
-            try:
-                raw = json.loads(bytes(raw).decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                raise RequestError("the body starts like JSON but is not valid JSON") from None
-        if isinstance(raw, str):
-            raw = raw.encode("latin-1", errors="ignore")
-        if isinstance(raw, Mapping):
-            options = dict(raw)
-            if "image" not in options:
-                raise RequestError('JSON requests need "image": "<base64 image>"')
-            raw = decode_base64(options.pop("image"), "image")
-        elif not isinstance(raw, (bytes, bytearray)):
-            raise RequestError(f"the JSON body must be an object, got {type(raw).__name__}")
-        return bytes(raw), options
-
     def parse_request(self, index: int, item: Mapping[str, Any], explain_header: bool) -> ParsedRequest:
         """Validate request ``index`` of the batch; raises :class:`RequestError`."""
-        raw, options = self._split_body(item)
+        raw, options = protocols.split_body(item)
         unknown = [key for key in options if key not in COMMON_OPTIONS + self.task_options]
         if unknown:
             allowed = ", ".join(k for k in COMMON_OPTIONS + self.task_options if k != "image")

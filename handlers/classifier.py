@@ -25,7 +25,8 @@ import torch
 
 from cam_engine.core import model_scores
 from cam_engine.targets import ClassifierOutputTarget
-from handlers.base import CamHandler, ParsedRequest, RequestError, TopClassTarget
+from handlers.base import CamHandler, ParsedRequest, RequestError
+from handlers.targets import TopClassTarget
 
 __all__ = ["ClassifierHandler"]
 

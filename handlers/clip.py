@@ -61,6 +61,7 @@ from handlers.clip_model import (
     load_clip,
 )
 from handlers.config import ConfigError, HandlerConfig
+from handlers.metrics import metrics_cache
 
 __all__ = ["ClipHandler"]
 
@@ -165,11 +166,10 @@ class ClipHandler(CamHandler):
     def _metrics_cache(self, hits: int, misses: int) -> None:
         """Counters ``TextEmbeddingCacheHits`` / ``TextEmbeddingCacheMisses`` (by ModelName); no-op without TorchServe."""
         if self._cache_metrics is None:
-            cache = getattr(self.context, "metrics", None)
-            if cache is None or not hasattr(cache, "add_metric_to_cache"):
+            found = metrics_cache(self.context)
+            if found is None:
                 return
-            from ts.metrics.metric_type_enum import MetricTypes
-
+            cache, MetricTypes = found
             self._cache_metrics = tuple(
                 cache.add_metric_to_cache(name, "count", ["ModelName"], MetricTypes.COUNTER)
                 for name in ("TextEmbeddingCacheHits", "TextEmbeddingCacheMisses")

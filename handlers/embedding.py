@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cam_engine.targets import DifferenceFromConceptTarget, SimilarityToConceptTarget
-from handlers.base import CamHandler, ParsedRequest, RequestError, decode_base64, decode_image
+from handlers.base import CamHandler, ParsedRequest, RequestError
 from handlers.clip_model import ClipImageEncoder, clip_reshape, clip_section, load_clip
+from handlers.codec import decode_base64, decode_image
 from handlers.config import ConfigError, HandlerConfig
 from handlers.preprocess import preprocess
 from handlers.targets import SumTarget

@@ -28,9 +28,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .codec import decode_base64
 from .errors import RequestError, error_body
 
-__all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "expand", "respond", "envelope_body", "error_body", "MAX_INSTANCES", "REASONS"]
+__all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "split_body", "expand", "respond", "envelope_body", "error_body", "MAX_INSTANCES", "REASONS"]
 
 #: the most images one v1/v2 request may carry (each is one row of the batched model run)
 MAX_INSTANCES = 32
@@ -68,6 +69,42 @@ class Envelope:
     request_id: str | None = None
     outputs: list[tuple[str, int]] = field(default_factory=list)  # v2: (input name, element count)
     error: ProtocolError | None = None
+
+
+def split_body(item: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """(image bytes, JSON options) from one native request item: raw bytes, multipart ``data`` (+ ``options``)
+    or JSON ``{"image": "<base64>", ...}``; raises :class:`RequestError`."""
+    if "data" in item and item["data"] is not None:
+        raw, options = item["data"], {}
+        extra = item.get("options")
+        if isinstance(extra, Mapping):  # sent with Content-Type application/json: already parsed
+            options = dict(extra)
+        elif extra:
+            try:
+                options = json.loads(bytes(extra).decode("utf-8") if not isinstance(extra, str) else extra)
+            except (ValueError, UnicodeDecodeError, TypeError):
+                raise RequestError("multipart field 'options' must be a JSON object") from None
+            if not isinstance(options, dict):
+                raise RequestError("multipart field 'options' must be a JSON object")
+    elif "body" in item:
+        raw, options = item["body"], {}
+    else:
+        raise RequestError("no image: send raw bytes, a multipart field 'data' or JSON {\"image\": ...}")
+    if isinstance(raw, (bytes, bytearray)) and raw[:1] == b"{":
+        try:
+            raw = json.loads(bytes(raw).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError("the body starts like JSON but is not valid JSON") from None
+    if isinstance(raw, str):
+        raw = raw.encode("latin-1", errors="ignore")
+    if isinstance(raw, Mapping):
+        options = dict(raw)
+        if "image" not in options:
+            raise RequestError('JSON requests need "image": "<base64 image>"')
+        raw = decode_base64(options.pop("image"), "image")
+    elif not isinstance(raw, (bytes, bytearray)):
+        raise RequestError(f"the JSON body must be an object, got {type(raw).__name__}")
+    return bytes(raw), options
 
 
 def _b64_option(value: Any, where: str) -> str:

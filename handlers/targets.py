@@ -13,7 +13,22 @@ import torch
 
 from cam_engine.targets import FasterRCNNBoxScoreTarget, SemanticSegmentationTarget
 
-__all__ = ["RankedBoxTarget", "PredictedRegionTarget", "ranked_detections", "region_class", "SumTarget"]
+__all__ = ["TopClassTarget", "RankedBoxTarget", "PredictedRegionTarget", "ranked_detections", "region_class", "SumTarget"]
+
+
+class TopClassTarget:
+    """The score of the image's own top class: ``output[argmax(output)]`` for a row ``[num_classes]``.
+
+    Lets one batched ``cam.run`` explain "the top class" for some images and given classes for others.
+    """
+
+    kind = "top_class"  # what the audit observer reads (handlers.audit.TOP_CLASS)
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        return model_output.max(dim=-1).values
+
+    def __repr__(self) -> str:
+        return "TopClassTarget()"
 
 
 def ranked_detections(output: dict[str, torch.Tensor]) -> torch.Tensor:
