@@ -29,8 +29,8 @@ from inputs import encode  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
-from handlers import architectures  # noqa: E402
-from handlers.classifier import ClassifierHandler  # noqa: E402
+from handlers.models import architectures  # noqa: E402
+from handlers.tasks.classifier import ClassifierHandler  # noqa: E402
 from model_store.build import imagenet_labels, load_config, load_weights  # noqa: E402
 
 

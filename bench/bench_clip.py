@@ -2,7 +2,7 @@
 
 The seed (pytorch-grad-cam's CLIP example) wraps ``CLIPModel`` in a module whose forward re-tokenises
 and re-encodes every prompt and returns softmax probabilities, and explains it with pytorch-grad-cam
-(full backward, one call per prompt). Ours (``handlers.clip``) encodes the prompts once (LRU cache),
+(full backward, one call per prompt). Ours (``handlers.tasks.clip``) encodes the prompts once (LRU cache),
 runs the vision tower alone, scores each image against its cached text embeddings in the target, and
 takes the gradients for several prompts from one vmapped backward pass (cam_engine).
 
@@ -44,7 +44,7 @@ from tiny_clip import TINY_VISION, VIT_B16_VISION, save_tiny_clip  # noqa: E402
 
 import cam_engine  # noqa: E402
 from cam_engine.reshape import clip_reshape_for  # noqa: E402
-from handlers.clip_model import DEFAULT_TARGET_LAYER, ClipImageEncoder, ClipTextEncoder, PromptTarget  # noqa: E402
+from handlers.models.clip import DEFAULT_TARGET_LAYER, ClipImageEncoder, ClipTextEncoder, PromptTarget  # noqa: E402
 
 PROMPTS = [f"a photo of a {name}" for name in ("cat", "dog", "car", "tree", "house", "person", "bird", "boat")]
 MODELS = {"tiny": TINY_VISION, "vit_b16": VIT_B16_VISION}

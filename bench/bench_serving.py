@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO_ROOT / "load_tests"))
 
 from payloads import Photo, check_answer  # noqa: E402
 
-from handlers import architectures  # noqa: E402
+from handlers.models import architectures  # noqa: E402
 from model_store import serve  # noqa: E402
 from model_store.build import ArchiveSpec, build_archive, imagenet_labels, load_config, load_weights  # noqa: E402
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1,
         help="OMP_NUM_THREADS for every worker, ours and stock alike; 0 leaves each handler its own choice "
-        "(ours sizes itself to the CPUs, handlers/threads.py; stock takes torch's default)",
+        "(ours sizes itself to the CPUs, handlers/serving/threads.py; stock takes torch's default)",
     )  # fmt: skip
     parser.add_argument(
         "--batch", default=None, metavar="SIZE:DELAY",

@@ -42,9 +42,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from handlers.detection import DetectionHandler  # noqa: E402
-from handlers.embedding import EmbeddingHandler  # noqa: E402
-from handlers.segmentation import SegmentationHandler  # noqa: E402
+from handlers.tasks.detection import DetectionHandler  # noqa: E402
+from handlers.tasks.embedding import EmbeddingHandler  # noqa: E402
+from handlers.tasks.segmentation import SegmentationHandler  # noqa: E402
 
 
 class Context:

@@ -19,13 +19,10 @@ from .core import current_input_size
 __all__ = [
     "token_grid",
     "vit_reshape_transform",
-    "deit_reshape_transform",
     "swin_reshape_transform",
     "swinT_reshape_transform",
-    "clip_reshape_transform",
     "clip_reshape_for",
     "fasterrcnn_reshape_transform",
-    "nhwc_to_nchw",
 ]
 
 # Prefix tokens to try, most common first: class token; class + distillation (DeiT); none; registers.
@@ -98,16 +95,6 @@ def vit_reshape_transform(output: Any, height: int | None = None, width: int | N
     return _tokens_to_maps(_first_tensor(output), height, width, None)
 
 
-def deit_reshape_transform(output: Any, height: int | None = None, width: int | None = None) -> torch.Tensor:
-    """Distilled DeiT: class and distillation tokens dropped (same inference as ViT)."""
-    return _tokens_to_maps(_first_tensor(output), height, width, None if height else 2)
-
-
-def clip_reshape_transform(output: Any, height: int | None = None, width: int | None = None) -> torch.Tensor:
-    """CLIP vision tower (HuggingFace ``CLIPVisionModel`` layers): one class token, then the patches."""
-    return _tokens_to_maps(_first_tensor(output), height, width, None if height else 1)
-
-
 def clip_reshape_for(vision_config: Any):
     """A CLIP reshape with the grid taken from a vision config's ``image_size`` and ``patch_size``."""
     side = int(vision_config.image_size) // int(vision_config.patch_size)
@@ -119,10 +106,6 @@ def clip_reshape_for(vision_config: Any):
         return _tokens_to_maps(tokens, None, None, 1)  # interpolated position embeddings: infer
 
     return reshape
-
-
-def nhwc_to_nchw(output: Any) -> torch.Tensor:
-    return _first_tensor(output).permute(0, 3, 1, 2)
 
 
 def swin_reshape_transform(output: Any, height: int | None = None, width: int | None = None) -> torch.Tensor:

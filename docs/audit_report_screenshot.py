@@ -22,8 +22,8 @@ from fake_context import FakeContext
 from inputs import encode
 from skimage import data
 
-from handlers import architectures
-from handlers.classifier import ClassifierHandler
+from handlers.models import architectures
+from handlers.tasks.classifier import ClassifierHandler
 from model_store.build import imagenet_labels, load_weights
 
 root = Path(tempfile.mkdtemp(prefix="audit-docs-"))

@@ -1,16 +1,15 @@
-"""TorchServe handlers: thin glue between HTTP requests and cam_engine.
+"""TorchServe handlers: thin glue between HTTP requests and cam_engine, as packages by job.
 
-- :mod:`handlers.base` - the shared base (:class:`~handlers.base.CamHandler`): request parsing,
-  option validation, batching, heatmap mapping and encoding, per-request errors, metrics;
-- :mod:`handlers.classifier` - image classifiers;
-- :mod:`handlers.detection`, :mod:`handlers.segmentation`, :mod:`handlers.embedding` - detectors
-  (a CAM per box), segmenters (class mask plus class-region CAMs), embedding models (similarity to a
-  concept); :mod:`handlers.targets` - their targets that pick a box/region from the same forward pass;
 - :mod:`handlers.config` - the validated ``handler:`` section of model-config.yaml;
-- :mod:`handlers.preprocess` - resize/letterbox/crop and its exact inverse;
-- :mod:`handlers.architectures` - architecture name -> builder registry, the reshape-name map and the
-  strict state-dict loader;
-- :mod:`handlers.audit` - the prediction audit trail, a package by job (auditor, summary, sinks, writer,
-  metrics; :mod:`handlers.audit.report` and ``python -m handlers.audit`` are offline tools that archives
-  leave out).
+- :mod:`handlers.serving` - the shared base handler (:class:`~handlers.serving.base.CamHandler`),
+  request protocols (native, KServe v1/v2), batch orchestration, decoding and encoding, the
+  resize/letterbox/crop geometry and its exact inverse, limits, metrics, thread sizing, the fast
+  forward path and per-request errors;
+- :mod:`handlers.tasks` - the task handlers (classifier, detection, segmentation, embedding, clip)
+  and the targets that pick a box/region/class from the same forward pass;
+- :mod:`handlers.models` - model builders and adapters: architectures (name -> builder, reshape,
+  strict state-dict loading), CLIP, YOLO, torchvision R-CNN heads;
+- :mod:`handlers.audit` - the prediction audit trail, an observer the handler is given (auditor,
+  summary, sinks, writer, metrics; :mod:`handlers.audit.report` and ``python -m handlers.audit`` are
+  offline tools that archives leave out).
 """

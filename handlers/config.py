@@ -18,7 +18,7 @@ minWorkers, maxWorkers) beside a ``handler:`` section that belongs to us::
 
 Everything is checked when the model loads: an unknown key, a wrong type or a value out of range
 raises :class:`ConfigError` whose message starts with the dotted key (``handler.preprocessing.mean``).
-Checks that need the model (layer paths, method names) live in :mod:`handlers.base`, which raises the
+Checks that need the model (layer paths, method names) live in :mod:`handlers.serving.base`, which raises the
 same error type.
 """
 
@@ -346,14 +346,14 @@ class HandlerConfig:
     """The whole ``handler:`` section (flat keys, plus the nested ``preprocessing`` mapping).
 
     - ``task``: ``classifier``, ``detection``, ``segmentation`` or ``embedding`` (the handler module).
-    - ``architecture``: a name in :mod:`handlers.architectures`; ``model_options``: keyword arguments
+    - ``architecture``: a name in :mod:`handlers.models.architectures`; ``model_options``: keyword arguments
       for its builder (``min_size``, ``box_score_thresh``, ...).
     - ``weights``: the state-dict file inside the archive; ``labels``: a JSON list file inside the
       archive (or an inline list); ``num_classes`` defaults to the number of labels.
     - ``top_k``: predictions returned by default; ``max_image_pixels``: decoded images larger than this
       are refused before decoding (decompression bombs); ``max_heatmap_pixels``: heatmaps and overlays
       larger than this are encoded at a reduced size (same aspect); ``max_response_size``: overrides the
-      response limit read from TorchServe's config (:mod:`handlers.limits`).
+      response limit read from TorchServe's config (:mod:`handlers.serving.limits`).
     - ``audit``: the prediction audit trail (:class:`AuditConfig`, :mod:`handlers.audit`).
     """
 
@@ -373,7 +373,7 @@ class HandlerConfig:
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
-    threads: int | None = None  # torch intra-op threads; None: sized to the CPUs (handlers.threads)
+    threads: int | None = None  # torch intra-op threads; None: sized to the CPUs (handlers.serving.threads)
 
     #: keys of the flat ``handler:`` mapping that fill :class:`ExplanationConfig`
     EXPLANATION_KEYS = tuple(f.name for f in fields(ExplanationConfig))

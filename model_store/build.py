@@ -38,14 +38,14 @@ from typing import Any
 import torch
 import yaml
 
-from handlers import architectures
-from handlers.classifier import ClassifierHandler
-from handlers.clip import ClipHandler
-from handlers.clip_model import directory_digest
+from handlers.models import architectures
+from handlers.tasks.classifier import ClassifierHandler
+from handlers.tasks.clip import ClipHandler
+from handlers.models.clip import directory_digest
 from handlers.config import HandlerConfig
-from handlers.detection import DetectionHandler
-from handlers.embedding import EmbeddingHandler
-from handlers.segmentation import SegmentationHandler
+from handlers.tasks.detection import DetectionHandler
+from handlers.tasks.embedding import EmbeddingHandler
+from handlers.tasks.segmentation import SegmentationHandler
 from model_store.labels import CONFIG_DIR, imagenet_labels, resolve_labels
 
 __all__ = [
@@ -58,11 +58,11 @@ PACKAGES = ("handlers", "cam_engine")
 #: offline tools inside the packages that serving never imports: left out of archives
 OFFLINE_ONLY = ("handlers/audit/report.py", "handlers/audit/__main__.py")
 HANDLERS = {
-    "classifier": "handlers/classifier.py",
-    "detection": "handlers/detection.py",
-    "segmentation": "handlers/segmentation.py",
-    "embedding": "handlers/embedding.py",
-    "clip": "handlers/clip.py",
+    "classifier": "handlers/tasks/classifier.py",
+    "detection": "handlers/tasks/detection.py",
+    "segmentation": "handlers/tasks/segmentation.py",
+    "embedding": "handlers/tasks/embedding.py",
+    "clip": "handlers/tasks/clip.py",
 }
 HANDLER_CLASSES = {
     "classifier": ClassifierHandler,

@@ -45,7 +45,7 @@ def resolve_labels(handler: Mapping[str, Any]) -> list[str] | None:
     if labels == "voc":
         return voc_labels()
     if labels == "coco80":
-        from handlers.ultralytics_model import coco80_labels
+        from handlers.models.yolo import coco80_labels
 
         return coco80_labels()
     if labels == "checkpoint":  # read from the weights file by model_store.build

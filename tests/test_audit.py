@@ -29,10 +29,10 @@ from PIL import Image
 
 from cam_engine.targets import ClassifierOutputTarget
 from handlers.audit import Auditor, heatmap_summary, remove_top_pixels
-from handlers.base import decode_image
-from handlers.classifier import ClassifierHandler
+from handlers.serving.base import decode_image
+from handlers.tasks.classifier import ClassifierHandler
 from handlers.config import ConfigError, HandlerConfig
-from handlers.preprocess import preprocess
+from handlers.serving.preprocess import preprocess
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_context import FakeContext  # noqa: E402
@@ -178,8 +178,8 @@ def test_faithfulness_is_the_confidence_drop_of_a_manual_forward(audited) -> Non
 def test_records_of_other_tasks_name_their_results_and_subjects(tmp_path: Path) -> None:
     """A detector's and an embedding model's audit records carry the task's own results (detections,
     similarities) and what each heatmap explains (the box, the concept), not empty predictions."""
-    from handlers.detection import DetectionHandler
-    from handlers.embedding import EmbeddingHandler
+    from handlers.tasks.detection import DetectionHandler
+    from handlers.tasks.embedding import EmbeddingHandler
 
     image = encode(square_image(90, 150, (20, 80, 70, 140)))
     cases = [

@@ -180,7 +180,7 @@ class TinyCNN(nn.Module):
 
 @pytest.fixture
 def tiny_architecture():
-    from handlers import architectures
+    from handlers.models import architectures
 
     name = "cli_test_tiny_cnn"
     architectures.register(name)(TinyCNN)

@@ -19,9 +19,9 @@ import yaml
 from PIL import Image
 
 from cam_engine.reshape import clip_reshape_for
-from handlers.clip import ClipHandler
-from handlers.clip_model import TextEmbeddingCache, TextEntry
-from handlers.preprocess import preprocess
+from handlers.tasks.clip import ClipHandler
+from handlers.models.clip import TextEmbeddingCache, TextEntry
+from handlers.serving.preprocess import preprocess
 from model_store.build import CONFIG_DIR
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from handlers.base import decode_image, encode_png
-from handlers.preprocess import Geometry, inverse_matrix, to_source
+from handlers.serving.base import decode_image, encode_png
+from handlers.serving.preprocess import Geometry, inverse_matrix, to_source
 
 
 def _picture(mode: str) -> Image.Image:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from handlers.classifier import ClassifierHandler
+from handlers.tasks.classifier import ClassifierHandler
 from handlers.config import ConfigError, HandlerConfig, PreprocessingConfig
 
 sys.path.insert(0, str(Path(__file__).parent))

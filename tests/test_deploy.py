@@ -265,7 +265,7 @@ def test_kserve_inferenceservice_fields(path):
 def test_kserve_config_routes_v1_through_torchserve():
     props = config_check.parse_properties((DEPLOY / "kserve" / "config" / "config.properties").read_text())
     assert_secure_config(props, "deploy/kserve/config/config.properties")
-    assert "service_envelope" not in props  # the handler reads v1/v2 per request (handlers.protocols)
+    assert "service_envelope" not in props  # the handler reads v1/v2 per request (handlers.serving.protocols)
     assert props["model_store"] == "/mnt/models/model-store"
     assert token_gate.FORWARDED_ROUTES.match("/v1/models/efficientnet_lite0:predict")
     assert token_gate.FORWARDED_ROUTES.match("/v1/models/efficientnet_lite0:explain")

@@ -1,4 +1,4 @@
-"""handlers.fast_forward: the frozen prediction copy and the batch-norm fold change speed, never answers."""
+"""handlers.serving.fast_forward: the frozen prediction copy and the batch-norm fold change speed, never answers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import cam_engine
-from handlers import fast_forward
+from handlers.serving import fast_forward
 
 
 def _randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from handlers.classifier import ClassifierHandler
+from handlers.tasks.classifier import ClassifierHandler
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_context import FakeContext  # noqa: E402

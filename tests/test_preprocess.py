@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from handlers.config import PreprocessingConfig
-from handlers.preprocess import inverse_matrix, plan, preprocess, to_source
+from handlers.serving.preprocess import inverse_matrix, plan, preprocess, to_source
 
 CONFIGS = {
     "stretch": PreprocessingConfig(),

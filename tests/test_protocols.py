@@ -1,4 +1,4 @@
-"""handlers.protocols in isolation: how one TorchServe request item becomes images, and how answers are wrapped."""
+"""handlers.serving.protocols in isolation: how one TorchServe request item becomes images, and how answers are wrapped."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from handlers import protocols
-from handlers.protocols import RequestError, expand, respond
+from handlers.serving import protocols
+from handlers.serving.protocols import RequestError, expand, respond
 
 
 def _headers(**values):

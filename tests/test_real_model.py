@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from skimage import data
 
-from handlers import architectures
+from handlers.models import architectures
 from handlers.config import PreprocessingConfig
-from handlers.preprocess import preprocess
+from handlers.serving.preprocess import preprocess
 from model_store.build import imagenet_labels, load_weights
 
 

@@ -20,8 +20,8 @@ from inputs import encode, square_image
 from PIL import Image
 from serving import BATCH_MODEL
 
-from handlers import limits
-from handlers.preprocess import Geometry, to_source
+from handlers.serving import limits
+from handlers.serving.preprocess import Geometry, to_source
 
 
 def _post(server, path: str, **kwargs) -> requests.Response:

@@ -85,7 +85,7 @@ def test_detection_defaults_threshold_and_bad_boxes(server) -> None:
 
 @pytest.mark.skipif(not HAVE_ULTRALYTICS, reason="the optional 'ultralytics' package is not installed")
 def test_yolo_boxes_and_a_heatmap_per_box(server) -> None:
-    from handlers.ultralytics_model import coco80_labels
+    from handlers.models.yolo import coco80_labels
 
     labels = coco80_labels()
     requests = [

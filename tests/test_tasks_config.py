@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from handlers.config import ConfigError, HandlerConfig
-from handlers.detection import DetectionHandler
+from handlers.tasks.detection import DetectionHandler
 from model_store.build import ArchiveSpec, BuildError, build_archive
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -18,8 +18,8 @@ from synthetic import make_shapes, peak_in_box
 import cam_engine
 from cam_engine import targets as ours
 from cam_engine.reshape import fasterrcnn_reshape_transform
-from handlers import architectures
-from handlers.targets import PredictedRegionTarget, RankedBoxTarget, ranked_detections
+from handlers.models import architectures
+from handlers.tasks.targets import PredictedRegionTarget, RankedBoxTarget, ranked_detections
 
 R_MIN = 0.99
 
@@ -175,7 +175,7 @@ def test_box_gradients_through_the_detections_rows_only_change_nothing(detector)
 
     from torchvision.models.detection.roi_heads import RoIHeads
 
-    from handlers.rcnn_heads import DetectionGradientRoIHeads
+    from handlers.models.rcnn_heads import DetectionGradientRoIHeads
 
     model, images, detections = detector
     assert type(model.roi_heads) is DetectionGradientRoIHeads
@@ -318,7 +318,7 @@ def test_similarity_through_a_clip_image_tower_agrees(oracle, method: str) -> No
     from transformers import CLIPModel
 
     from cam_engine.reshape import clip_reshape_for
-    from handlers.clip_model import DEFAULT_TARGET_LAYER, ClipImageEncoder
+    from handlers.models.clip import DEFAULT_TARGET_LAYER, ClipImageEncoder
 
     clip = CLIPModel.from_pretrained(str(session_tiny_clip())).eval()
     model = ClipImageEncoder(clip).eval()

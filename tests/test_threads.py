@@ -1,4 +1,4 @@
-"""handlers.threads: the intra-op thread count from fake cgroup files, affinity, workers and models,
+"""handlers.serving.threads: the intra-op thread count from fake cgroup files, affinity, workers and models,
 and (through the session TorchServe) the count a real worker logged and used."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers import threads
+from handlers.serving import threads
 
 
 def _cgroup(tmp_path: Path, files: dict[str, str], membership: str) -> tuple[Path, Path]:

@@ -15,8 +15,8 @@ from tiny_yolo import HAVE_ULTRALYTICS, calibration_images, session_yolo_checkpo
 
 import cam_engine
 from cam_engine import targets as ours
-from handlers import architectures
-from handlers.targets import RankedBoxTarget, ranked_detections
+from handlers.models import architectures
+from handlers.tasks.targets import RankedBoxTarget, ranked_detections
 
 pytestmark = pytest.mark.skipif(not HAVE_ULTRALYTICS, reason="the optional 'ultralytics' package is not installed")
 
@@ -26,7 +26,7 @@ R_MIN = 0.99
 
 @pytest.fixture(scope="module")
 def yolo():
-    from handlers.ultralytics_model import read_checkpoint
+    from handlers.models.yolo import read_checkpoint
 
     state = read_checkpoint(session_yolo_checkpoint())
     names, _ = state.pop("__names__"), state.pop("__config__")
@@ -111,7 +111,7 @@ def test_one_forward_explains_several_boxes(yolo) -> None:
 
 
 def test_checkpoint_formats_and_class_names(tmp_path: Path) -> None:
-    from handlers.ultralytics_model import coco80_labels, read_checkpoint
+    from handlers.models.yolo import coco80_labels, read_checkpoint
 
     state = read_checkpoint(session_yolo_checkpoint())
     names = state.pop("__names__")
@@ -135,7 +135,7 @@ def test_importing_it_leaves_pil_and_torch_alone() -> None:
 
     from PIL import Image, UnidentifiedImageError
 
-    from handlers.ultralytics_model import require_ultralytics
+    from handlers.models.yolo import require_ultralytics
 
     require_ultralytics()
     assert Image.open.__module__ == "PIL.Image" and torch.save.__module__ == "torch.serialization"

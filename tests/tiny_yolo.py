@@ -39,7 +39,7 @@ def calibration_images(size: tuple[int, int] = (160, 224)) -> torch.Tensor:
 
 def save_yolo_checkpoint(path: Path, seed: int = 0) -> Path:
     """Write a calibrated random-init YOLOv8n (80 classes) as an Ultralytics ``.pt`` to ``path``."""
-    from handlers.ultralytics_model import require_ultralytics
+    from handlers.models.yolo import require_ultralytics
 
     require_ultralytics()
     from ultralytics import YOLO

@@ -111,7 +111,7 @@ class Client:
     """Posts images to ``/predictions/<model>`` or ``/explanations/<model>``, several at a time.
 
     Each request is multipart: the image bytes in field ``data`` and the JSON options in ``options``
-    (the handler's format, see ``handlers/base.py``). One ``requests.Session`` per worker thread.
+    (the handler's format, see ``handlers/serving/base.py``). One ``requests.Session`` per worker thread.
     """
 
     def __init__(self, url: str, token: str | None, timeout: float = 120.0) -> None:
@@ -133,7 +133,7 @@ class Client:
         files = {
             "data": (filename, image, "application/octet-stream"),
             # A plain form field: with a JSON content type TorchServe hands the handler a parsed dict,
-            # which handlers/base.py does not expect for multipart options (a 503 for the whole batch).
+            # which handlers/serving/base.py does not expect for multipart options (a 503 for the whole batch).
             "options": (None, json.dumps(options)),
         }
         address = f"{self.url}/{endpoint}/{model}"

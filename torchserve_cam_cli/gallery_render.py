@@ -67,7 +67,7 @@ def _tile(image: np.ndarray, spec_geometry: Any, cam: Any | None, picture: np.nd
     import torch
 
     from cam_engine.image import overlay
-    from handlers.preprocess import to_source
+    from handlers.serving.preprocess import to_source
 
     width, height = size
     geometry = dataclasses.replace(spec_geometry, source_size=(height, width))

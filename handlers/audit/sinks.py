@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..codec import encode_png
+from handlers.serving.codec import encode_png
 
 __all__ = [
     "PendingRecord", "SqliteSink", "StdoutSink", "resolve_directory", "COLUMNS", "JSON_COLUMNS", "DB_NAME", "SCHEMA",

@@ -1,4 +1,4 @@
-"""CLIP pieces the CLIP handler is built from (kept out of :mod:`handlers.clip`, which TorchServe
+"""CLIP pieces the CLIP handler is built from (kept out of :mod:`handlers.tasks.clip`, which TorchServe
 requires to define exactly one class): the ``handler.clip`` config, the vision/text towers as small
 modules, the prompt target, and the LRU cache of text embeddings."""
 
@@ -16,7 +16,7 @@ from torch import nn
 
 import cam_engine
 
-from .config import ClipConfig, ConfigError
+from handlers.config import ClipConfig, ConfigError
 
 __all__ = [
     "DEFAULT_TARGET_LAYER",
@@ -169,7 +169,7 @@ def clip_reshape(vision_config: Any, reshape: str) -> Any:
 def processor_preprocessing(clip_dir: Path) -> dict[str, Any]:
     """The ``preprocessing`` mapping equivalent to the directory's CLIPImageProcessor.
 
-    Resizing runs through :mod:`handlers.preprocess` (not the processor itself) so every heatmap maps
+    Resizing runs through :mod:`handlers.serving.preprocess` (not the processor itself) so every heatmap maps
     back exactly onto the submitted image: shorter side to ``size.shortest_edge``, centre crop to
     ``crop_size``, the processor's mean/std and resample filter.
     """

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .errors import RequestError
+from handlers.serving.errors import RequestError
 
 __all__ = ["decode_base64", "decode_image", "encode_png", "encode_jpeg"]
 

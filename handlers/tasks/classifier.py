@@ -1,6 +1,6 @@
 """TorchServe handler for image classifiers: top-k predictions plus CAMs for the requested classes.
 
-JSON options beyond the common ones (see :mod:`handlers.base`):
+JSON options beyond the common ones (see :mod:`handlers.serving.base`):
 
 - ``targets``: class indices or label names to explain (default: the top-1 class), at most
   ``max_targets``;
@@ -25,8 +25,8 @@ import torch
 
 from cam_engine.core import model_scores
 from cam_engine.targets import ClassifierOutputTarget
-from handlers.base import CamHandler, ParsedRequest, RequestError
-from handlers.targets import TopClassTarget
+from handlers.serving.base import CamHandler, ParsedRequest, RequestError
+from handlers.tasks.targets import TopClassTarget
 
 __all__ = ["ClassifierHandler"]
 
@@ -35,7 +35,7 @@ class ClassifierHandler(CamHandler):
     """Predictions (softmax top-k) and class CAMs for any classifier the config describes."""
 
     task_options = ("targets", "top_k")
-    fast_forward = True  # frozen copy for predictions, channels-last for CAMs (handlers.fast_forward)
+    fast_forward = True  # frozen copy for predictions, channels-last for CAMs (handlers.serving.fast_forward)
 
     def parse_task_options(self, request: ParsedRequest, options: Mapping[str, Any]) -> None:
         """``targets`` -> list of class indices (or None for the top class); ``top_k`` -> int."""

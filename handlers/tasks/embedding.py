@@ -5,7 +5,7 @@ CLIP image tower (``architecture: clip`` with a ``clip:`` section as for the CLI
 ``save_pretrained`` directory, preprocessing from its image processor, the token-grid reshape from its
 vision config; the text tower is not loaded). A request names stored concepts (their embeddings
 computed when the model loads, from the images the config lists and the archive carries) or sends its
-own reference images. JSON options beyond the common ones (see :mod:`handlers.base`):
+own reference images. JSON options beyond the common ones (see :mod:`handlers.serving.base`):
 
 - ``concept``: a stored concept name, or a list of names (at most ``max_targets``);
 - ``references``: a list of base64 images (at most ``embedding.max_references``); their mean
@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cam_engine.targets import DifferenceFromConceptTarget, SimilarityToConceptTarget
-from handlers.base import CamHandler, ParsedRequest, RequestError
-from handlers.clip_model import ClipImageEncoder, clip_reshape, clip_section, load_clip
-from handlers.codec import decode_base64, decode_image
+from handlers.serving.base import CamHandler, ParsedRequest, RequestError
+from handlers.models.clip import ClipImageEncoder, clip_reshape, clip_section, load_clip
+from handlers.serving.codec import decode_base64, decode_image
 from handlers.config import ConfigError, HandlerConfig
-from handlers.preprocess import preprocess
-from handlers.targets import SumTarget
+from handlers.serving.preprocess import preprocess
+from handlers.tasks.targets import SumTarget
 
 __all__ = ["EmbeddingHandler"]
 

@@ -9,7 +9,7 @@ A task handler (classifier, and later CLIP, detection, segmentation, embeddings)
 - :meth:`CamHandler.build_response` - the task's part of the response (``predictions`` ...).
 
 The base does the rest, once for every task: reading raw bytes / multipart ``data`` / JSON
-``{"image": "<base64>", ...}`` and KServe v1/v2 bodies (:mod:`handlers.serving`); refusing decompression bombs before decoding; the common options
+``{"image": "<base64>", ...}`` and KServe v1/v2 bodies (:mod:`handlers.serving.batch`); refusing decompression bombs before decoding; the common options
 (``method``, ``aug_smooth``, ``eigen_smooth``, ``explain``, ``output``); one batched ``cam.run`` for
 the whole batch (requests that want no explanation get an empty target list, so a mixed batch costs
 one forward pass); mapping heatmaps back onto each submitted image; PNG/JPEG encoding after one
@@ -36,14 +36,16 @@ from torch import nn
 import cam_engine
 from cam_engine import image as cam_image
 
-from . import architectures, fast_forward, limits, protocols, serving, threads
-from .audit import Auditor
-from .codec import decode_image, encode_jpeg, encode_png
-from .config import ConfigError, HandlerConfig
-from .errors import RequestError
-from .metrics import CamMetrics, metrics_cache
-from .preprocess import Geometry, preprocess, to_source
-from .targets import TopClassTarget
+from handlers.models import architectures
+from handlers.serving import batch as serving
+from handlers.serving import fast_forward, limits, protocols, threads
+from handlers.audit import Auditor
+from handlers.serving.codec import decode_image, encode_jpeg, encode_png
+from handlers.config import ConfigError, HandlerConfig
+from handlers.serving.errors import RequestError
+from handlers.serving.metrics import CamMetrics, metrics_cache
+from handlers.serving.preprocess import Geometry, preprocess, to_source
+from handlers.tasks.targets import TopClassTarget
 
 __all__ = [
     "CamHandler",
@@ -139,7 +141,7 @@ class CamHandler:
         self.model = self.load_model(model_dir).to(self.device).eval()
         for parameter in self.model.parameters():  # serving never needs parameter gradients
             parameter.requires_grad_(False)
-        self.predict, self.channels_last = fast_forward.prepare(self)  # see handlers.fast_forward
+        self.predict, self.channels_last = fast_forward.prepare(self)  # see handlers.serving.fast_forward
         self.cams = self._build_cams()
         self._metrics = CamMetrics(context, self.model_name)
         self._warm_up()
@@ -448,7 +450,7 @@ class CamHandler:
 
     @property
     def response_limit(self) -> tuple[int, str]:
-        """``(bytes, source)``: the longest answer TorchServe's frontend passes on (:mod:`handlers.limits`)."""
+        """``(bytes, source)``: the longest answer TorchServe's frontend passes on (:mod:`handlers.serving.limits`)."""
         if not hasattr(self, "_response_limit"):
             self._response_limit = limits.max_response_size(self.config.max_response_size if self.config else None)
         return self._response_limit

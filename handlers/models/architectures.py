@@ -8,7 +8,7 @@ The handler builds the architecture named in its config and loads the archived s
 
 ``torchvision/<name>`` and ``timm/<name>`` build any model those libraries know, for tests and
 experiments; ``ultralytics/<cfg>`` builds a YOLO detector (``ultralytics/yolov8n``, optional package,
-see :mod:`handlers.ultralytics_model`). Each entry also carries the reshape transform its transformer
+see :mod:`handlers.models.yolo`). Each entry also carries the reshape transform its transformer
 layers need (``auto``).
 """
 
@@ -107,13 +107,13 @@ def _detector(name: str) -> Callable[..., nn.Module]:
     torchvision's trained models. ``options``: ``min_size``, ``max_size``, ``box_score_thresh``, ...;
     for Faster R-CNN also ``representation_size``: the width of the box head's two MLP layers (1024 in
     torchvision's models; smaller makes tiny test models). Faster R-CNN's box heads become
-    :class:`handlers.rcnn_heads.DetectionGradientRoIHeads` (same outputs and state dict)."""
+    :class:`handlers.models.rcnn_heads.DetectionGradientRoIHeads` (same outputs and state dict)."""
 
     def builder(num_classes: int, **options: Any) -> nn.Module:
         import torchvision
         from torchvision.models.detection.roi_heads import RoIHeads
 
-        from .rcnn_heads import DetectionGradientRoIHeads
+        from handlers.models.rcnn_heads import DetectionGradientRoIHeads
 
         representation = options.pop("representation_size", None)
         model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes, **options)
@@ -214,12 +214,12 @@ def get_architecture(name: str) -> Architecture:
     if model_name and library == "timm":
         return Architecture(name, _timm(model_name), _reshape_for_library_name(model_name))
     if model_name and library == "ultralytics":
-        from . import ultralytics_model
+        from handlers.models import yolo
 
         return Architecture(
             name,
-            lambda num_classes, **options: ultralytics_model.build_yolo(name, num_classes, **options),
-            read_checkpoint=ultralytics_model.read_checkpoint,
+            lambda num_classes, **options: yolo.build_yolo(name, num_classes, **options),
+            read_checkpoint=yolo.read_checkpoint,
         )
     raise KeyError(
         f"unknown architecture {name!r}; registered: {', '.join(sorted(_REGISTRY))} "

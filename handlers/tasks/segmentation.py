@@ -1,6 +1,6 @@
 """TorchServe handler for semantic segmentation (torchvision DeepLabV3, FCN): a class mask plus class CAMs.
 
-JSON options beyond the common ones (see :mod:`handlers.base`):
+JSON options beyond the common ones (see :mod:`handlers.serving.base`):
 
 - ``classes``: class indices or labels to explain (default: the class with the largest predicted
   region, background excluded), at most ``max_targets``.
@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from handlers.base import CamHandler, ParsedRequest, encode_png
+from handlers.serving.base import CamHandler, ParsedRequest, encode_png
 from handlers.config import ConfigError
-from handlers.preprocess import to_source
-from handlers.targets import PredictedRegionTarget, region_class
+from handlers.serving.preprocess import to_source
+from handlers.tasks.targets import PredictedRegionTarget, region_class
 
 __all__ = ["SegmentationHandler"]
 

@@ -1,7 +1,7 @@
 """TorchServe handler for detectors (torchvision Faster R-CNN and RetinaNet, Ultralytics YOLO): boxes plus a
 CAM per box.
 
-JSON options beyond the common ones (see :mod:`handlers.base`):
+JSON options beyond the common ones (see :mod:`handlers.serving.base`):
 
 - ``score_threshold``: in [0, 1], detections below it are not returned (default: the config's);
 - ``boxes``: indices into the returned ``detections`` to explain (default: the best
@@ -17,7 +17,7 @@ transform to the configured ``input_size`` (``min_size``/``max_size``) so it nev
 keeps the FPN maps aligned with the input: use ``resize: letterbox`` (aspect ratio kept), ``mean:
 [0, 0, 0]``, ``std: [1, 1, 1]`` and an input size divisible by 32.
 
-YOLO (``architecture: ultralytics/yolov8n``, see :mod:`handlers.ultralytics_model`) comes out of its
+YOLO (``architecture: ultralytics/yolov8n``, see :mod:`handlers.models.yolo`) comes out of its
 wrapper in the same per-image dict, so everything above holds; it takes [0, 1] RGB as well
 (``mean: [0, 0, 0]``, ``std: [1, 1, 1]``) and an input size divisible by its largest stride.
 
@@ -40,9 +40,9 @@ from typing import Any
 
 from torch import nn
 
-from handlers.base import CamHandler, ParsedRequest, RequestError
+from handlers.serving.base import CamHandler, ParsedRequest, RequestError
 from handlers.config import ConfigError
-from handlers.targets import RankedBoxTarget, ranked_detections
+from handlers.tasks.targets import RankedBoxTarget, ranked_detections
 
 __all__ = ["DetectionHandler"]
 
@@ -63,7 +63,7 @@ class DetectionHandler(CamHandler):
         model = super().load_model(model_dir)
         height, width = preprocessing.input_size
         stride = getattr(model, "stride", None)
-        if isinstance(stride, int):  # a YOLO detector (handlers.ultralytics_model.YoloDetector)
+        if isinstance(stride, int):  # a YOLO detector (handlers.models.yolo.YoloDetector)
             if height % stride or width % stride:
                 raise ConfigError(
                     f"handler.preprocessing.input_size: {[height, width]} must be divisible by {stride}, "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import PreprocessingConfig
+from handlers.config import PreprocessingConfig
 
 __all__ = ["Geometry", "plan", "preprocess", "inverse_matrix", "to_source"]
 

@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codec import decode_base64
-from .errors import RequestError, error_body
+from handlers.serving.codec import decode_base64
+from handlers.serving.errors import RequestError, error_body
 
 __all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "split_body", "expand", "respond", "envelope_body", "error_body", "MAX_INSTANCES", "REASONS"]
 

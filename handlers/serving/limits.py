@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .preprocess import Geometry
+from handlers.serving.preprocess import Geometry
 
 __all__ = [
     "DEFAULT_MAX_RESPONSE_SIZE",
@@ -131,7 +131,7 @@ def capped_geometry(geometry: Geometry, max_pixels: int) -> Geometry:
     """``geometry`` seen from a coarser copy of the submitted image of at most ``max_pixels`` pixels.
 
     The same continuous map (resize, crop, padding), sampled at the coarser pixels' centres, so
-    :func:`handlers.preprocess.to_source` gives the heatmap directly at the capped size.
+    :func:`handlers.serving.preprocess.to_source` gives the heatmap directly at the capped size.
     """
     height, width = capped_size(*geometry.source_size, max_pixels)
     if (height, width) == tuple(geometry.source_size):

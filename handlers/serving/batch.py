@@ -1,9 +1,9 @@
-"""The request path of :class:`handlers.base.CamHandler`: TorchServe batch -> images -> one model run -> answers.
+"""The request path of :class:`handlers.serving.base.CamHandler`: TorchServe batch -> images -> one model run -> answers.
 
 :func:`handle_batch` reads every TorchServe request of the batch on its own (native, KServe v1 or v2,
-:mod:`handlers.protocols`), answers all their images with one batched run (:func:`answer_units`), and
+:mod:`handlers.serving.protocols`), answers all their images with one batched run (:func:`answer_units`), and
 returns exactly one response string per request, with its own status and content type; an answer over
-TorchServe's response limit becomes a 413 JSON error for that request alone (:mod:`handlers.limits`).
+TorchServe's response limit becomes a 413 JSON error for that request alone (:mod:`handlers.serving.limits`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from . import limits, protocols
-from .protocols import RequestError
+from handlers.serving import limits, protocols
+from handlers.serving.protocols import RequestError
 
 __all__ = ["handle_batch", "answer_units", "header"]
 

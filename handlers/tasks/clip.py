@@ -2,7 +2,7 @@
 
 The archive carries a HuggingFace ``CLIPModel`` + ``CLIPProcessor`` directory in ``save_pretrained``
 layout (or the config names a mounted directory). JSON options beyond the common ones
-(see :mod:`handlers.base`):
+(see :mod:`handlers.serving.base`):
 
 - ``labels``: the prompts to score this image against (default: the config's ``labels``), at most
   ``clip.max_labels``, distinct non-empty strings;
@@ -48,8 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from handlers.base import CamHandler, ParsedRequest, RequestError
-from handlers.clip_model import (
+from handlers.serving.base import CamHandler, ParsedRequest, RequestError
+from handlers.models.clip import (
     ClipConfig,
     ClipImageEncoder,
     ClipTextEncoder,
@@ -61,7 +61,7 @@ from handlers.clip_model import (
     load_clip,
 )
 from handlers.config import ConfigError, HandlerConfig
-from handlers.metrics import metrics_cache
+from handlers.serving.metrics import metrics_cache
 
 __all__ = ["ClipHandler"]
 

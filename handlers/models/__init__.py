@@ -1,0 +1,1 @@
+"""Model builders and adapters: architectures, CLIP, YOLO, torchvision R-CNN heads."""
