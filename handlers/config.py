@@ -20,12 +20,18 @@ Everything is checked when the model loads: an unknown key, a wrong type or a va
 raises :class:`ConfigError` whose message starts with the dotted key (``handler.preprocessing.mean``).
 Checks that need the model (layer paths, method names) live in :mod:`handlers.serving.base`, which raises the
 same error type.
+
+Every section is a frozen dataclass whose fields declare their own check (``setting(default, check)``);
+one generic reader, :func:`read_section`, walks any of them: unknown keys are refused with the closest
+valid key suggested, each value is checked and named by its dotted key, nested sections are read
+recursively and a section's ``finish`` hook runs the checks that involve several keys.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -44,6 +50,8 @@ __all__ = [
     "DetectionConfig",
     "SegmentationConfig",
     "EmbeddingConfig",
+    "read_section",
+    "setting",
 ]
 
 RESIZE_MODES = ("stretch", "letterbox", "shorter_side")
@@ -59,54 +67,60 @@ class ConfigError(ValueError):
     """A model config is invalid; the message names the offending key (``handler.top_k: ...``)."""
 
 
-def _check_keys(section: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{where}: must be a mapping, got {type(section).__name__}")
-    for key in section:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed keys: {', '.join(allowed)}"
-            raise ConfigError(f"{where}.{key}: unknown key{hint}")
+# --- checks: each takes (value, dotted key) and returns the parsed value or raises ConfigError -------------
+
+Check = Callable[[Any, str], Any]
 
 
-def _int(value: Any, key: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
-    return value
+def integer(minimum: int = 0, maximum: int | None = None) -> Check:
+    def check(value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{key}: must be in {minimum}..{maximum}, got {value}")
+        return value
+
+    return check
 
 
-def _bool(value: Any, key: str) -> bool:
+def boolean(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: must be true or false, got {value!r}")
     return value
 
 
-def _choice(value: Any, choices: Sequence[str], key: str) -> str:
-    if not isinstance(value, str) or value.lower() not in choices:
-        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
-    return value.lower()
+def choice(*choices: str) -> Check:
+    def check(value: Any, key: str) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+        return value.lower()
+
+    return check
 
 
-def _floats(value: Any, length: int, key: str, positive: bool = False) -> tuple[float, ...]:
-    if (
-        not isinstance(value, Sequence)
-        or isinstance(value, str)
-        or len(value) != length
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    ):
-        raise ConfigError(f"{key}: must be a list of {length} numbers, got {value!r}")
-    if positive and any(v <= 0 for v in value):
-        raise ConfigError(f"{key}: every value must be > 0, got {value!r}")
-    return tuple(float(v) for v in value)
+def floats(length: int, positive: bool = False) -> Check:
+    def check(value: Any, key: str) -> tuple[float, ...]:
+        if (
+            not isinstance(value, Sequence)
+            or isinstance(value, str)
+            or len(value) != length
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
+            raise ConfigError(f"{key}: must be a list of {length} numbers, got {value!r}")
+        if positive and any(v <= 0 for v in value):
+            raise ConfigError(f"{key}: every value must be > 0, got {value!r}")
+        return tuple(float(v) for v in value)
+
+    return check
 
 
-def _unit(value: Any, key: str) -> float:
+def unit(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ConfigError(f"{key}: must be a number in [0, 1], got {value!r}")
     return float(value)
 
 
-def _size(value: Any, key: str) -> tuple[int, int]:
+def size(value: Any, key: str) -> tuple[int, int]:
     """An int (square) or ``[height, width]``."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value, value]
@@ -118,6 +132,137 @@ def _size(value: Any, key: str) -> tuple[int, int]:
     ):
         raise ConfigError(f"{key}: must be a positive int or [height, width], got {value!r}")
     return int(value[0]), int(value[1])
+
+
+def text(what: str) -> Check:
+    def check(value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: must be {what}, got {value!r}")
+        return value
+
+    return check
+
+
+def optional(inner: Check) -> Check:
+    """``None`` stays ``None``; anything else goes through ``inner``."""
+    return lambda value, key: None if value is None else inner(value, key)
+
+
+def names(what: str, lower: bool = False) -> Check:
+    """A name or a non-empty list of names -> a tuple."""
+
+    def check(value: Any, key: str) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not value or not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key}: must be a non-empty list of {what}, got {value!r}")
+        return tuple(v.lower() if lower else v for v in value)
+
+    return check
+
+
+def file_or_names(value: Any, key: str) -> str | tuple[str, ...] | None:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if not all(isinstance(label, str) for label in value):
+            raise ConfigError(f"{key}: must be a file name or a list of names")
+        return tuple(value)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a file name or a list of names, got {value!r}")
+    return value
+
+
+def keyword_arguments(value: Any, key: str) -> tuple[tuple[str, Any], ...]:
+    value = value or {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{key}: must be a mapping of builder keyword arguments")
+    return tuple(value.items())
+
+
+def concept_files(value: Any, key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    value = value or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: must map concept names to lists of image files")
+    parsed = []
+    for name, files in value.items():
+        if isinstance(files, str):
+            files = [files]
+        if not isinstance(name, str) or not name or not isinstance(files, Sequence) or not files or not all(
+            isinstance(f, str) and f for f in files
+        ):
+            raise ConfigError(f"{key}.{name}: must be a non-empty list of image files")
+        parsed.append((name, tuple(files)))
+    return tuple(parsed)
+
+
+# --- the generic reader ----------------------------------------------------------------------------------
+
+
+def setting(default: Any = dataclasses.MISSING, check: Check | None = None, **meta: Any) -> Any:
+    """A dataclass field read by :func:`read_section`: ``check(value, dotted_key)`` parses a given value
+    (defaults are trusted). ``meta``: ``only_for_task``/``only_for_architecture`` refuse a section given
+    for another task/architecture; ``flat=True`` reads a nested section from the parent's own keys."""
+    metadata = {"check": check, **meta}
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=type(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def section_keys(cls: type) -> list[str]:
+    """The keys a section accepts (a ``flat`` nested section's keys count as the parent's own)."""
+    keys: list[str] = []
+    for f in fields(cls):
+        if f.metadata.get("flat"):
+            keys += section_keys(_section_type(cls, f))
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _section_type(cls: type, f: dataclasses.Field) -> type | None:
+    return f.default_factory if dataclasses.is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
+
+
+def _check_keys(section: Any, allowed: Sequence[str], where: str) -> None:
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: must be a mapping, got {type(section).__name__}")
+    for key in section:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed keys: {', '.join(allowed)}"
+            raise ConfigError(f"{where}.{key}: unknown key{hint}")
+
+
+def read_section(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
+    """Parse and validate the mapping ``data`` into the section dataclass ``cls``; every error is a
+    :class:`ConfigError` whose message starts with the dotted key (``handler.preprocessing.mean: ...``)."""
+    data = {} if data is None else data
+    _check_keys(data, section_keys(cls), where)
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        nested = _section_type(cls, f)
+        if f.metadata.get("flat"):
+            values[f.name] = read_section(nested, {k: data[k] for k in section_keys(nested) if k in data}, where)
+        elif nested is not None:
+            values[f.name] = read_section(nested, data.get(f.name), f"{where}.{f.name}")
+        elif f.name in data:
+            check = f.metadata.get("check")
+            values[f.name] = check(data[f.name], f"{where}.{f.name}") if check else data[f.name]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}.{f.name}: missing")
+    for f in fields(cls):
+        for meta, attribute, what in (("only_for_task", "task", "task"), ("only_for_architecture", "architecture", "architecture")):
+            wanted = f.metadata.get(meta)
+            if wanted is None or data.get(f.name) is None:
+                continue
+            actual = values.get(attribute, getattr(cls, attribute, None))
+            if actual != wanted:
+                raise ConfigError(f"{where}.{f.name}: only applies to {what} {wanted}, this config's {what} is {actual}")
+    config = cls(**values)
+    finish = getattr(config, "finish", None)
+    return finish(where, data) if finish else config
+
+
+# --- the sections -------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -136,72 +281,64 @@ class PreprocessingConfig:
     - ``fill``: letterbox padding value in [0, 1] RGB before normalisation.
     """
 
-    input_size: tuple[int, int] = (224, 224)
-    resize: str = "stretch"
-    resize_size: tuple[int, int] | None = None
-    crop: bool = False
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    fill: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    input_size: tuple[int, int] = setting((224, 224), size)
+    resize: str = setting("stretch", choice(*RESIZE_MODES))
+    resize_size: tuple[int, int] | None = setting(None, optional(size))
+    crop: bool = setting(False, boolean)
+    mean: tuple[float, float, float] = setting(IMAGENET_MEAN, floats(3))
+    std: tuple[float, float, float] = setting(IMAGENET_STD, floats(3, positive=True))
+    interpolation: str = setting("bilinear", choice(*INTERPOLATIONS))
+    fill: tuple[float, float, float] = setting((0.0, 0.0, 0.0), floats(3))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.preprocessing") -> PreprocessingConfig:
-        data = {} if data is None else data
-        _check_keys(data, [f.name for f in fields(cls)], where)
-        kwargs: dict[str, Any] = {}
-        if "input_size" in data:
-            kwargs["input_size"] = _size(data["input_size"], f"{where}.input_size")
-        if "resize" in data:
-            kwargs["resize"] = _choice(data["resize"], RESIZE_MODES, f"{where}.resize")
-        if data.get("resize_size") is not None:
-            kwargs["resize_size"] = _size(data["resize_size"], f"{where}.resize_size")
-        if "crop" in data:
-            kwargs["crop"] = _bool(data["crop"], f"{where}.crop")
-        if "mean" in data:
-            kwargs["mean"] = _floats(data["mean"], 3, f"{where}.mean")
-        if "std" in data:
-            kwargs["std"] = _floats(data["std"], 3, f"{where}.std", positive=True)
-        if "interpolation" in data:
-            kwargs["interpolation"] = _choice(data["interpolation"], INTERPOLATIONS, f"{where}.interpolation")
-        if "fill" in data:
-            kwargs["fill"] = _floats(data["fill"], 3, f"{where}.fill")
-        config = cls(**kwargs)
-        size = config.resize_size or config.input_size
-        if not config.crop and size != config.input_size:
+        return read_section(cls, data, where)
+
+    def finish(self, where: str, data: Mapping[str, Any]) -> PreprocessingConfig:
+        resized = self.resize_size or self.input_size
+        if not self.crop and resized != self.input_size:
             raise ConfigError(
-                f"{where}.resize_size: {list(size)} differs from input_size {list(config.input_size)}; "
+                f"{where}.resize_size: {list(resized)} differs from input_size {list(self.input_size)}; "
                 "set crop: true to centre-crop, or drop resize_size"
             )
-        if config.resize == "shorter_side" and not config.crop:
+        if self.resize == "shorter_side" and not self.crop:
             raise ConfigError(f"{where}.resize: shorter_side keeps the aspect ratio, so it needs crop: true")
-        if config.crop and (size[0] < config.input_size[0] or size[1] < config.input_size[1]):
-            raise ConfigError(f"{where}.crop: resize_size {list(size)} is smaller than input_size")
-        return config
+        if self.crop and (resized[0] < self.input_size[0] or resized[1] < self.input_size[1]):
+            raise ConfigError(f"{where}.crop: resize_size {list(resized)} is smaller than input_size")
+        return self
 
 
 @dataclass(frozen=True)
 class ExplanationConfig:
-    """Which CAMs a model may compute and how they are returned.
+    """Which CAMs a model may compute and how they are returned (flat keys of ``handler:``).
 
     - ``target_layers``: dotted layer paths (``layer4.-1``, ``blocks.-1.norm1``), resolved at load.
-    - ``reshape``: ``auto`` (from the architecture), ``vit``, ``swin`` or ``none``.
-    - ``methods``: the cam_engine method names a request may ask for; ``default_method`` among them.
+    - ``reshape``: ``auto`` (from the architecture), ``vit``, ``swin``, ``fasterrcnn`` or ``none``.
+    - ``methods``: the cam_engine method names a request may ask for; ``default_method`` among them
+      (default: the first).
     - ``max_targets``: the most targets one request may ask to explain.
     - ``explain_on_predict``: whether /predictions explains without being asked.
     - ``overlay_quality``: JPEG quality of overlays (heatmaps are 8-bit grayscale PNGs).
     - ``aug_smooth``/``eigen_smooth``: whether requests may turn these options on.
     """
 
-    target_layers: tuple[str, ...] = ()
-    reshape: str = "auto"
-    methods: tuple[str, ...] = ("gradcam",)
-    default_method: str = "gradcam"
-    max_targets: int = 5
-    explain_on_predict: bool = False
-    overlay_quality: int = 85
-    aug_smooth: bool = False
-    eigen_smooth: bool = True
+    target_layers: tuple[str, ...] = setting((), names("dotted layer paths"))
+    reshape: str = setting("auto", choice(*RESHAPES))
+    methods: tuple[str, ...] = setting(("gradcam",), names("method names", lower=True))
+    default_method: str = setting("gradcam", text("a method name"))
+    max_targets: int = setting(5, integer(1))
+    explain_on_predict: bool = setting(False, boolean)
+    overlay_quality: int = setting(85, integer(1, 100))
+    aug_smooth: bool = setting(False, boolean)
+    eigen_smooth: bool = setting(True, boolean)
+
+    def finish(self, where: str, data: Mapping[str, Any]) -> ExplanationConfig:
+        if not self.target_layers:
+            raise ConfigError(f"{where}.target_layers: must be a non-empty list of dotted layer paths, got None")
+        default = self.default_method.lower() if "default_method" in data else self.methods[0]
+        if default not in self.methods:
+            raise ConfigError(f"{where}.default_method: {self.default_method!r} is not one of methods {list(self.methods)}")
+        return dataclasses.replace(self, default_method=default)
 
 
 @dataclass(frozen=True)
@@ -223,43 +360,25 @@ class AuditConfig:
       answers leave) or ``strict`` (a batch's records are committed, fsynced, before its answers leave).
     """
 
-    enabled: bool = False
-    sample_rate: float = 1.0
-    store_heatmaps: bool = True
-    faithfulness: bool = False
-    sink: str = "sqlite"
-    directory: str | None = None
-    store_inputs: bool = False
-    top_k: int = 5
-    queue_size: int = 10_000
-    durability: str = "async"
+    enabled: bool = setting(False, boolean)
+    sample_rate: float = setting(1.0, unit)
+    store_heatmaps: bool = setting(True, boolean)
+    faithfulness: bool = setting(False, boolean)
+    sink: str = setting("sqlite", choice(*AUDIT_SINKS))
+    directory: str | None = setting(None, optional(text("a path")))
+    store_inputs: bool = setting(False, boolean)
+    top_k: int = setting(5, integer(1))
+    queue_size: int = setting(10_000, integer(1))
+    durability: str = setting("async", choice("async", "strict"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.audit") -> AuditConfig:
-        data = {} if data is None else data
-        _check_keys(data, [f.name for f in fields(cls)], where)
-        defaults = cls()
-        rate = data.get("sample_rate", defaults.sample_rate)
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
-            raise ConfigError(f"{where}.sample_rate: must be a number in [0, 1], got {rate!r}")
-        directory = data.get("directory")
-        if directory is not None and (not isinstance(directory, str) or not directory):
-            raise ConfigError(f"{where}.directory: must be a path, got {directory!r}")
-        config = cls(
-            enabled=_bool(data.get("enabled", defaults.enabled), f"{where}.enabled"),
-            sample_rate=float(rate),
-            store_heatmaps=_bool(data.get("store_heatmaps", defaults.store_heatmaps), f"{where}.store_heatmaps"),
-            faithfulness=_bool(data.get("faithfulness", defaults.faithfulness), f"{where}.faithfulness"),
-            sink=_choice(data.get("sink", defaults.sink), AUDIT_SINKS, f"{where}.sink"),
-            directory=directory,
-            store_inputs=_bool(data.get("store_inputs", defaults.store_inputs), f"{where}.store_inputs"),
-            top_k=_int(data.get("top_k", defaults.top_k), f"{where}.top_k", 1),
-            queue_size=_int(data.get("queue_size", defaults.queue_size), f"{where}.queue_size", 1),
-            durability=_choice(data.get("durability", defaults.durability), ("async", "strict"), f"{where}.durability"),
-        )
-        if config.store_inputs and config.sink != "sqlite":
+        return read_section(cls, data, where)
+
+    def finish(self, where: str, data: Mapping[str, Any]) -> AuditConfig:
+        if self.store_inputs and self.sink != "sqlite":
             raise ConfigError(f"{where}.store_inputs: raw images are stored only with sink: sqlite, not in log lines")
-        return config
+        return self
 
 
 @dataclass(frozen=True)
@@ -273,37 +392,17 @@ class DetectionConfig:
       ``FasterRCNNBoxScoreTarget``.
     """
 
-    score_threshold: float = 0.5
-    max_detections: int = 100
-    explain_top: int = 3
-    iou_threshold: float = 0.5
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.detection") -> DetectionConfig:
-        data = {} if data is None else data
-        _check_keys(data, [f.name for f in fields(cls)], where)
-        return cls(
-            score_threshold=_unit(data.get("score_threshold", cls.score_threshold), f"{where}.score_threshold"),
-            max_detections=_int(data.get("max_detections", cls.max_detections), f"{where}.max_detections", 1),
-            explain_top=_int(data.get("explain_top", cls.explain_top), f"{where}.explain_top", 1),
-            iou_threshold=_unit(data.get("iou_threshold", cls.iou_threshold), f"{where}.iou_threshold"),
-        )
+    score_threshold: float = setting(0.5, unit)
+    max_detections: int = setting(100, integer(1))
+    explain_top: int = setting(3, integer(1))
+    iou_threshold: float = setting(0.5, unit)
 
 
 @dataclass(frozen=True)
 class SegmentationConfig:
     """``handler.segmentation``: ``background_class`` is never explained by default (None: none is)."""
 
-    background_class: int | None = 0
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.segmentation") -> SegmentationConfig:
-        data = {} if data is None else data
-        _check_keys(data, [f.name for f in fields(cls)], where)
-        background = data.get("background_class", cls.background_class)
-        if background is not None:
-            background = _int(background, f"{where}.background_class", 0)
-        return cls(background_class=background)
+    background_class: int | None = setting(0, optional(integer(0)))
 
 
 @dataclass(frozen=True)
@@ -316,157 +415,8 @@ class EmbeddingConfig:
     - ``max_references``: the most reference images one request may send.
     """
 
-    concepts: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    max_references: int = 4
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.embedding") -> EmbeddingConfig:
-        data = {} if data is None else data
-        _check_keys(data, [f.name for f in fields(cls)], where)
-        concepts = data.get("concepts") or {}
-        if not isinstance(concepts, Mapping):
-            raise ConfigError(f"{where}.concepts: must map concept names to lists of image files")
-        parsed = []
-        for name, files in concepts.items():
-            if isinstance(files, str):
-                files = [files]
-            if not isinstance(name, str) or not name or not isinstance(files, Sequence) or not files or not all(
-                isinstance(f, str) and f for f in files
-            ):
-                raise ConfigError(f"{where}.concepts.{name}: must be a non-empty list of image files")
-            parsed.append((name, tuple(files)))
-        return cls(
-            concepts=tuple(parsed),
-            max_references=_int(data.get("max_references", cls.max_references), f"{where}.max_references", 1),
-        )
-
-
-@dataclass(frozen=True)
-class HandlerConfig:
-    """The whole ``handler:`` section (flat keys, plus the nested ``preprocessing`` mapping).
-
-    - ``task``: ``classifier``, ``detection``, ``segmentation`` or ``embedding`` (the handler module).
-    - ``architecture``: a name in :mod:`handlers.models.architectures`; ``model_options``: keyword arguments
-      for its builder (``min_size``, ``box_score_thresh``, ...).
-    - ``weights``: the state-dict file inside the archive; ``labels``: a JSON list file inside the
-      archive (or an inline list); ``num_classes`` defaults to the number of labels.
-    - ``top_k``: predictions returned by default; ``max_image_pixels``: decoded images larger than this
-      are refused before decoding (decompression bombs); ``max_heatmap_pixels``: heatmaps and overlays
-      larger than this are encoded at a reduced size (same aspect); ``max_response_size``: overrides the
-      response limit read from TorchServe's config (:mod:`handlers.serving.limits`).
-    - ``audit``: the prediction audit trail (:class:`AuditConfig`, :mod:`handlers.audit`).
-    """
-
-    architecture: str
-    weights: str | None = None
-    labels: str | tuple[str, ...] | None = None
-    num_classes: int | None = None
-    top_k: int = 5
-    max_image_pixels: int = 40_000_000
-    max_heatmap_pixels: int = 4_194_304
-    max_response_size: int | None = None
-    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
-    explanation: ExplanationConfig = field(default_factory=ExplanationConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
-    task: str = "classifier"
-    model_options: tuple[tuple[str, Any], ...] = ()
-    detection: DetectionConfig = field(default_factory=DetectionConfig)
-    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
-    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
-    threads: int | None = None  # torch intra-op threads; None: sized to the CPUs (handlers.serving.threads)
-
-    #: keys of the flat ``handler:`` mapping that fill :class:`ExplanationConfig`
-    EXPLANATION_KEYS = tuple(f.name for f in fields(ExplanationConfig))
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        own = [f.name for f in fields(cls) if f.name != "explanation"]
-        return own + list(cls.EXPLANATION_KEYS)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler") -> HandlerConfig:
-        """Parse and validate a ``handler:`` mapping; raises :class:`ConfigError` naming the key."""
-        if data is None:
-            raise ConfigError(f"{where}: missing; the model-config.yaml needs a handler section")
-        _check_keys(data, cls.keys(), where)
-        if "architecture" not in data:
-            raise ConfigError(f"{where}.architecture: missing")
-        architecture = data["architecture"]
-        if not isinstance(architecture, str) or not architecture:
-            raise ConfigError(f"{where}.architecture: must be a name, got {architecture!r}")
-        weights = data.get("weights")
-        if weights is not None and not isinstance(weights, str):
-            raise ConfigError(f"{where}.weights: must be a file name, got {weights!r}")
-        labels = data.get("labels")
-        if isinstance(labels, Sequence) and not isinstance(labels, str):
-            if not all(isinstance(label, str) for label in labels):
-                raise ConfigError(f"{where}.labels: must be a file name or a list of names")
-            labels = tuple(labels)
-        elif labels is not None and not isinstance(labels, str):
-            raise ConfigError(f"{where}.labels: must be a file name or a list of names, got {labels!r}")
-        num_classes = data.get("num_classes")
-        if num_classes is not None:
-            num_classes = _int(num_classes, f"{where}.num_classes", 1)
-        explanation = _explanation(data, where)
-        model_options = data.get("model_options") or {}
-        if not isinstance(model_options, Mapping) or not all(isinstance(k, str) for k in model_options):
-            raise ConfigError(f"{where}.model_options: must be a mapping of builder keyword arguments")
-        task = _choice(data.get("task", cls.task), TASKS, f"{where}.task")
-        for section in ("detection", "segmentation", "embedding"):
-            if data.get(section) is not None and section != task:
-                raise ConfigError(f"{where}.{section}: only applies to task {section}, this config's task is {task}")
-        return cls(
-            task=task,
-            model_options=tuple(model_options.items()),
-            detection=DetectionConfig.from_dict(data.get("detection"), f"{where}.detection"),
-            segmentation=SegmentationConfig.from_dict(data.get("segmentation"), f"{where}.segmentation"),
-            embedding=EmbeddingConfig.from_dict(data.get("embedding"), f"{where}.embedding"),
-            architecture=architecture,
-            weights=weights,
-            labels=labels,
-            num_classes=num_classes,
-            top_k=_int(data.get("top_k", cls.top_k), f"{where}.top_k", 1),
-            max_image_pixels=_int(data.get("max_image_pixels", cls.max_image_pixels), f"{where}.max_image_pixels", 1),
-            max_heatmap_pixels=_int(data.get("max_heatmap_pixels", cls.max_heatmap_pixels), f"{where}.max_heatmap_pixels", 1),
-            max_response_size=None if data.get("max_response_size") is None
-            else _int(data["max_response_size"], f"{where}.max_response_size", 1024),
-            preprocessing=PreprocessingConfig.from_dict(data.get("preprocessing"), f"{where}.preprocessing"),
-            explanation=explanation,
-            audit=AuditConfig.from_dict(data.get("audit"), f"{where}.audit"),
-            threads=None if data.get("threads") is None else _int(data["threads"], f"{where}.threads", 1),
-        )
-
-
-def _explanation(data: Mapping[str, Any], where: str) -> ExplanationConfig:
-    defaults = ExplanationConfig()
-    layers = data.get("target_layers")
-    if isinstance(layers, str):
-        layers = [layers]
-    if not layers or not isinstance(layers, Sequence) or not all(isinstance(p, str) and p for p in layers):
-        raise ConfigError(f"{where}.target_layers: must be a non-empty list of dotted layer paths, got {layers!r}")
-    methods = data.get("methods", list(defaults.methods))
-    if isinstance(methods, str):
-        methods = [methods]
-    if not methods or not isinstance(methods, Sequence) or not all(isinstance(m, str) for m in methods):
-        raise ConfigError(f"{where}.methods: must be a non-empty list of method names, got {methods!r}")
-    methods = tuple(m.lower() for m in methods)
-    default_method = data.get("default_method", methods[0])
-    if not isinstance(default_method, str) or default_method.lower() not in methods:
-        raise ConfigError(f"{where}.default_method: {default_method!r} is not one of methods {list(methods)}")
-    quality = _int(data.get("overlay_quality", defaults.overlay_quality), f"{where}.overlay_quality", 1)
-    if quality > 100:
-        raise ConfigError(f"{where}.overlay_quality: must be in 1..100, got {quality}")
-    return ExplanationConfig(
-        target_layers=tuple(layers),
-        reshape=_choice(data.get("reshape", defaults.reshape), RESHAPES, f"{where}.reshape"),
-        methods=methods,
-        default_method=default_method.lower(),
-        max_targets=_int(data.get("max_targets", defaults.max_targets), f"{where}.max_targets", 1),
-        explain_on_predict=_bool(data.get("explain_on_predict", defaults.explain_on_predict), f"{where}.explain_on_predict"),
-        overlay_quality=quality,
-        aug_smooth=_bool(data.get("aug_smooth", defaults.aug_smooth), f"{where}.aug_smooth"),
-        eigen_smooth=_bool(data.get("eigen_smooth", defaults.eigen_smooth), f"{where}.eigen_smooth"),
-    )
+    concepts: tuple[tuple[str, tuple[str, ...]], ...] = setting((), concept_files)
+    max_references: int = setting(4, integer(1))
 
 
 @dataclass(frozen=True)
@@ -478,21 +428,61 @@ class ClipConfig:
     a single prompt, whose probability is 1 with no gradient); ``text_cache_size``: label sets kept in
     the LRU cache of text embeddings."""
 
-    model_dir: str = "clip"
-    max_labels: int = 16
-    score: str = "softmax"
-    text_cache_size: int = 256
+    model_dir: str = setting("clip", text("a directory name or path"))
+    max_labels: int = setting(16, integer(1))
+    score: str = setting("softmax", choice("softmax", "logit"))
+    text_cache_size: int = setting(256, integer(1))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.clip") -> ClipConfig:
-        data = {} if data is None else data
-        _check_keys(data, [f.name for f in fields(cls)], where)
-        model_dir = data.get("model_dir", cls.model_dir)
-        if not isinstance(model_dir, str) or not model_dir:
-            raise ConfigError(f"{where}.model_dir: must be a directory name or path, got {model_dir!r}")
-        return cls(
-            model_dir=model_dir,
-            max_labels=_int(data.get("max_labels", cls.max_labels), f"{where}.max_labels", 1),
-            score=_choice(data.get("score", cls.score), ("softmax", "logit"), f"{where}.score"),
-            text_cache_size=_int(data.get("text_cache_size", cls.text_cache_size), f"{where}.text_cache_size", 1),
-        )
+        return read_section(cls, data, where)
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """The whole ``handler:`` section (flat keys, plus the nested sections).
+
+    - ``task``: ``classifier``, ``detection``, ``segmentation`` or ``embedding`` (the handler module).
+    - ``architecture``: a name in :mod:`handlers.models.architectures`; ``model_options``: keyword arguments
+      for its builder (``min_size``, ``box_score_thresh``, ...).
+    - ``weights``: the state-dict file inside the archive; ``labels``: a JSON list file inside the
+      archive (or an inline list); ``num_classes`` defaults to the number of labels.
+    - ``top_k``: predictions returned by default; ``max_image_pixels``: decoded images larger than this
+      are refused before decoding (decompression bombs); ``max_heatmap_pixels``: heatmaps and overlays
+      larger than this are encoded at a reduced size (same aspect); ``max_response_size``: overrides the
+      response limit read from TorchServe's config (:mod:`handlers.serving.limits`).
+    - ``threads``: torch intra-op threads; None: sized to the CPUs (:mod:`handlers.serving.threads`).
+    - sections: ``preprocessing``, ``audit`` (:mod:`handlers.audit`), and per task ``detection``,
+      ``segmentation``, ``embedding``; ``clip`` for the CLIP architecture. The explanation keys
+      (:class:`ExplanationConfig`) sit flat in ``handler:``.
+    """
+
+    architecture: str = setting(check=text("a name"))
+    weights: str | None = setting(None, optional(text("a file name")))
+    labels: str | tuple[str, ...] | None = setting(None, file_or_names)
+    num_classes: int | None = setting(None, optional(integer(1)))
+    top_k: int = setting(5, integer(1))
+    max_image_pixels: int = setting(40_000_000, integer(1))
+    max_heatmap_pixels: int = setting(4_194_304, integer(1))
+    max_response_size: int | None = setting(None, optional(integer(1024)))
+    preprocessing: PreprocessingConfig = setting(PreprocessingConfig())
+    explanation: ExplanationConfig = setting(ExplanationConfig(), flat=True)
+    audit: AuditConfig = setting(AuditConfig())
+    task: str = setting("classifier", choice(*TASKS))
+    model_options: tuple[tuple[str, Any], ...] = setting((), keyword_arguments)
+    detection: DetectionConfig = setting(DetectionConfig(), only_for_task="detection")
+    segmentation: SegmentationConfig = setting(SegmentationConfig(), only_for_task="segmentation")
+    embedding: EmbeddingConfig = setting(EmbeddingConfig(), only_for_task="embedding")
+    clip: ClipConfig = setting(ClipConfig(), only_for_architecture="clip")
+    threads: int | None = setting(None, optional(integer(1)))
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return section_keys(cls)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler") -> HandlerConfig:
+        """Parse and validate a ``handler:`` mapping; raises :class:`ConfigError` naming the key."""
+        if data is None:
+            raise ConfigError(f"{where}: missing; the model-config.yaml needs a handler section")
+        return read_section(cls, data, where)

@@ -136,9 +136,9 @@ def resolve_clip_dir(model_dir_setting: str, archive_dir: Path) -> Path:
 
 
 def clip_section(handler: dict[str, Any], archive_dir: Path) -> tuple[ClipConfig, Path]:
-    """Pop ``handler.clip`` from the ``handler:`` mapping ``handler`` (in place) and default its target
+    """Read ``handler.clip`` from the ``handler:`` mapping ``handler`` and default (in place) its target
     layer and preprocessing to the CLIP directory's; returns the parsed section and the directory."""
-    config = ClipConfig.from_dict(handler.pop("clip", None))
+    config = ClipConfig.from_dict(handler.get("clip"))
     clip_dir = resolve_clip_dir(config.model_dir, archive_dir)
     handler.setdefault("target_layers", [DEFAULT_TARGET_LAYER])
     if "preprocessing" not in handler:

@@ -85,7 +85,7 @@ class ClipHandler(CamHandler):
 
     # ------------------------------------------------------------------ loading
     def load_config(self, yaml_config: Mapping[str, Any] | None, model_dir: Path) -> HandlerConfig:
-        """Pop ``handler.clip``; default the target layer and take preprocessing from the image processor."""
+        """Read ``handler.clip``; default the target layer and take preprocessing from the image processor."""
         handler = dict((yaml_config or {}).get("handler") or {})
         self.clip_config, self.clip_dir = clip_section(handler, model_dir)
         handler.setdefault("architecture", "clip")

@@ -60,7 +60,7 @@ class EmbeddingHandler(CamHandler):
         self.vision_config: Any = None
 
     def load_config(self, yaml_config: Mapping[str, Any] | None, model_dir: Path) -> HandlerConfig:
-        """For ``architecture: clip``: pop ``handler.clip`` and default the layer and preprocessing to
+        """For ``architecture: clip``: read ``handler.clip`` and default the layer and preprocessing to
         the CLIP directory's, as the CLIP handler does."""
         handler = dict((yaml_config or {}).get("handler") or {})
         if handler.get("architecture") != "clip":
