@@ -35,6 +35,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from handlers.tasks import registry
+
 __all__ = [
     "ConfigError",
     "PreprocessingConfig",
@@ -56,7 +58,7 @@ __all__ = [
 
 RESIZE_MODES = ("stretch", "letterbox", "shorter_side")
 RESHAPES = ("auto", "vit", "swin", "fasterrcnn", "none")
-TASKS = ("classifier", "detection", "segmentation", "embedding")
+TASKS = tuple(name for name, task in registry.TASKS.items() if task.config_task)  # handler.task values
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 AUDIT_SINKS = ("sqlite", "stdout")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

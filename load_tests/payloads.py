@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from handlers.tasks.registry import TASKS, task_of_body
+
 __all__ = [
     "Photo",
     "photos",
@@ -139,8 +141,8 @@ def _check_png(entry: Any, photo: Photo, name: str = "heatmap") -> str | None:
     return None
 
 
-#: what each task's answer lists, and the key naming each explanation's subject
-SUBJECTS = {"predictions": "target", "detections": "box_index", "classes": "target", "similarities": "concept"}
+#: what each task's answer lists, and the key naming each explanation's subject (from the task registry)
+SUBJECTS = {task.results: task.subject for task in TASKS.values()}
 
 
 def answer_kind(answer: Any) -> str | None:
@@ -148,7 +150,8 @@ def answer_kind(answer: Any) -> str | None:
     segmenter's mask) or ``similarities`` (an embedding model); None for anything else."""
     if not isinstance(answer, dict):
         return None
-    return next((kind for kind in SUBJECTS if kind in answer), None)
+    task = task_of_body(answer)
+    return task.results if task else None
 
 
 def _is_score(value: Any, low: float = 0.0, high: float = 1.0) -> bool:

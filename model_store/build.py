@@ -39,13 +39,9 @@ import torch
 import yaml
 
 from handlers.models import architectures
-from handlers.tasks.classifier import ClassifierHandler
-from handlers.tasks.clip import ClipHandler
 from handlers.models.clip import directory_digest
 from handlers.config import HandlerConfig
-from handlers.tasks.detection import DetectionHandler
-from handlers.tasks.embedding import EmbeddingHandler
-from handlers.tasks.segmentation import SegmentationHandler
+from handlers.tasks.registry import TASKS
 from model_store.labels import CONFIG_DIR, imagenet_labels, resolve_labels
 
 __all__ = [
@@ -57,20 +53,6 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent
 PACKAGES = ("handlers", "cam_engine")
 #: offline tools inside the packages that serving never imports: left out of archives
 OFFLINE_ONLY = ("handlers/audit/report.py", "handlers/audit/__main__.py")
-HANDLERS = {
-    "classifier": "handlers/tasks/classifier.py",
-    "detection": "handlers/tasks/detection.py",
-    "segmentation": "handlers/tasks/segmentation.py",
-    "embedding": "handlers/tasks/embedding.py",
-    "clip": "handlers/tasks/clip.py",
-}
-HANDLER_CLASSES = {
-    "classifier": ClassifierHandler,
-    "detection": DetectionHandler,
-    "segmentation": SegmentationHandler,
-    "embedding": EmbeddingHandler,
-    "clip": ClipHandler,
-}
 #: tasks, and architectures, whose handler loads its model from a directory in the archive (no state dict)
 DIRECTORY_TASKS = {"clip"}
 #: the task an architecture name implies when the spec does not name one
@@ -282,7 +264,7 @@ def _directory_model(
 
 def _check_in_handler(stage: Path, config: dict[str, Any], name: str, task: str) -> dict[str, Any]:
     """Load the staged archive contents through the real handler (validation + warm-up)."""
-    handler_class = HANDLER_CLASSES[task]
+    handler_class = TASKS[task].handler_class()
     # The check must not create audit directories or writer threads on the build machine.
     config = _merge(config, {"handler": {"audit": {"enabled": False}}})
     context = SimpleNamespace(
@@ -316,8 +298,8 @@ def build_archive(
         log(f"[{name}] {message} ({time.perf_counter() - started:.1f}s)")
 
     task = spec.task or handler.get("task") or TASK_OF_ARCHITECTURE.get(str(handler.get("architecture")), "classifier")
-    if task not in HANDLERS:
-        raise BuildError(f"{name}: handler.task: {task!r} is not one of {', '.join(HANDLERS)}")
+    if task not in TASKS:
+        raise BuildError(f"{name}: handler.task: {task!r} is not one of {', '.join(TASKS)}")
     # a model loaded from a directory (CLIP: the CLIP task, or a CLIP image tower as an embedding model)
     directory_model = task in DIRECTORY_TASKS or handler.get("architecture") in DIRECTORY_TASKS
     if task not in DIRECTORY_TASKS:
@@ -391,7 +373,7 @@ def build_archive(
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", name,
             "--version", version,
-            "--handler", str(REPO_ROOT / HANDLERS[task]),
+            "--handler", str(REPO_ROOT / TASKS[task].handler_file),
             "--extra-files", str(extra),
             "--config-file", str(stage / "model-config.yaml"),
             "--export-path", str(output),

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from model_store.build import CONFIG_DIR, HANDLER_CLASSES
+from handlers.tasks.registry import TASKS
+from model_store.build import CONFIG_DIR
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_context import FakeContext  # noqa: E402
@@ -39,7 +40,7 @@ def test_config_loads_and_explains(name: str, tmp_path: Path) -> None:
         handler_section["preprocessing"]["input_size"] = [160, 160]
     (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(config))
     torch.manual_seed(0)
-    handler = HANDLER_CLASSES[task]()
+    handler = TASKS[task].handler_class()()
     handler.initialize(FakeContext(tmp_path, name))  # includes a warm-up CAM at the configured layers
     assert set(handler.cams) == {m.lower() for m in handler_section["methods"]}
     assert handler.config.explanation.default_method in handler.cams

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from handlers.tasks.registry import TaskResult
+
 from .client import (
     DEFAULT_URL,
     KEY_FILE_ENV,
@@ -130,27 +132,28 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str, ri
 
 
 def summary_table(body: dict[str, Any], indent: str = "  ") -> str:
-    """What the model answered, whatever its task: class predictions, detections, the classes of a
-    segmentation mask, or similarities to concepts."""
-    if "detections" in body:
-        detections = body["detections"]
-        if not detections:
+    """What the model answered, whatever its task (read through the task registry): class predictions,
+    detections, the classes of a segmentation mask, or similarities to concepts."""
+    try:
+        result = TaskResult.from_body(body)
+    except ValueError:
+        return prediction_table([], indent)
+    if result.task == "detection":
+        if not result.results:
             return f"{indent}(no detections above the score threshold)"
         rows = [[str(d.get("index", "")), str(d.get("label", "")), f"{float(d.get('score', 0)):.4f}",
-                 "[" + ", ".join(f"{v:.0f}" for v in d.get("box", [])) + "]"] for d in detections]  # fmt: skip
+                 "[" + ", ".join(f"{v:.0f}" for v in d.get("box", [])) + "]"] for d in result.results]  # fmt: skip
         return _table(["#", "label", "score", "box [x0, y0, x1, y1]"], rows, indent, [True, False, True, False])
-    if "classes" in body and "predictions" not in body:
-        classes = body["classes"]
-        if not classes:
+    if result.task == "segmentation":
+        if not result.results:
             return f"{indent}(no classes)"
         rows = [[str(c.get("index", "")), str(c.get("label", "")), f"{float(c.get('fraction', 0)):.1%}",
-                 str(c.get("pixels", ""))] for c in classes]  # fmt: skip
+                 str(c.get("pixels", ""))] for c in result.results]  # fmt: skip
         return _table(["class", "label", "area", "pixels"], rows, indent, [True, False, True, True])
-    if "similarities" in body:
-        rows = [[str(e.get("concept", "")), f"{float(e.get('similarity', 0)):+.4f}"]
-                for e in body["similarities"]]  # fmt: skip
+    if result.task == "embedding":
+        rows = [[str(e.get("concept", "")), f"{float(e.get('similarity', 0)):+.4f}"] for e in result.results]
         return _table(["concept", "cosine"], rows, indent, [False, True]) if rows else f"{indent}(no similarities)"
-    return prediction_table(body.get("predictions", []), indent)
+    return prediction_table(result.results, indent)
 
 
 def explanation_name(explanation: dict[str, Any]) -> str:

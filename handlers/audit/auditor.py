@@ -23,6 +23,7 @@ from cam_engine.targets import ClassifierOutputTarget
 
 from handlers.config import AuditConfig
 from handlers.serving.preprocess import to_source
+from handlers.tasks.registry import TaskResult
 from .metrics import AuditMetrics
 from .sinks import PendingRecord, SqliteSink, StdoutSink, resolve_directory
 from .summary import confidence, heatmap_summary, remove_top_pixels
@@ -34,45 +35,6 @@ logger = logging.getLogger(__name__)
 
 #: the ``kind`` of a target that names the image's own top class (resolved to that class in the record)
 TOP_CLASS = "top_class"
-
-
-# ---------------------------------------------------------------------------------------------- answers
-#: where each task's answer lists its results, and the fields of its best one (index, label, score)
-_ANSWER_LISTS = {
-    "predictions": ("index", "label", "score"),  # classifiers, CLIP
-    "detections": ("class", "label", "score"),
-    "classes": ("index", "label", "fraction"),  # segmentation: the classes of the mask, largest first
-    "similarities": (None, "concept", "similarity"),  # embeddings
-}
-_PICTURES = ("heatmap", "overlay", "method", "layers")
-
-
-def _answer_list(body: Mapping[str, Any]) -> tuple[str | None, Any]:
-    """(key, list) of the task's results in a response body: class predictions, detections, ..."""
-    return next(((key, body[key]) for key in _ANSWER_LISTS if key in body), (None, None))
-
-
-def _top_fields(entry: Mapping[str, Any], key: str) -> dict[str, Any]:
-    """``index``/``label``/``score`` of a response's best result (``key``: the list it came from)."""
-    index, label, score = (entry.get(k) if k else None for k in _ANSWER_LISTS[key])
-    return {
-        "index": index if isinstance(index, int) and not isinstance(index, bool) else None,
-        "label": label if isinstance(label, str) else None,
-        "score": score if isinstance(score, (int, float)) and not isinstance(score, bool) else None,
-    }
-
-
-def _subject(explanation: Mapping[str, Any]) -> dict[str, Any]:
-    """What one explanation of a response is about (its target, box or concept), without the pictures:
-    ``{"target": ..., "label": ..., **the task's own fields}``."""
-    fields = {k: v for k, v in explanation.items() if k not in _PICTURES}
-    target = fields.pop("target", None)
-    if "box_index" in fields:
-        target = fields.pop("box_index")
-    elif "concept" in fields:
-        fields["kind"] = target
-        target = fields.pop("concept")
-    return {"target": target, "label": fields.pop("label", None), **fields}
 
 
 def _utc_now() -> tuple[str, float]:
@@ -165,9 +127,9 @@ class Auditor:
         batch: torch.Tensor,
         outputs: Any,
         cams: Sequence[torch.Tensor | None],
-        bodies: Mapping[int, Mapping[str, Any]],
+        results: Mapping[int, TaskResult],
     ) -> None:
-        """Queue one record per audited request that got a response (``bodies`` by request index).
+        """Queue one record per audited request that got a response (the task's ``results`` by request index).
 
         Never raises: an error is logged and counted, the responses go out unchanged.
         """
@@ -175,7 +137,7 @@ class Auditor:
             return
         started = time.perf_counter()
         try:
-            self._record(requests, batch, outputs, cams, bodies)
+            self._record(requests, batch, outputs, cams, results)
         except Exception as error:  # noqa: BLE001 - auditing must never fail a prediction
             self._warn_once("record", f"audit record failed for model {self.handler.model_name}: {error!r}")
             self.writer.count_write_errors(sum(bool(getattr(r, "audited", False)) for r in requests))
@@ -191,11 +153,11 @@ class Auditor:
         batch: torch.Tensor,
         outputs: Any,
         cams: Sequence[torch.Tensor | None],
-        bodies: Mapping[int, Mapping[str, Any]],
+        results: Mapping[int, TaskResult],
     ) -> None:
         handler = self.handler
         context = handler.context
-        audited = [(row, r) for row, r in enumerate(requests) if getattr(r, "audited", False) and r.index in bodies]
+        audited = [(row, r) for row, r in enumerate(requests) if getattr(r, "audited", False) and r.index in results]
         if not audited:
             return
         scores = model_scores(outputs)
@@ -206,11 +168,10 @@ class Auditor:
         stamp, epoch = _utc_now()
         layers = list(handler.config.explanation.target_layers)
         for row, request in audited:
-            body = bodies[request.index]
-            kind, predictions = _answer_list(body)
-            predictions = list(predictions[: self.config.top_k]) if isinstance(predictions, list) else []
-            top = _top_fields(predictions[0], kind) if predictions and isinstance(predictions[0], Mapping) else {}
-            subjects = [_subject(e) for e in body.get("explanations") or [] if isinstance(e, Mapping)]
+            result = results[request.index]
+            predictions = list(result.results[: self.config.top_k])
+            top = result.top
+            subjects = result.subjects
             meta = handler.explanation_meta(request)
             fields: dict[str, Any] = {
                 "record_id": uuid.uuid4().hex,

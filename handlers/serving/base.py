@@ -45,6 +45,7 @@ from handlers.config import ConfigError, HandlerConfig
 from handlers.serving.errors import RequestError
 from handlers.serving.metrics import CamMetrics, metrics_cache
 from handlers.serving.preprocess import Geometry, preprocess, to_source
+from handlers.tasks.registry import TaskResult
 from handlers.tasks.targets import TopClassTarget
 
 __all__ = [
@@ -261,8 +262,9 @@ class CamHandler:
 
     def build_response(
         self, request: ParsedRequest, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
-    ) -> dict[str, Any]:
-        """The response for ``request`` (row ``row`` of the batch ``outputs``)."""
+    ) -> TaskResult:
+        """The task's typed result for ``request`` (row ``row`` of the batch ``outputs``); the answer is
+        ``result.body(self.response_header())``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ request parsing

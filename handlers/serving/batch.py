@@ -68,8 +68,8 @@ def handle_batch(handler: Any, data: Sequence[Mapping[str, Any]], context: Any) 
             context.set_response_status(code, protocols.REASONS.get(code, "Bad Request"), index)
         _content_type(context, index)
         responses.append(text)
-    for requests, batch, outputs, cams, bodies in audit_later:  # strict durability: committed before we return
-        delivered = {p: b for p, b in bodies.items() if units[p].request not in undelivered}
+    for requests, batch, outputs, cams, results in audit_later:  # strict durability: committed before we return
+        delivered = {p: r for p, r in results.items() if units[p].request not in undelivered}
         handler.audit.record(requests, batch, outputs, cams, delivered)
     return responses
 
@@ -101,16 +101,17 @@ def answer_units(
         batch = torch.stack([r.input for r in requests]).to(handler.device)
         outputs, cams = handler.explain_batch(batch, requests)
         encoded = handler.encode_explanations(requests, cams)
-        bodies: dict[int, dict[str, Any]] = {}
+        results: dict[int, Any] = {}  # position -> the task's TaskResult
+        header = handler.response_header()
         for row, (request, explanations) in enumerate(zip(requests, encoded)):
             try:
-                bodies[request.index] = handler.build_response(request, outputs, row, explanations)
-                answers[request.index] = (200, bodies[request.index])
+                results[request.index] = handler.build_response(request, outputs, row, explanations)
+                answers[request.index] = (200, results[request.index].body(header))
             except RequestError as error:
                 answers[request.index] = (error.code, error.body())
         if audit_later is None:
-            handler.audit.record(requests, batch, outputs, cams, bodies)
+            handler.audit.record(requests, batch, outputs, cams, results)
         else:
-            audit_later.append((requests, batch, outputs, cams, bodies))
+            audit_later.append((requests, batch, outputs, cams, results))
     missing = (500, protocols.error_body(500, "InternalError", "no answer was built for this image"))
     return [answer if answer is not None else missing for answer in answers]

@@ -25,6 +25,7 @@ import torch
 
 from cam_engine.core import model_scores
 from cam_engine.targets import ClassifierOutputTarget
+from handlers.tasks.registry import TaskResult, get_task
 from handlers.serving.base import CamHandler, ParsedRequest, RequestError
 from handlers.tasks.targets import TopClassTarget
 
@@ -34,7 +35,8 @@ __all__ = ["ClassifierHandler"]
 class ClassifierHandler(CamHandler):
     """Predictions (softmax top-k) and class CAMs for any classifier the config describes."""
 
-    task_options = ("targets", "top_k")
+    task = get_task("classifier")
+    task_options = task.options
     fast_forward = True  # frozen copy for predictions, channels-last for CAMs (handlers.serving.fast_forward)
 
     def parse_task_options(self, request: ParsedRequest, options: Mapping[str, Any]) -> None:
@@ -54,11 +56,11 @@ class ClassifierHandler(CamHandler):
 
     def build_response(
         self, request: ParsedRequest, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
-    ) -> dict[str, Any]:
+    ) -> TaskResult:
         logits = model_scores(outputs)[row].float()
         probabilities = torch.softmax(logits, dim=-1)
         scores, indices = probabilities.topk(request.task["top_k"])
-        response = self.response_header()
+        response: dict[str, Any] = {}
         response["predictions"] = [
             {"index": int(i), "label": self.labels[int(i)], "score": round(float(s), 6)}
             for s, i in zip(scores.tolist(), indices.tolist())
@@ -70,4 +72,4 @@ class ClassifierHandler(CamHandler):
                 {"target": target, "label": self.labels[target], **meta, **pictures}
                 for target, pictures in zip(targets, explanations)
             ]
-        return response
+        return TaskResult.from_body(response, self.task.name)

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from handlers.tasks.registry import TaskResult, get_task
 from handlers.serving.base import CamHandler, ParsedRequest, RequestError
 from handlers.models.clip import (
     ClipConfig,
@@ -68,7 +69,8 @@ __all__ = ["ClipHandler"]
 class ClipHandler(CamHandler):
     """Zero-shot CLIP: softmax over prompts, one image-aligned heatmap per explained prompt."""
 
-    task_options = ("labels", "targets")
+    task = get_task("clip")
+    task_options = task.options
 
     def __init__(self) -> None:
         super().__init__()
@@ -239,14 +241,14 @@ class ClipHandler(CamHandler):
 
     def build_response(
         self, request: ParsedRequest, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
-    ) -> dict[str, Any]:
+    ) -> TaskResult:
         entry: TextEntry = request.task["text"]
         labels = request.task["labels"]
         logits = self.logit_scale * (entry.embeddings.float() @ outputs[row].float())
         probabilities = torch.softmax(logits, dim=-1)
         order = probabilities.argsort(descending=True).tolist()
         values = probabilities.tolist()
-        response = self.response_header()
+        response: dict[str, Any] = {}
         response["predictions"] = [{"index": i, "label": labels[i], "score": round(values[i], 6)} for i in order]
         response["text_embeddings"] = {
             "cache": request.task["cache"],
@@ -265,7 +267,7 @@ class ClipHandler(CamHandler):
                 {"target": target, "label": labels[target], **meta, **pictures}
                 for target, pictures in zip(targets, explanations)
             ]
-        return response
+        return TaskResult.from_body(response, self.task.name)
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()

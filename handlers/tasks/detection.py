@@ -40,6 +40,7 @@ from typing import Any
 
 from torch import nn
 
+from handlers.tasks.registry import TaskResult, get_task
 from handlers.serving.base import CamHandler, ParsedRequest, RequestError
 from handlers.config import ConfigError
 from handlers.tasks.targets import RankedBoxTarget, ranked_detections
@@ -50,7 +51,8 @@ __all__ = ["DetectionHandler"]
 class DetectionHandler(CamHandler):
     """Detections above a score threshold and one CAM per requested box."""
 
-    task_options = ("score_threshold", "boxes")
+    task = get_task("detection")
+    task_options = task.options
 
     def load_model(self, model_dir: Path) -> nn.Module:
         """The detector, its internal transform pinned to the configured input size (no rescaling)."""
@@ -130,7 +132,7 @@ class DetectionHandler(CamHandler):
 
     def build_response(
         self, request: ParsedRequest, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
-    ) -> dict[str, Any]:
+    ) -> TaskResult:
         output = outputs[row]
         order = ranked_detections(output).tolist()
         scores = output["scores"].float().tolist()
@@ -149,7 +151,7 @@ class DetectionHandler(CamHandler):
                 "label": self.labels[label] if 0 <= label < len(self.labels) else str(label),
                 "score": round(scores[index], 6),
             })  # fmt: skip
-        response = self.response_header()
+        response: dict[str, Any] = {}
         response["detections"] = detections
         if explanations is not None:
             requested = request.task["boxes"]
@@ -169,4 +171,4 @@ class DetectionHandler(CamHandler):
                  **explanations[position]}
                 for position, rank in enumerate(ranks)
             ]  # fmt: skip
-        return response
+        return TaskResult.from_body(response, self.task.name)

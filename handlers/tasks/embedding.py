@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cam_engine.targets import DifferenceFromConceptTarget, SimilarityToConceptTarget
+from handlers.tasks.registry import TaskResult, get_task
 from handlers.serving.base import CamHandler, ParsedRequest, RequestError
 from handlers.models.clip import ClipImageEncoder, clip_reshape, clip_section, load_clip
 from handlers.serving.codec import decode_base64, decode_image
@@ -51,7 +52,8 @@ REFERENCES = "references"
 class EmbeddingHandler(CamHandler):
     """Cosine similarity of an image's embedding to concepts, with a CAM of the similarity."""
 
-    task_options = ("concept", "references", "target")
+    task = get_task("embedding")
+    task_options = task.options
 
     def __init__(self) -> None:
         super().__init__()
@@ -178,9 +180,9 @@ class EmbeddingHandler(CamHandler):
 
     def build_response(
         self, request: ParsedRequest, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
-    ) -> dict[str, Any]:
+    ) -> TaskResult:
         embedding = outputs[row].float().reshape(-1)
-        response = self.response_header()
+        response: dict[str, Any] = {}
         response["similarities"] = [
             {
                 "concept": name,
@@ -194,4 +196,4 @@ class EmbeddingHandler(CamHandler):
                 {"concept": name, "target": request.task["target"], **meta, **pictures}
                 for name, pictures in zip(request.task["concepts"], explanations)
             ]
-        return response
+        return TaskResult.from_body(response, self.task.name)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from handlers.tasks.registry import TaskResult, get_task
 from handlers.serving.base import CamHandler, ParsedRequest, encode_png
 from handlers.config import ConfigError
 from handlers.serving.preprocess import to_source
@@ -42,7 +43,8 @@ __all__ = ["SegmentationHandler"]
 class SegmentationHandler(CamHandler):
     """A class mask aligned with the image, the classes present, and per-class region CAMs."""
 
-    task_options = ("classes",)
+    task = get_task("segmentation")
+    task_options = task.options
 
     def warm_up_targets(self) -> list[Any]:
         if len(self.labels) > 256:
@@ -60,14 +62,14 @@ class SegmentationHandler(CamHandler):
 
     def build_response(
         self, request: ParsedRequest, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
-    ) -> dict[str, Any]:
+    ) -> TaskResult:
         logits = outputs[row].float()  # [C, H, W] at the model input
         source = to_source(logits, request.geometry)  # [C, h, w] on the submitted image
         mask = source.argmax(dim=0).to(torch.uint8).cpu()
         height, width = mask.shape
         counts = torch.bincount(mask.reshape(-1).long(), minlength=logits.shape[0]).tolist()
         total = height * width
-        response = self.response_header()
+        response: dict[str, Any] = {}
         response["mask"] = {
             "format": "png",
             "width": int(width),
@@ -86,4 +88,4 @@ class SegmentationHandler(CamHandler):
                 {"target": c, "label": self.labels[c], "pixels": int(counts[c]), **meta, **pictures}
                 for c, pictures in zip(classes, explanations)
             ]
-        return response
+        return TaskResult.from_body(response, self.task.name)
