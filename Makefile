@@ -23,7 +23,7 @@ test: $(STAMP) chromium
 # the whole grid (`make test` runs a representative subset), then against grad-cam itself for the baseline.
 test-peer: $(STAMP)
 	GRADCAM_SUITE=full $(PY) -m pytest -q tests/test_gradcam_suite.py -s
-	$(PY) tests/gradcam_suite.py pytorch_grad_cam
+	$(PY) -m tests.helpers.gradcam_suite pytorch_grad_cam
 
 # Headless Chromium for the audit report test (apt-get install only when /usr/bin/chromium is missing).
 .PHONY: chromium

@@ -19,19 +19,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from fake_context import FakeContext  # noqa: E402
-from inputs import encode  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
 from handlers.models import architectures  # noqa: E402
 from handlers.tasks.classifier import ClassifierHandler  # noqa: E402
 from model_store.build import imagenet_labels, load_config, load_weights  # noqa: E402
+from tests.helpers.fake_context import FakeContext  # noqa: E402
+from tests.helpers.inputs import encode  # noqa: E402
 
 
 def main() -> None:

@@ -38,13 +38,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from tiny_clip import TINY_VISION, VIT_B16_VISION, save_tiny_clip  # noqa: E402
 
 import cam_engine  # noqa: E402
 from cam_engine.reshape import clip_reshape_for  # noqa: E402
 from handlers.models.clip import DEFAULT_TARGET_LAYER, ClipImageEncoder, ClipTextEncoder, PromptTarget  # noqa: E402
+from tests.helpers.tiny_clip import TINY_VISION, VIT_B16_VISION, save_tiny_clip  # noqa: E402
 
 PROMPTS = [f"a photo of a {name}" for name in ("cat", "dog", "car", "tree", "house", "person", "bird", "boat")]
 MODELS = {"tiny": TINY_VISION, "vit_b16": VIT_B16_VISION}

@@ -14,12 +14,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 import numpy as np
 import torch
 import yaml
-from fake_context import FakeContext
-from inputs import encode
+from tests.helpers.fake_context import FakeContext
+from tests.helpers.inputs import encode
 from skimage import data
 
 from handlers.models import architectures

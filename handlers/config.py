@@ -29,9 +29,9 @@ recursively and a section's ``finish`` hook runs the checks that involve several
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable, Mapping, Sequence
-import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 

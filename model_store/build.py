@@ -38,9 +38,9 @@ from typing import Any
 import torch
 import yaml
 
+from handlers.config import HandlerConfig
 from handlers.models import architectures
 from handlers.models.clip import directory_digest
-from handlers.config import HandlerConfig
 from handlers.tasks.registry import TASKS
 from model_store.labels import CONFIG_DIR, imagenet_labels, resolve_labels
 

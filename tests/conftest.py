@@ -3,15 +3,11 @@ in ``serving.py`` (started once per session, stopped at the end)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from oracle import oracle_module  # noqa: E402
+from tests.helpers.oracle import oracle_module  # noqa: E402
 
 
 @pytest.fixture
@@ -22,8 +18,8 @@ def oracle(monkeypatch):
 
 @pytest.fixture(scope="session")
 def trained_cnn():
-    """The localisation CNN of tests/synthetic.py, trained once per session (seconds, no downloads)."""
-    from synthetic import SmallCNN, train
+    """The localisation CNN of tests/helpers/synthetic.py, trained once per session (seconds, no downloads)."""
+    from tests.helpers.synthetic import SmallCNN, train
 
     model = SmallCNN()
     accuracy = train(model, steps=80, size=64)
@@ -34,10 +30,9 @@ def trained_cnn():
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A TorchServe started once per session (token auth on, model API off), stopped at the end."""
-    from serving import TEST_ARCHIVES
-
     from model_store import serve
     from model_store.build import build_archive
+    from tests.helpers.serving import TEST_ARCHIVES
 
     workdir = tmp_path_factory.mktemp("torchserve")
     store = workdir / "model_store"

@@ -29,14 +29,12 @@ from PIL import Image
 
 from cam_engine.targets import ClassifierOutputTarget
 from handlers.audit import Auditor, heatmap_summary, remove_top_pixels
-from handlers.serving.base import decode_image
-from handlers.tasks.classifier import ClassifierHandler
 from handlers.config import ConfigError, HandlerConfig
+from handlers.serving.base import decode_image
 from handlers.serving.preprocess import preprocess
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_context import FakeContext  # noqa: E402
-from inputs import encode, square_image  # noqa: E402
+from handlers.tasks.classifier import ClassifierHandler
+from tests.helpers.fake_context import FakeContext  # noqa: E402
+from tests.helpers.inputs import encode, square_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = [f"class_{i}" for i in range(10)]
@@ -281,8 +279,7 @@ def test_sigterm_drains_the_queue_before_the_process_dies(tmp_path: Path) -> Non
     """A worker that gets SIGTERM with records still queued commits them, then dies of the signal."""
     out = tmp_path / "records.txt"
     script = textwrap.dedent(f"""
-        import os, signal, sys, time
-        sys.path.insert(0, {str(REPO)!r})
+        import os, signal, time
         from handlers.audit import AuditWriter, PendingRecord
         class SlowSink:
             name = "slow"
@@ -299,7 +296,8 @@ def test_sigterm_drains_the_queue_before_the_process_dies(tmp_path: Path) -> Non
         time.sleep(30)
         print("survived SIGTERM")
     """)
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's handlers
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert completed.returncode == -signal.SIGTERM, completed.stderr  # the signal still kills it
     assert sorted(int(n) for n in out.read_text().split()) == list(range(40))
 

@@ -1,6 +1,6 @@
 """Prediction auditing against a real TorchServe: records, sampling, concurrency, --stop, bad directories.
 
-The archives (tests/serving.py) serve a tiny random-init model with ``handler.audit`` on; their
+The archives (tests/helpers/serving.py) serve a tiny random-init model with ``handler.audit`` on; their
 records land under ``serving.AUDIT_ROOT``. Records are written off the request path, so each test
 polls the database (bounded) for the records of the requests it sent, identified by the
 ``x-request-id`` TorchServe returns.
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from inputs import b64, encode, square_image
 from PIL import Image
-from serving import AUDIT_FULL, AUDIT_OFF, AUDIT_ROOT, AUDIT_UNWRITABLE
 
 from model_store import serve
+from tests.helpers.inputs import b64, encode, square_image
+from tests.helpers.serving import AUDIT_FULL, AUDIT_OFF, AUDIT_ROOT, AUDIT_UNWRITABLE
 
 FULL_DB = AUDIT_ROOT / "full" / "audit.sqlite3"
 

@@ -7,21 +7,18 @@ import json
 import os
 import signal
 import sqlite3
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_context import FakeContext  # noqa: E402
-from inputs import encode, square_image  # noqa: E402
-from serving import AUDIT_ROOT, AUDIT_STRICT  # noqa: E402
 from test_audit import make_handler, rows  # noqa: E402
 
 from handlers.config import ConfigError, HandlerConfig  # noqa: E402
+from tests.helpers.fake_context import FakeContext  # noqa: E402
+from tests.helpers.inputs import encode, square_image  # noqa: E402
+from tests.helpers.serving import AUDIT_ROOT, AUDIT_STRICT  # noqa: E402
 
 
 def _slow_sink(handler, delay: float = 0.4) -> None:

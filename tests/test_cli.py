@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import requests
 import torch
-from inputs import encode, square_image
 from PIL import Image
-from serving import DEFAULT_MODEL
 from skimage import data
 from torch import nn
 
 import cam_engine
+from tests.helpers.inputs import encode, square_image
+from tests.helpers.serving import DEFAULT_MODEL
 from torchserve_cam_cli import main as cli_main
 from torchserve_cam_cli.gallery import GUIDED_NAME, load_model_spec, make_gallery
 from torchserve_cam_cli.main import main as cli_main_io
@@ -263,7 +263,7 @@ def test_gallery_errors_are_one_line(tmp_path) -> None:
 
 # ------------------------------------------------------------------------------- other tasks' models
 def test_explain_a_detector_draws_each_explained_box(server, photos, tmp_path) -> None:
-    from serving import DETECTION_MODEL
+    from tests.helpers.serving import DETECTION_MODEL
 
     out = tmp_path / "out"
     done = run_cli("explain", photos["chelsea"], "--model", DETECTION_MODEL, "-o", "boxes=[0,2]", "-o",
@@ -295,7 +295,7 @@ def test_explain_a_detector_draws_each_explained_box(server, photos, tmp_path) -
 
 
 def test_explain_a_segmenter_writes_the_mask_and_an_embedder_names_the_concept(server, photos, tmp_path) -> None:
-    from serving import EMBEDDING_MODEL, SEGMENTATION_MODEL
+    from tests.helpers.serving import EMBEDDING_MODEL, SEGMENTATION_MODEL
 
     out = tmp_path / "out"
     done = run_cli("explain", photos["coffee"], "--model", SEGMENTATION_MODEL, "--out", out, *server_args(server))

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,17 +18,15 @@ import yaml
 from PIL import Image
 
 from cam_engine.reshape import clip_reshape_for
-from handlers.tasks.clip import ClipHandler
 from handlers.models.clip import TextEmbeddingCache, TextEntry
 from handlers.serving.preprocess import preprocess
+from handlers.tasks.clip import ClipHandler
 from model_store.build import CONFIG_DIR
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_context import FakeContext  # noqa: E402
-from inputs import b64, encode, square_image  # noqa: E402
-from oracle import pearson  # noqa: E402
-from serving import CLIP_LABELS, CLIP_MODEL  # noqa: E402
-from tiny_clip import session_tiny_clip  # noqa: E402
+from tests.helpers.fake_context import FakeContext  # noqa: E402
+from tests.helpers.inputs import b64, encode, square_image  # noqa: E402
+from tests.helpers.oracle import pearson  # noqa: E402
+from tests.helpers.serving import CLIP_LABELS, CLIP_MODEL  # noqa: E402
+from tests.helpers.tiny_clip import session_tiny_clip  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- in-process

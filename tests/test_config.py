@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from handlers.tasks.classifier import ClassifierHandler
 from handlers.config import ConfigError, HandlerConfig, PreprocessingConfig
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_context import FakeContext  # noqa: E402
+from handlers.tasks.classifier import ClassifierHandler
+from tests.helpers.fake_context import FakeContext  # noqa: E402
 
 BASE = {
     "architecture": "resnet18",

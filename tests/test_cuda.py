@@ -47,7 +47,7 @@ TOLERANCE = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    from synthetic import make_shapes
+    from tests.helpers.synthetic import make_shapes
 
     return make_shapes(8, size=64, seed=3)[0]
 

@@ -28,8 +28,7 @@ OVERLAYS = ["cpu", "gpu", "gpu-prometheus"]
 KSERVE_FILES = sorted((DEPLOY / "kserve").glob("inferenceservice*.yaml"))
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
 
-sys.path.insert(0, str(DOCKER))
-import config_check  # noqa: E402
+import config_check  # noqa: E402 - deploy/docker is on pytest's pythonpath (pyproject.toml)
 import probe  # noqa: E402
 import token_gate  # noqa: E402
 import ts_tokens  # noqa: E402

@@ -10,13 +10,13 @@ import pytest
 import timm
 import torch
 import torchvision
-from oracle import pearson
-from synthetic import SmallCNN
 from torch import nn
 
 import cam_engine
 from cam_engine import LayerNotFoundError, reshape
 from cam_engine.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+from tests.helpers.oracle import pearson
+from tests.helpers.synthetic import SmallCNN
 
 GRADIENT_METHODS = ["gradcam", "hirescam", "gradcam++", "xgradcam", "layercam", "gradcam_elementwise",
                     "eigengradcam", "shapleycam", "finercam"]

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from oracle import pearson
 from torch import nn
 
 import cam_engine
 from cam_engine.targets import ClassifierOutputTarget
+from tests.helpers.oracle import pearson
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +124,10 @@ def test_arcc_and_its_parts_match_reference(oracle, resnet, batch):
 
 # ------------------------------------------------------------------------------------ utilities
 def test_projections_match_reference(oracle):
-    from oracle import sign_aligned_projection
     from pytorch_grad_cam.utils import svd_on_activations as reference
 
     from cam_engine.utils import svd_on_activations as ours
+    from tests.helpers.oracle import sign_aligned_projection
 
     a = np.random.default_rng(0).normal(size=(2, 6, 5, 4)).astype(np.float32)
     a[0, 0, 0, 0] = np.nan

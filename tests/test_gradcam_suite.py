@@ -1,6 +1,6 @@
 """grad-cam 1.5.7's own test suite, run against cam_engine after a mechanical rename.
 
-The sdist is downloaded from the package registry into a cache (see ``tests/gradcam_suite.py``);
+The sdist is downloaded from the package registry into a cache (see ``tests/helpers/gradcam_suite.py``);
 its tests are rewritten (``pytorch_grad_cam`` -> ``cam_engine``, pretrained weights -> random init)
 and run in a subprocess. Contract: every test that passes against grad-cam itself (recorded in
 ``tests/gradcam_suite_baseline.json`` by ``make test-peer``, which reruns both) passes against
@@ -14,7 +14,8 @@ import json
 import os
 
 import pytest
-from gradcam_suite import BASELINE, DELIBERATE, collect, quick_subset, run, summary
+
+from tests.helpers.gradcam_suite import BASELINE, DELIBERATE, collect, quick_subset, run, summary
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,8 @@ import yaml
 from PIL import Image
 
 from handlers.tasks.classifier import ClassifierHandler
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_context import FakeContext  # noqa: E402
-from inputs import b64, bad_payloads, encode, square_image  # noqa: E402
+from tests.helpers.fake_context import FakeContext  # noqa: E402
+from tests.helpers.inputs import b64, bad_payloads, encode, square_image  # noqa: E402
 
 NUM_CLASSES = 10
 LABELS = [f"class_{i}" for i in range(NUM_CLASSES)]

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from inputs import encode, square_image
-from serving import BATCH_MODEL
 
 from model_store import serve
+from tests.helpers.inputs import encode, square_image
+from tests.helpers.serving import BATCH_MODEL
 
 kserve = pytest.importorskip("kserve")
 

@@ -13,13 +13,19 @@ from pathlib import Path
 
 import pytest
 import requests
+from payloads import (  # load_tests/ is on pytest's pythonpath
+    Photo,
+    TokenKeeper,
+    check_answer,
+    parse_sizes,
+    photos,
+    request_kwargs,
+)
 from PIL import Image
-from serving import DEFAULT_MODEL
+
+from tests.helpers.serving import DEFAULT_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "load_tests"))
-
-from payloads import Photo, TokenKeeper, check_answer, parse_sizes, photos, request_kwargs  # noqa: E402
 
 
 def _png(width: int, height: int, mode: str = "L") -> str:
@@ -194,7 +200,7 @@ def test_locust_smoke_run_against_the_session_server(server, tmp_path: Path) -> 
 def test_locust_loads_other_tasks_models(server, tmp_path: Path, task: str) -> None:
     """The same mix against a detector and an embedding model (which needs a concept in every request):
     every answer is checked against its task's schema; no failure."""
-    from serving import DETECTION_MODEL, EMBEDDING_MODEL
+    from tests.helpers.serving import DETECTION_MODEL, EMBEDDING_MODEL
 
     model, extra = {
         "detection": (DETECTION_MODEL, ()),

@@ -8,10 +8,10 @@ object's box for at least 90% of images.
 from __future__ import annotations
 
 import pytest
-from synthetic import make_shapes, peak_in_box, tiny_vit, train
 
 import cam_engine
 from cam_engine.targets import ClassifierOutputTarget
+from tests.helpers.synthetic import make_shapes, peak_in_box, tiny_vit, train
 
 LOCALISING = ["gradcam", "hirescam", "gradcam++", "xgradcam", "layercam"]
 

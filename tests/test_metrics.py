@@ -91,7 +91,7 @@ def test_metrics_put_a_training_model_in_eval_and_restore_it(setting):
 # ------------------------------------------------------------------ faithfulness on a trained model
 def test_road_combined_ranks_gradcam_above_randomcam(trained_cnn):
     localization_model = trained_cnn
-    from synthetic import make_shapes
+    from tests.helpers.synthetic import make_shapes
 
     model = localization_model
     images, labels, _ = make_shapes(16, size=64, seed=321)

@@ -13,11 +13,11 @@ import pytest
 import timm
 import torch
 import torchvision
-from oracle import pearson
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cam_engine
 from cam_engine.targets import ClassifierOutputTarget
+from tests.helpers.oracle import pearson
 
 METHODS = [
     "GradCAM",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from skimage import data
 
-from handlers.models import architectures
 from handlers.config import PreprocessingConfig
+from handlers.models import architectures
 from handlers.serving.preprocess import preprocess
 from model_store.build import imagenet_labels, load_weights
 

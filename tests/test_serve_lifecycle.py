@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from inputs import encode
-from serving import AUDIT_OFF
 
 from model_store import serve
+from tests.helpers.inputs import encode
+from tests.helpers.serving import AUDIT_OFF
 
 
 def _ports() -> dict[str, int]:

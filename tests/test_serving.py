@@ -10,10 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from inputs import b64, bad_payloads, encode, square_image
 from PIL import Image
-from serving import BATCH_LABELS, BATCH_MODEL, DEFAULT_MODEL
 from skimage import data
+
+from tests.helpers.inputs import b64, bad_payloads, encode, square_image
+from tests.helpers.serving import BATCH_LABELS, BATCH_MODEL, DEFAULT_MODEL
 
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 CAT_FACE = (30, 60, 300, 370)  # (top, left, bottom, right) of chelsea's face in the 300x451 photo

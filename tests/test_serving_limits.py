@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import requests
-from inputs import encode, square_image
 from PIL import Image
-from serving import BATCH_MODEL
 
 from handlers.serving import limits
 from handlers.serving.preprocess import Geometry, to_source
+from tests.helpers.inputs import encode, square_image
+from tests.helpers.serving import BATCH_MODEL
 
 
 def _post(server, path: str, **kwargs) -> requests.Response:

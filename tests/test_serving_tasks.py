@@ -8,9 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from inputs import b64, encode, square_image
 from PIL import Image
-from serving import (
+from test_serving import post
+
+from tests.helpers.inputs import b64, encode, square_image
+from tests.helpers.serving import (
     CLIP_EMBEDDING_MODEL,
     DETECTION_LABELS,
     DETECTION_MAX,
@@ -19,8 +21,7 @@ from serving import (
     SEGMENTATION_MODEL,
     YOLO_MODEL,
 )
-from test_serving import post
-from tiny_yolo import HAVE_ULTRALYTICS
+from tests.helpers.tiny_yolo import HAVE_ULTRALYTICS
 
 # Non-square on purpose: every picture that comes back must have this size.
 HEIGHT, WIDTH = 90, 150

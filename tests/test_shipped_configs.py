@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,7 @@ import yaml
 
 from handlers.tasks.registry import TASKS
 from model_store.build import CONFIG_DIR
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_context import FakeContext  # noqa: E402
+from tests.helpers.fake_context import FakeContext  # noqa: E402
 
 CONFIGS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml") if not path.stem.startswith("clip"))  # clip: tests/test_clip.py
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,7 @@ import yaml
 from handlers.config import ConfigError, HandlerConfig
 from handlers.tasks.detection import DetectionHandler
 from model_store.build import ArchiveSpec, BuildError, build_archive
-
-sys.path.insert(0, str(Path(__file__).parent))
-from fake_context import FakeContext  # noqa: E402
+from tests.helpers.fake_context import FakeContext  # noqa: E402
 
 DETECTION = {
     "task": "detection",

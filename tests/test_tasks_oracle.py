@@ -12,14 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from oracle import pearson
-from synthetic import make_shapes, peak_in_box
 
 import cam_engine
 from cam_engine import targets as ours
 from cam_engine.reshape import fasterrcnn_reshape_transform
 from handlers.models import architectures
 from handlers.tasks.targets import PredictedRegionTarget, RankedBoxTarget, ranked_detections
+from tests.helpers.oracle import pearson
+from tests.helpers.synthetic import make_shapes, peak_in_box
 
 R_MIN = 0.99
 
@@ -314,11 +314,11 @@ def test_similarity_to_concept_target_agrees(embedder, oracle, method: str, diff
 def test_similarity_through_a_clip_image_tower_agrees(oracle, method: str) -> None:
     """The embedding handler's CLIP tower (ClipImageEncoder) with the token-grid reshape, against the
     reference with the reshape of its CLIP example."""
-    from tiny_clip import session_tiny_clip
     from transformers import CLIPModel
 
     from cam_engine.reshape import clip_reshape_for
     from handlers.models.clip import DEFAULT_TARGET_LAYER, ClipImageEncoder
+    from tests.helpers.tiny_clip import session_tiny_clip
 
     clip = CLIPModel.from_pretrained(str(session_tiny_clip())).eval()
     model = ClipImageEncoder(clip).eval()

@@ -122,7 +122,7 @@ def test_handler_threads_key_is_validated():
 
 def test_served_worker_logged_and_used_the_sized_count(server):
     """The session TorchServe's default-model worker sized its threads as plan_threads does here."""
-    from serving import DEFAULT_MODEL, TEST_ARCHIVES
+    from tests.helpers.serving import DEFAULT_MODEL, TEST_ARCHIVES
 
     log = (server.workdir / "logs" / "model_log.log").read_text()
     lines = [line for line in log.splitlines() if "torch threads:" in line and f"-{DEFAULT_MODEL}_" in line]

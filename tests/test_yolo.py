@@ -1,7 +1,7 @@
 """Ultralytics YOLO (optional extra ``[yolo]``): post-processing, CAMs against the oracle, checkpoints, build.
 
 The detector is a YOLOv8n built from the package's own YAML, saved as a real Ultralytics checkpoint
-(tests/tiny_yolo.py). Serving it through TorchServe is in tests/test_serving_tasks.py.
+(tests/helpers/tiny_yolo.py). Serving it through TorchServe is in tests/test_serving_tasks.py.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracle import pearson
-from tiny_yolo import HAVE_ULTRALYTICS, calibration_images, session_yolo_checkpoint
 
 import cam_engine
 from cam_engine import targets as ours
 from handlers.models import architectures
 from handlers.tasks.targets import RankedBoxTarget, ranked_detections
+from tests.helpers.oracle import pearson
+from tests.helpers.tiny_yolo import HAVE_ULTRALYTICS, calibration_images, session_yolo_checkpoint
 
 pytestmark = pytest.mark.skipif(not HAVE_ULTRALYTICS, reason="the optional 'ultralytics' package is not installed")
 

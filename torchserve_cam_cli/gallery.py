@@ -88,8 +88,8 @@ def load_model_spec(
     :class:`CliError` with the names to choose from for an unknown name.
     """
     import cam_engine
-    from handlers.models import architectures
     from handlers.config import ConfigError, PreprocessingConfig
+    from handlers.models import architectures
     from model_store.build import CONFIG_DIR, BuildError, load_config, load_weights
     from model_store.labels import resolve_labels
 

@@ -20,10 +20,10 @@ import torch
 from cam_engine.core import model_scores
 from cam_engine.image import to_uint8
 from cam_engine.targets import ClassifierOutputTarget
-
 from handlers.config import AuditConfig
 from handlers.serving.preprocess import to_source
 from handlers.tasks.registry import TaskResult
+
 from .metrics import AuditMetrics
 from .sinks import PendingRecord, SqliteSink, StdoutSink, resolve_directory
 from .summary import confidence, heatmap_summary, remove_top_pixels

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import cam_engine
-
 from handlers.config import ClipConfig, ConfigError
 
 __all__ = [

@@ -35,13 +35,12 @@ from torch import nn
 
 import cam_engine
 from cam_engine import image as cam_image
-
+from handlers.audit import Auditor
+from handlers.config import ConfigError, HandlerConfig
 from handlers.models import architectures
 from handlers.serving import batch as serving
 from handlers.serving import fast_forward, limits, protocols, threads
-from handlers.audit import Auditor
 from handlers.serving.codec import decode_image, encode_jpeg, encode_png
-from handlers.config import ConfigError, HandlerConfig
 from handlers.serving.errors import RequestError
 from handlers.serving.metrics import CamMetrics, metrics_cache
 from handlers.serving.preprocess import Geometry, preprocess, to_source

@@ -25,8 +25,8 @@ import torch
 
 from cam_engine.core import model_scores
 from cam_engine.targets import ClassifierOutputTarget
-from handlers.tasks.registry import TaskResult, get_task
 from handlers.serving.base import CamHandler, ParsedRequest, RequestError
+from handlers.tasks.registry import TaskResult, get_task
 from handlers.tasks.targets import TopClassTarget
 
 __all__ = ["ClassifierHandler"]

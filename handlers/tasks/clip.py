@@ -48,8 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from handlers.tasks.registry import TaskResult, get_task
-from handlers.serving.base import CamHandler, ParsedRequest, RequestError
+from handlers.config import ConfigError, HandlerConfig
 from handlers.models.clip import (
     ClipConfig,
     ClipImageEncoder,
@@ -61,8 +60,9 @@ from handlers.models.clip import (
     clip_section,
     load_clip,
 )
-from handlers.config import ConfigError, HandlerConfig
+from handlers.serving.base import CamHandler, ParsedRequest, RequestError
 from handlers.serving.metrics import metrics_cache
+from handlers.tasks.registry import TaskResult, get_task
 
 __all__ = ["ClipHandler"]
 

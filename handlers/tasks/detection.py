@@ -40,9 +40,9 @@ from typing import Any
 
 from torch import nn
 
-from handlers.tasks.registry import TaskResult, get_task
-from handlers.serving.base import CamHandler, ParsedRequest, RequestError
 from handlers.config import ConfigError
+from handlers.serving.base import CamHandler, ParsedRequest, RequestError
+from handlers.tasks.registry import TaskResult, get_task
 from handlers.tasks.targets import RankedBoxTarget, ranked_detections
 
 __all__ = ["DetectionHandler"]

@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cam_engine.targets import DifferenceFromConceptTarget, SimilarityToConceptTarget
-from handlers.tasks.registry import TaskResult, get_task
-from handlers.serving.base import CamHandler, ParsedRequest, RequestError
-from handlers.models.clip import ClipImageEncoder, clip_reshape, clip_section, load_clip
-from handlers.serving.codec import decode_base64, decode_image
 from handlers.config import ConfigError, HandlerConfig
+from handlers.models.clip import ClipImageEncoder, clip_reshape, clip_section, load_clip
+from handlers.serving.base import CamHandler, ParsedRequest, RequestError
+from handlers.serving.codec import decode_base64, decode_image
 from handlers.serving.preprocess import preprocess
+from handlers.tasks.registry import TaskResult, get_task
 from handlers.tasks.targets import SumTarget
 
 __all__ = ["EmbeddingHandler"]

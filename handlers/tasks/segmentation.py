@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from handlers.tasks.registry import TaskResult, get_task
-from handlers.serving.base import CamHandler, ParsedRequest, encode_png
 from handlers.config import ConfigError
+from handlers.serving.base import CamHandler, ParsedRequest, encode_png
 from handlers.serving.preprocess import to_source
+from handlers.tasks.registry import TaskResult, get_task
 from handlers.tasks.targets import PredictedRegionTarget, region_class
 
 __all__ = ["SegmentationHandler"]

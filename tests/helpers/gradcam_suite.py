@@ -11,7 +11,7 @@ repository), copies its ``tests/`` and rewrites them mechanically, as a user swi
 The suite reads ``examples/both.png``, which the sdist does not ship: a fixed 224x224 image
 (``skimage.data.chelsea``, resized) is written there instead.
 
-``python tests/gradcam_suite.py [cam_engine|pytorch_grad_cam] [pytest args]`` runs the whole grid and
+``python -m tests.helpers.gradcam_suite [cam_engine|pytorch_grad_cam] [pytest args]`` runs the whole grid and
 prints the passed/failed/skipped figure (``make test-peer``).
 """
 
@@ -26,7 +26,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 VERSION = "1.5.7"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cache_dir() -> Path:
@@ -106,7 +106,7 @@ DELIBERATE = {
         "HPU-specific code",
 }
 
-BASELINE = Path(__file__).with_name("gradcam_suite_baseline.json")
+BASELINE = REPO / "tests" / "gradcam_suite_baseline.json"
 
 
 def quick_subset(node: str) -> bool:

@@ -137,9 +137,9 @@ TEST_ARCHIVES += [
         },
     ),  # fmt: skip
 ]
-# CLIP (tests/test_clip.py): the tiny random-init CLIP of tests/tiny_clip.py, its save_pretrained directory
+# CLIP (tests/test_clip.py): the tiny random-init CLIP of tests/helpers/tiny_clip.py, its save_pretrained directory
 # created when the session builds the archives (extra_files takes a callable) and shipped as clip/.
-from tiny_clip import session_tiny_clip  # noqa: E402
+from tests.helpers.tiny_clip import session_tiny_clip  # noqa: E402
 
 CLIP_MODEL = "tiny_clip"
 CLIP_LABELS = ["a photo of a cat", "a photo of a dog", "a red square", "a blue circle"]
@@ -153,7 +153,7 @@ TEST_ARCHIVES.append(
 )
 # Ultralytics YOLO (optional extra [yolo], tests/test_yolo.py): a calibrated random-init YOLOv8n saved as a
 # real Ultralytics checkpoint when the session builds the archives, served through the detection handler.
-from tiny_yolo import HAVE_ULTRALYTICS, session_yolo_checkpoint  # noqa: E402
+from tests.helpers.tiny_yolo import HAVE_ULTRALYTICS, session_yolo_checkpoint  # noqa: E402
 
 YOLO_MODEL = "yolo_tiny"
 if HAVE_ULTRALYTICS:
