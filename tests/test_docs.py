@@ -183,13 +183,13 @@ def test_every_relative_link_resolves(path: Path) -> None:
 
 def test_no_inline_base64_on_a_command_line() -> None:
     """Stumble 3: `$(base64 photo)` inside curl's arguments fails on any photo over ~96 KB."""
-    offenders = [str(block) for block in BLOCKS if re.search(r"\$\(\s*base64|'\$B64'|\"\$B64\"", block.code)]
+    offenders = [str(block) for block in BLOCKS + command_blocks(INCLUDED) if re.search(r"\$\(\s*base64|'\$B64'|\"\$B64\"", block.code)]
     assert not offenders, offenders
 
 
 def test_every_raw_bytes_example_names_its_content_type() -> None:
     missing = []
-    for block in BLOCKS:
+    for block in BLOCKS + command_blocks(INCLUDED):
         for command in re.split(r"(?<!\\)\n", block.code):
             if re.search(r"\bcurl\b", command) and re.search(r"\s(-T|--data-binary)\s", command):
                 if "Content-Type" not in command:
