@@ -52,7 +52,11 @@ class Block:
     def kind(self) -> str:
         if self.marker is None:
             return "unmarked"
-        return self.marker.split(":", 1)[0] if self.marker.startswith("not-run") else self.marker.replace(" ", "")
+        return (
+            self.marker.split(":", 1)[0]
+            if self.marker.startswith("not-run")
+            else self.marker.replace(" ", "")
+        )
 
     def __str__(self) -> str:
         return f"{self.path.relative_to(REPO)}:{self.line}"
@@ -71,7 +75,10 @@ def fenced_blocks(path: Path) -> list[Block]:
         end = index + 1
         while end < len(lines) and not lines[end].startswith(indent + fence):
             end += 1
-        body = [line[len(indent):] if line.startswith(indent) else line.lstrip() for line in lines[index + 1 : end]]
+        body = [
+            line[len(indent) :] if line.startswith(indent) else line.lstrip()
+            for line in lines[index + 1 : end]
+        ]
         previous = next((lines[i].strip() for i in range(index - 1, -1, -1) if lines[i].strip()), "")
         marker = MARKER.match(previous)
         blocks.append(Block(path, index + 1, match["lang"].lower(), "\n".join(body) + "\n",
@@ -122,7 +129,11 @@ def test_site_builds_strictly_without_a_warning(tmp_path: Path) -> None:
         built = site / ("index.html" if page.stem == "index" else f"{page.stem}/index.html")
         assert built.is_file(), f"{page.name} was not built"
     api = (site / "api" / "index.html").read_text()
-    for anchor in ("cam_engine.create", "cam_engine.BaseCAM.run", "cam_engine.targets.ClassifierOutputTarget"):
+    for anchor in (
+        "cam_engine.create",
+        "cam_engine.BaseCAM.run",
+        "cam_engine.targets.ClassifierOutputTarget",
+    ):
         assert f'id="{anchor}"' in api, f"the API reference lacks {anchor}"
     # the deployment page includes deploy/README.md (one source for both)
     deployment = (site / "deployment" / "index.html").read_text()
@@ -183,7 +194,11 @@ def test_every_relative_link_resolves(path: Path) -> None:
 
 def test_no_inline_base64_on_a_command_line() -> None:
     """Stumble 3: `$(base64 photo)` inside curl's arguments fails on any photo over ~96 KB."""
-    offenders = [str(block) for block in BLOCKS + command_blocks(INCLUDED) if re.search(r"\$\(\s*base64|'\$B64'|\"\$B64\"", block.code)]
+    offenders = [
+        str(block)
+        for block in BLOCKS + command_blocks(INCLUDED)
+        if re.search(r"\$\(\s*base64|'\$B64'|\"\$B64\"", block.code)
+    ]
     assert not offenders, offenders
 
 
@@ -218,7 +233,9 @@ def test_every_command_block_parses(block: Block) -> None:
 @pytest.mark.parametrize("block", blocks_of("runnable"), ids=str)
 def test_runnable_commands_run(block: Block) -> None:
     completed = run_bash(block.code, REPO)
-    assert completed.returncode == 0, f"{block}\n{block.code}\n{completed.stdout[-2000:]}\n{completed.stderr[-2000:]}"
+    assert completed.returncode == 0, (
+        f"{block}\n{block.code}\n{completed.stdout[-2000:]}\n{completed.stderr[-2000:]}"
+    )
 
 
 PYTHON_RUNNER = """
