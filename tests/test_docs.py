@@ -15,6 +15,8 @@ Blocks included into the site from deploy/README.md carry no markers; they are s
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -339,3 +341,82 @@ def test_server_commands_work_against_a_real_torchserve(server, tmp_path: Path) 
                 assert (heatmap["width"], heatmap["height"]) == (451, 300), context  # docs/chelsea.jpg's size
         if "torchserve-cam" in code:
             assert "Egyptian cat" in completed.stdout, context
+
+
+# ---- commands written in prose (inline code) as well as in blocks ---------------------------------------
+
+
+def command_lines(prefix: str) -> list[tuple[str, str]]:
+    """``(where, command)`` for every command starting with ``prefix``, in inline code or in a command block."""
+    found = []
+    for path in SOURCES + INCLUDED:
+        prose = re.sub(r"^ *```.*?^ *```", "", path.read_text(), flags=re.M | re.S)
+        spans = re.findall(r"`([^`\n]+)`", prose)  # a span of two words names a command, it does not run one
+        found += [(path.name, span) for span in spans if span.startswith(prefix) and len(span.split()) > 2]
+        for block in command_blocks([path]):
+            for line in re.sub(r"\\\n\s*", " ", block.code).splitlines():
+                for command in re.split(r"\s*(?:&&|;|\|)\s*", line.strip()):
+                    command = re.sub(r"^(?:[A-Z_]+=\S+\s+)+", "", command)  # VAR=value prefixes
+                    if command.startswith(prefix):
+                        found.append((str(block), command))
+    return found
+
+
+def test_every_cli_command_shown_parses() -> None:
+    """`torchserve-cam ...` anywhere in the README and the docs is a command the CLI accepts."""
+    import shlex
+
+    from torchserve_cam_cli.main import build_parser
+
+    commands = command_lines("torchserve-cam ")
+    assert len(commands) >= 5
+    for where, command in commands:
+        arguments = shlex.split(command, comments=True)[1:]
+        try:
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()) as errors,
+            ):
+                build_parser().parse_args(arguments)
+        except SystemExit as exit_:
+            if exit_.code not in (0, None):  # --help exits 0
+                pytest.fail(f"{where}: the CLI refuses {command!r}: {errors.getvalue()}")
+
+
+BUILD_OPTIONS_WITH_VALUES = {"--weights", "--extra-file", "--output"}  # python -m model_store.build --help
+
+
+def test_every_model_named_in_a_command_has_a_config() -> None:
+    """Config names in `python -m model_store.build NAME`, `make ... MODELS=/MODEL=` and `--model` exist."""
+    configs = {path.stem for path in (REPO / "model_store" / "configs").glob("*.yaml")}
+    named = []
+    for where, command in command_lines("torchserve-cam "):
+        words = shlex_words(command)
+        named += [(where, words[i + 1]) for i, word in enumerate(words[:-1]) if word == "--model"]
+    for where, command in command_lines("python -m model_store.build ") + command_lines("make "):
+        words = shlex_words(command)
+        if words[:3] == ["python", "-m", "model_store.build"]:
+            rest, index = words[3:], 0
+            while index < len(rest):
+                word = rest[index]
+                if word in BUILD_OPTIONS_WITH_VALUES:
+                    index += 2
+                    continue
+                if not word.startswith("-"):
+                    named.append((where, word))
+                index += 1
+        for word in words:
+            if word.startswith(("MODELS=", "MODEL=")):
+                named += [(where, name) for name in word.split("=", 1)[1].split()]
+    assert len(named) >= 10
+    unknown = [f"{where}: {name}" for where, name in named if name not in configs]
+    assert not unknown, unknown
+
+
+def shlex_words(command: str) -> list[str]:
+    import shlex
+
+    try:
+        return shlex.split(command, comments=True)
+    except ValueError:
+        return command.split()
