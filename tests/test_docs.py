@@ -278,6 +278,22 @@ def test_make_commands_name_real_targets_and_variables(block: Block) -> None:
     assert "No rule to make target" not in output, output
 
 
+def test_every_make_variable_shown_is_read() -> None:
+    """`VAR=value make ...` and `make ... VAR=value`: make ignores a variable nobody reads, so check them."""
+    readers = [REPO / "Makefile", REPO / "model_store" / "serve.py", *(REPO / "load_tests").glob("*.py")]
+    text = "\n".join(path.read_text() for path in readers)
+    shown = set()
+    for block in BLOCKS:
+        for line in re.sub(r"\\\n\s*", " ", block.code).splitlines():
+            if re.search(r"(^|\s)make\s", line):
+                shown |= set(re.findall(r"(?:^|\s)([A-Z][A-Z0-9_]*)=", line.split("#", 1)[0]))
+    assert {"MODELS", "ALLOW_RANDOM_WEIGHTS", "RESTART", "INFERENCE_PORT"} <= shown
+    unread = sorted(
+        name for name in shown if name != "OMP_NUM_THREADS" and not re.search(rf"\b{name}\b", text)
+    )
+    assert not unread, f"variables shown with make that neither the Makefile nor the scripts read: {unread}"
+
+
 def test_serve_with_random_weights_builds_with_the_flag() -> None:
     """`make serve MODELS=... ALLOW_RANDOM_WEIGHTS=1` (README) passes --allow-random-weights to the build."""
     completed = run_bash("make -n -B serve MODELS=resnet50 ALLOW_RANDOM_WEIGHTS=1", REPO, timeout=60)
