@@ -112,3 +112,8 @@ REPORT_ARGS ?=
 report: $(STAMP)
 	@$(PY) -c "import captum, matplotlib" 2>/dev/null || $(PY) -m pip install -q 'captum>=0.7' 'matplotlib>=3.7'
 	$(PY) load_tests/report.py $(REPORT_ARGS)
+
+# The docs site (docs/, mkdocs.yml): built strictly (a broken link, anchor or docstring fails) into site/.
+.PHONY: docs
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
