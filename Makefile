@@ -5,15 +5,44 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-peer serve stop lint archives
+.PHONY: install install-serve test test-peer serve stop lint archives
 
-$(STAMP): pyproject.toml
+# Two installs, so that serving never pulls test tools or AGPL code:
+#   $(SERVE_STAMP)  `make serve` and the archives: torch + this package (its core dependencies only);
+#   $(STAMP)        `make test` and the other tools: + the test, yolo (Ultralytics, AGPL-3.0), docs, load
+#                   and bench extras.
+# pip runs without -q: torch is a download of several GB, and its progress is worth seeing.
+SERVE_STAMP := $(VENV)/.installed-serve
+PIP := $(PY) -m pip install --progress-bar on
+TEST_EXTRAS ?= test,yolo,docs,load,bench
+
+$(SERVE_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,yolo]' --config-settings editable_mode=compat
+	@echo "== pip: upgrading pip"
+	$(PIP) --upgrade pip
+	@echo "== pip: torch and torchvision (several GB on a fresh machine: a few minutes)"
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	@echo "== pip: torchserve-cam and what serving needs"
+	$(PIP) -e . --config-settings editable_mode=compat
+	touch $(SERVE_STAMP)
+
+$(STAMP): $(SERVE_STAMP)
+	@echo "== pip: the extras for tests and tools ($(TEST_EXTRAS))"
+	$(PIP) -e '.[$(TEST_EXTRAS)]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
+# One extra on top of the serving install: $(VENV)/.installed-extra-load (make loadtest), -bench (make report),
+# -yolo (make serve MODELS=yolov8n EXTRAS=yolo: Ultralytics is AGPL-3.0, installed only when asked for).
+$(VENV)/.installed-extra-%: $(SERVE_STAMP)
+	@echo "== pip: the $* extra"
+	$(PIP) -e '.[$*]' --config-settings editable_mode=compat
+	touch $@
+
+comma := ,
+EXTRAS ?=
+EXTRA_STAMPS := $(foreach e,$(subst $(comma), ,$(EXTRAS)),$(VENV)/.installed-extra-$(e))
+
+install-serve: $(SERVE_STAMP) $(EXTRA_STAMPS)
 install: $(STAMP)
 
 test: $(STAMP) chromium
@@ -44,7 +73,7 @@ ARCHIVES := $(foreach m,$(MODELS),model_store/$(m).mar)
 ARCHIVE_CODE := $(wildcard handlers/*.py handlers/*/*.py cam_engine/*.py cam_engine/*/*.py model_store/build.py)
 GRACE ?= 30
 
-model_store/%.mar: $(STAMP) model_store/configs/%.yaml $(ARCHIVE_CODE)
+model_store/%.mar: $(SERVE_STAMP) $(EXTRA_STAMPS) model_store/configs/%.yaml $(ARCHIVE_CODE)
 	$(PY) -m model_store.build $* --output model_store $(if $(filter 1 yes true,$(ALLOW_RANDOM_WEIGHTS)),--allow-random-weights)
 
 archives: $(ARCHIVES)
@@ -88,7 +117,7 @@ RESULTS ?= load_tests/results/$(shell date -u +%Y%m%dT%H%M%SZ)
 LOAD_HOST ?= http://127.0.0.1:$(or $(INFERENCE_PORT),8080)
 LOAD_MANAGEMENT ?= http://127.0.0.1:$(or $(MANAGEMENT_PORT),8081)
 .PHONY: loadtest report
-loadtest: $(STAMP)
+loadtest: $(VENV)/.installed-extra-load
 	@test -f key_file.json || { echo "no key_file.json here: start the server with 'make serve' first"; exit 2; }
 	mkdir -p $(RESULTS)
 	$(VENV)/bin/locust -f load_tests/locustfile.py --headless --only-summary \
@@ -109,6 +138,5 @@ gpu-check: $(STAMP)
 # Performance report: builds its own archives, starts/stops its own TorchServe on free loopback ports.
 # make report REPORT_ARGS="--duration 20 --users 1,4,8"
 REPORT_ARGS ?=
-report: $(STAMP)
-	@$(PY) -c "import captum, matplotlib" 2>/dev/null || $(PY) -m pip install -q 'captum>=0.7' 'matplotlib>=3.7'
+report: $(VENV)/.installed-extra-load $(VENV)/.installed-extra-bench
 	$(PY) load_tests/report.py $(REPORT_ARGS)
