@@ -105,7 +105,10 @@ gallery: $(STAMP)
 		--tile-height 100 --max-width 1040 --device cpu --out docs/gallery_cat_espresso.jpg
 # Load tests (Locust) against the TorchServe that `make serve` started; reports under load_tests/results/<timestamp>/.
 # make loadtest USERS=8 SPAWN_RATE=8 RUN_TIME=30s SCENARIO=mix|predictions|explanations MODEL=efficientnet_lite0
-#               MIX=predictions=2,explanations=2,explain_flag=1,method=1 SLO=load_tests/slo.yaml
+#               MIX=predictions=2,explanations=2,explain_flag=1,method=1 SLO=load_tests/slo.yaml WARMUP=2
+#               LOAD_REQUEST_OPTIONS='{"concept": "cat"}'   (merged into every request: embedding models need it)
+# Ports: INFERENCE_PORT / MANAGEMENT_PORT as for `make serve`. The report path is printed whatever the outcome;
+# on an SLO breach or a failed warm-up Locust exits 1, so `make loadtest` fails (make's own exit code: 2).
 USERS ?= 8
 SPAWN_RATE ?= $(USERS)
 RUN_TIME ?= 30s
@@ -113,19 +116,24 @@ SCENARIO ?= mix
 MODEL ?= $(DEFAULT_MODEL)
 MIX ?= predictions=2,explanations=2,explain_flag=1,method=1
 SLO ?= load_tests/slo.yaml
+WARMUP ?= 2
+LOAD_REQUEST_OPTIONS ?=
+KEY_FILE ?= key_file.json
 RESULTS ?= load_tests/results/$(shell date -u +%Y%m%dT%H%M%SZ)
 LOAD_HOST ?= http://127.0.0.1:$(or $(INFERENCE_PORT),8080)
 LOAD_MANAGEMENT ?= http://127.0.0.1:$(or $(MANAGEMENT_PORT),8081)
 .PHONY: loadtest report
 loadtest: $(VENV)/.installed-extra-load
-	@test -f key_file.json || { echo "no key_file.json here: start the server with 'make serve' first"; exit 2; }
-	mkdir -p $(RESULTS)
+	@test -f $(KEY_FILE) || { echo "no $(KEY_FILE) here: start the server with 'make serve' first"; exit 2; }
+	@mkdir -p $(RESULTS)
 	$(VENV)/bin/locust -f load_tests/locustfile.py --headless --only-summary \
-		--host $(LOAD_HOST) --management-url $(LOAD_MANAGEMENT) --key-file key_file.json \
-		--tags $(SCENARIO) --model $(MODEL) --mix '$(MIX)' --slo '$(SLO)' \
+		--host $(LOAD_HOST) --management-url $(LOAD_MANAGEMENT) --key-file $(KEY_FILE) \
+		--tags $(SCENARIO) --model $(MODEL) --mix '$(MIX)' --slo '$(SLO)' --warmup $(WARMUP) \
+		--request-options '$(LOAD_REQUEST_OPTIONS)' \
 		-u $(USERS) -r $(SPAWN_RATE) -t $(RUN_TIME) --stop-timeout 60 \
-		--csv $(RESULTS)/locust --html $(RESULTS)/report.html
-	@echo "reports in $(RESULTS)/"
+		--csv $(RESULTS)/locust --html $(RESULTS)/report.html; \
+	code=$$?; if [ -f $(RESULTS)/report.html ]; then echo "reports in $(RESULTS)/ (locust exit code $$code)"; \
+	else echo "no report (locust exit code $$code)"; fi; exit $$code
 
 # One-shot GPU check (at most 8 minutes): the tests marked cuda, ResNet-50 fp16 explanation/forward throughput,
 # Lite0 served on the GPU under a 60 s Locust run; one JSON report. Skips (exit 0) on a machine without CUDA.
