@@ -62,7 +62,8 @@ chromium:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench torchserve_cam_cli load_tests
 
-# Archives are rebuilt when their inputs change; ports come from INFERENCE_PORT/MANAGEMENT_PORT/METRICS_PORT.
+# Archives are rebuilt when their inputs change; ports come from INFERENCE_PORT/MANAGEMENT_PORT/METRICS_PORT
+# (8080-8082 by default) and GRPC_INFERENCE_PORT/GRPC_MANAGEMENT_PORT (free ports by default; printed at start).
 # make serve MODELS="efficientnet_lite0 resnet50"   several models (archives built as needed)
 # ALLOW_RANDOM_WEIGHTS=1: build configs that have no real weights with random ones (tries, demos)
 # RESTART=1: stop the TorchServe already running from this directory first (otherwise `make serve` refuses)
@@ -143,7 +144,8 @@ GPU_CHECK_ARGS ?=
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
-# Performance report: builds its own archives, starts/stops its own TorchServe on free loopback ports.
+# Performance report: builds its own archives, starts/stops its own TorchServe on loopback ports: free ones, or
+# INFERENCE_PORT/MANAGEMENT_PORT/METRICS_PORT (and GRPC_*_PORT) when set, or REPORT_ARGS="--inference-port N ...".
 # make report REPORT_ARGS="--duration 20 --users 1,4,8"
 REPORT_ARGS ?=
 report: $(VENV)/.installed-extra-load $(VENV)/.installed-extra-bench
