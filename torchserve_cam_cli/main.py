@@ -41,6 +41,7 @@ from .client import (
 __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_SERVER, EXIT_USAGE = 0, 1, 2
+DEFAULT_DETECTIONS_SHOWN = 5  # a detector answers up to its max_detections (100): the table lists the best few
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--token", help=f"inference token (default ${TOKEN_ENV}, else the key file)")
         sub.add_argument("--key-file", help=f"TorchServe's key_file.json (default ${KEY_FILE_ENV} or ./key_file.json)")
         sub.add_argument("--no-token", action="store_true", help="send no token (a server with token auth off)")
-        sub.add_argument("--top-k", type=_positive, default=None, help="predictions to show (default: the model's top_k)")
+        sub.add_argument("--top-k", type=_positive, default=None,
+                         help="predictions to show (default: the model's top_k); detections to list (default "
+                              f"{DEFAULT_DETECTIONS_SHOWN})")
         sub.add_argument("--concurrency", type=_positive, default=4, help="requests in flight at once (default 4)")
         sub.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each answer (default 120)")
         sub.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
@@ -129,16 +132,20 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str, ri
     return "\n".join([line(header), *(line(r) for r in rows)])
 
 
-def summary_table(body: dict[str, Any], indent: str = "  ") -> str:
+def summary_table(body: dict[str, Any], indent: str = "  ", top_k: int | None = None) -> str:
     """What the model answered, whatever its task: class predictions, detections, the classes of a
-    segmentation mask, or similarities to concepts."""
+    segmentation mask, or similarities to concepts. Detections: the ``top_k`` best
+    (default :data:`DEFAULT_DETECTIONS_SHOWN`) and a line counting the others."""
     if "detections" in body:
         detections = body["detections"]
         if not detections:
             return f"{indent}(no detections above the score threshold)"
+        shown = detections[: top_k or DEFAULT_DETECTIONS_SHOWN]
         rows = [[str(d.get("index", "")), str(d.get("label", "")), f"{float(d.get('score', 0)):.4f}",
-                 "[" + ", ".join(f"{v:.0f}" for v in d.get("box", [])) + "]"] for d in detections]  # fmt: skip
-        return _table(["#", "label", "score", "box [x0, y0, x1, y1]"], rows, indent, [True, False, True, False])
+                 "[" + ", ".join(f"{v:.0f}" for v in d.get("box", [])) + "]"] for d in shown]  # fmt: skip
+        table = _table(["#", "label", "score", "box [x0, y0, x1, y1]"], rows, indent, [True, False, True, False])
+        hidden = len(detections) - len(shown)
+        return table + (f"\n{indent}... {hidden} more detection(s) (--top-k N to show more)" if hidden > 0 else "")
     if "classes" in body and "predictions" not in body:
         classes = body["classes"]
         if not classes:
@@ -151,6 +158,23 @@ def summary_table(body: dict[str, Any], indent: str = "  ") -> str:
                 for e in body["similarities"]]  # fmt: skip
         return _table(["concept", "cosine"], rows, indent, [False, True]) if rows else f"{indent}(no similarities)"
     return prediction_table(body.get("predictions", []), indent)
+
+
+def empty_explanation_note(explanation: dict[str, Any]) -> str | None:
+    """Why an explanation shows nothing, or None: a segmentation class that covers no pixel of the mask
+    (its heatmap is all zero by construction), or any heatmap that is zero everywhere."""
+    label = explanation.get("label", explanation.get("target", ""))
+    if explanation.get("pixels") == 0:
+        return (f"class {label!r} covers no pixel of the mask (absent from this image), so its heatmap is all "
+                "zero: there is nothing to explain; pick a class from the table above (-o classes=[INDEX])")
+    heatmap = explanation.get("heatmap")
+    if isinstance(heatmap, dict) and heatmap.get("format") == "png" and heatmap.get("data"):
+        from PIL import Image
+
+        with Image.open(io.BytesIO(base64.b64decode(heatmap["data"]))) as picture:
+            if picture.getextrema() in ((0, 0), ((0, 0),)):
+                return f"the heatmap of {label!r} is all zero: the method found no evidence for it"
+    return None
 
 
 def explanation_name(explanation: dict[str, Any]) -> str:
@@ -326,10 +350,13 @@ def _serve_command(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
             continue
         body = outcome.response or {}
         print(f"{outcome.image}  [{body.get('model', args.model)}]", file=stdout)
-        print(summary_table(body), file=stdout)
+        print(summary_table(body, top_k=args.top_k), file=stdout)
         for explanation in body.get("explanations", []) if explain else []:
             print(f"  explained {explanation_subject(explanation)} with "
                   f"{explanation.get('method')} at {', '.join(explanation.get('layers', []))}", file=stdout)
+            note = empty_explanation_note(explanation)
+            if note:
+                print(f"  WARNING: {note}", file=stdout)
         for kind, path in outcome.written:
             print(f"    {kind:<8} {path}", file=stdout)
     stdout.flush()
