@@ -37,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -234,37 +235,50 @@ def ratios_and_targets(cells: list[Cell], users: list[int]) -> tuple[str, list[t
     return "\n".join(lines), targets
 
 
-def plot(cells: list[Cell], users: list[int], path: Path, machine: str) -> None:
+# Each handler its own colour and marker; the endpoint its line style (dashed: /predictions).
+STYLES = {OURS_OFF: ("tab:blue", "o"), OURS_ON: ("tab:green", "s"), STOCK: ("tab:red", "^")}
+ENDPOINT_LINES = {"predictions": "--", "explanations": "-"}
+
+
+def figure_of(cells: list[Cell], users: list[int], machine: str) -> Any:
+    """The report's matplotlib figure: throughput (left) and p95 latency (right) against concurrent users;
+    the title holds the whole machine description, wrapped (never cut)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {OURS_OFF: ("tab:blue", "--"), OURS_ON: ("tab:blue", "-"), STOCK: ("tab:red", "-")}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     for model in (OURS_OFF, OURS_ON, STOCK):
-        for endpoint, marker in (("predictions", "o"), ("explanations", "s")):
+        colour, marker = STYLES[model]
+        for endpoint, line in ENDPOINT_LINES.items():
             series = [c for c in cells if c.model == model and c.endpoint == endpoint]
             if not series:
                 continue
-            colour, line = styles[model]
-            if endpoint == "predictions":
-                colour = "tab:green" if model != STOCK else "tab:orange"
             label = f"{LABELS[model]} /{endpoint}"
             left.plot([c.users for c in series], [c.throughput for c in series], line, marker=marker, color=colour,
                       label=label)  # fmt: skip
             right.plot([c.users for c in series], [c.percentile(95) for c in series], line, marker=marker,
                        color=colour, label=label)  # fmt: skip
-    left.set(xlabel="concurrent users", ylabel="requests / s", title="Throughput", xticks=users)
+    left.set(xlabel="concurrent users", ylabel="requests / s (log)", title="Throughput", xticks=users, yscale="log")
     right.set(xlabel="concurrent users", ylabel="p95 latency (ms, log)", title="p95 latency", xticks=users,
               yscale="log")  # fmt: skip
-    left.set_yscale("log")
-    left.set_ylabel("requests / s (log)")
     for axis in (left, right):
         axis.grid(alpha=0.3, which="both")
     right.legend(fontsize=7, loc="upper left")
-    figure.suptitle(f"EfficientNet-Lite0, 224x224 PNG - {machine[:110]}", fontsize=8)
-    figure.tight_layout()
+    title = "\n".join(textwrap.wrap(f"EfficientNet-Lite0, 224x224 PNG - {machine}", width=150))
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.035 * (title.count("\n") + 1)))
+    return figure
+
+
+def plot(cells: list[Cell], users: list[int], path: Path, machine: str) -> None:
+    """Write :func:`figure_of` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    figure = figure_of(cells, users, machine)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)

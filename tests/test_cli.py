@@ -25,10 +25,9 @@ from skimage import data
 from torch import nn
 
 import cam_engine
-from torchserve_cam_cli import main as cli_main
 from torchserve_cam_cli.gallery import GUIDED_NAME, load_model_spec, make_gallery
+from torchserve_cam_cli.main import draw_box, empty_explanation_note, slug, summary_table
 from torchserve_cam_cli.main import main as cli_main_io
-from torchserve_cam_cli.main import empty_explanation_note, slug, summary_table
 
 REPO = Path(__file__).resolve().parent.parent
 CAT_FACE = (30, 60, 300, 370)  # (top, left, bottom, right) of chelsea's face in the 300x451 photo
@@ -170,6 +169,24 @@ def test_detections_table_lists_top_k_and_counts_the_rest() -> None:
     assert "... 95 more detection(s)" in table
     assert len([ln for ln in summary_table({"detections": detections}, top_k=12).splitlines() if ln.strip()[:1].isdigit()]) == 12
     assert "more detection" not in summary_table({"detections": detections[:3]})
+
+
+def test_box_label_keeps_the_score_apart_from_the_label() -> None:
+    """"elephant 0.53", not "elephant0.53": the widest blank run of columns in the label's ink is the one
+    between the label and the score, at least a third of the text height (the default font's space is 2 px)."""
+    canvas = encode(np.full((427, 640, 3), 255, np.uint8), "JPEG", quality=95)
+    picture = np.asarray(Image.open(io.BytesIO(draw_box(canvas, [40, 50, 400, 300], "elephant", 0.53))).convert("L"))
+    band = picture[56:80, 45:390]  # inside the box, below its top edge: the label's row
+    ink = np.flatnonzero((band < 90).sum(axis=0) > 0)
+    assert ink.size, "no label drawn"
+    blanks = np.diff(ink) - 1  # blank columns between consecutive inked columns
+    text_height = np.flatnonzero((band < 90).sum(axis=1) > 0)
+    height = text_height[-1] - text_height[0] + 1
+    widest = int(blanks.max())
+    assert widest >= height / 3, (widest, height)
+    # the widest gap splits "elephant" (8 characters) from "0.53" (4): the left part is the wider one
+    split = ink[int(blanks.argmax())]
+    assert split - ink[0] > 1.3 * (ink[-1] - split), (ink[0], split, ink[-1])
 
 
 def test_an_empty_explanation_is_flagged_with_its_reason() -> None:

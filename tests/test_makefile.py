@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,18 +60,3 @@ def test_ci_calls_make_test() -> None:
     script = (ROOT / ".ci" / "run").read_text()
     assert "make test" in script
 
-
-def test_report_takes_its_ports_from_the_environment_or_options(monkeypatch) -> None:
-    """`make report INFERENCE_PORT=...` (make hands command-line variables to the recipe's environment) or
-    ``--<api>-port``; the ports not given are free ones, not 8080-8082 (which `make serve` may hold)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "load_tests"))
-    import report
-
-    for variable in ("INFERENCE_PORT", "MANAGEMENT_PORT", "METRICS_PORT"):
-        monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv("INFERENCE_PORT", "18080")
-    ports = report.report_ports(report.parse_args(["--metrics-port", "18082"]))
-    assert ports["inference"] == 18080 and ports["metrics"] == 18082
-    assert ports["management"] not in (0, 8081)
