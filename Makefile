@@ -98,6 +98,17 @@ push: image
 	docker push $(REGISTRY)/torchserve-cam:$(VERSION)-cpu
 	docker push $(REGISTRY)/torchserve-cam:$(VERSION)-gpu
 
+# The manifests with your image: make deploy-render REGISTRY=ghcr.io/acme [VERSION=...] writes, under DEPLOY_OUT,
+# kustomize/<overlay>/ (kubectl apply -k), kubernetes/<overlay>.yaml (rendered) and kserve/*.yaml (needs kubectl).
+# make deploy-check: the offline checks (kubectl kustomize + kubernetes-validate 1.30 --strict, hadolint), also on
+# what deploy-render wrote when DEPLOY_OUT exists. No cluster, no Docker engine.
+DEPLOY_OUT ?= build/deploy
+.PHONY: deploy-render deploy-check
+deploy-render:
+	$(PYTHON) deploy/deploy_render.py --registry $(REGISTRY) --version $(VERSION) --out $(DEPLOY_OUT)
+deploy-check: $(VENV)/.installed-extra-deploy
+	$(PY) deploy/deploy_check.py $(if $(wildcard $(DEPLOY_OUT)/kubernetes),--rendered $(DEPLOY_OUT)/kubernetes)
+
 # The README's method gallery (docs/gallery_*.jpg): every cam_engine method, real EfficientNet-Lite0, CPU.
 .PHONY: gallery
 gallery: $(STAMP)
