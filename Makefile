@@ -60,12 +60,14 @@ chromium:
 	@tests/ensure_chromium.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench torchserve_cam_cli load_tests
+	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench torchserve_cam_cli load_tests deploy
 
 # Archives are rebuilt when their inputs change; ports come from INFERENCE_PORT/MANAGEMENT_PORT/METRICS_PORT
 # (8080-8082 by default) and GRPC_INFERENCE_PORT/GRPC_MANAGEMENT_PORT (free ports by default; printed at start).
 # make serve MODELS="efficientnet_lite0 resnet50"   several models (archives built as needed)
 # ALLOW_RANDOM_WEIGHTS=1: build configs that have no real weights with random ones (tries, demos)
+# make serve MODELS=fasterrcnn_demo ALLOW_RANDOM_WEIGHTS=1   an offline detector demo: boxes and per-box CAMs with
+#                                                           random weights (a random COCO detector answers no box)
 # RESTART=1: stop the TorchServe already running from this directory first (otherwise `make serve` refuses)
 # GRACE=30: seconds `make stop` drains in-flight requests before stopping
 DEFAULT_MODEL ?= efficientnet_lite0
