@@ -17,6 +17,10 @@ the management API before it expires, so a run longer than ``token_expiration_mi
 deployed server behind a gateway takes a fixed ``--token`` instead. Non-loopback hosts are refused
 unless ``--allow-remote`` is given. At the end the SLO file (``--slo``, default ``load_tests/slo.yaml``)
 is checked: the process exits 1 when the failure ratio or a p95 breaches it (and on any failure).
+
+Before Locust starts its users (and its ``--run-time`` clock), ``--warmup`` requests of each kind the
+scenario sends go out unmeasured, so the worker's lazy initialisation does not land in the p95; a wrong
+warm-up answer (say an embedding model asked without a concept) ends the run at once with the reason.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import random
 import socket
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -84,6 +89,11 @@ def _options(parser) -> None:
         help="renew the inference token this many seconds before it expires (below token_expiration_min)",
     )  # fmt: skip
     group.add_argument("--allow-remote", action="store_true", env_var="LOAD_ALLOW_REMOTE")
+    group.add_argument(
+        "--warmup", type=int, default=2, env_var="LOAD_WARMUP",
+        help="requests per request kind of the scenario sent before measuring (not counted; 0: none); a "
+        "warm-up answer that is wrong stops the run at once with the reason",
+    )  # fmt: skip
 
 
 def _is_loopback(host: str) -> bool:
@@ -93,9 +103,36 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-@events.test_start.add_listener
+SCENARIO_KINDS = {
+    "predictions": ("predictions",),
+    "explanations": ("explanations",),
+    "mix": ("predictions", "explanations", "explain_flag", "method"),
+}
+
+
+def request_plan(kind: str, second_method: str = "eigencam") -> tuple[str, bool, dict | None, int | None]:
+    """``(endpoint, explained, options, targets)`` of one request of ``kind`` (a ``--mix`` key)."""
+    if kind == "predictions":
+        return "predictions", False, None, 1
+    if kind == "explanations":
+        return "explanations", True, None, 1
+    if kind == "explain_flag":
+        return "predictions", True, {"explain": True}, 1
+    if STATE.get("kind") == "predictions":  # a classifier or CLIP: two classes / prompts
+        return "explanations", True, {"method": second_method, "targets": [0, 1]}, 2
+    return "explanations", True, {"method": second_method}, None  # other tasks: their default subjects
+
+
+@events.init.add_listener
 def _prepare(environment: Environment, **_) -> None:
+    """Check the options, keep the user classes of the chosen scenario (``--tags``) and warm the server up.
+
+    Runs once, before Locust starts its users and its run-time clock: the warm-up is not measured, and a
+    wrong warm-up answer ends the run before it starts, with the reason.
+    """
     options = environment.parsed_options
+    if options is None:  # Locust used as a library: nothing to prepare
+        return
     host = urlsplit(environment.host or "")
     if not host.hostname:
         raise SystemExit("give --host http://127.0.0.1:8080 (the inference address)")
@@ -108,25 +145,69 @@ def _prepare(environment: Environment, **_) -> None:
     if unknown or not encodings:
         raise SystemExit(f"--encodings: unknown {sorted(unknown)}; choose from {ENCODINGS}")
     management = options.management_url or f"{host.scheme}://{host.hostname}:8081"
-    STATE["photos"] = photos(parse_sizes(options.sizes))
-    STATE["encodings"] = encodings
-    STATE["tokens"] = TokenKeeper(
-        options.key_file, management, margin_s=options.token_margin, static_token=options.token or None
-    )
-    STATE["model"] = options.model
     try:
         extra = json.loads(options.request_options) if options.request_options.strip() else {}
     except ValueError as error:
         raise SystemExit(f"--request-options: not JSON: {error}") from None
     if not isinstance(extra, dict):
         raise SystemExit("--request-options: give a JSON object")
-    STATE["request_options"] = extra
     if extra and encodings == ["raw"]:
         raise SystemExit("--request-options need the multipart or json encoding (raw bytes carry no options)")
-    # Tags filter tasks, not user classes: drop the classes left without a task (Locust would fail on them).
-    environment.user_classes[:] = [user for user in environment.user_classes if user.tasks]
-    if not environment.user_classes:
+    # Tags filter tasks; a user class left without one makes Locust warn (and fail if spawned): keep only the
+    # classes of the chosen scenario, before Locust filters.
+    tags = set(options.tags or [])
+    chosen = [user for user in environment.user_classes
+              if not tags or any(tags & getattr(t, "locust_tag_set", set()) for t in user.tasks)]  # fmt: skip
+    if not chosen:
         raise SystemExit(f"no scenario matches --tags {options.tags}; use predictions, explanations or mix")
+    environment.user_classes[:] = chosen
+    STATE["photos"] = photos(parse_sizes(options.sizes))
+    STATE["encodings"] = encodings
+    STATE["tokens"] = TokenKeeper(
+        options.key_file, management, margin_s=options.token_margin, static_token=options.token or None
+    )
+    STATE["model"] = options.model
+    STATE["request_options"] = extra
+    STATE["mix"] = _mix_weights(options.mix)
+    if options.warmup > 0:
+        kinds = [k for tag_name in (tags or SCENARIO_KINDS) for k in SCENARIO_KINDS.get(tag_name, ())]
+        if "mix" in (tags or SCENARIO_KINDS):
+            kinds = [k for k in kinds if k not in SCENARIO_KINDS["mix"] or STATE["mix"][k] > 0]
+        warm_up(environment.host, list(dict.fromkeys(kinds)), options.warmup, options.second_method)
+
+
+def warm_up(host: str, kinds: list[str], count: int, second_method: str) -> None:
+    """``count`` requests of each kind, not measured; the first wrong answer raises SystemExit with the reason
+    (for an embedding model without ``--request-options '{"concept": ...}'``: the server's own message)."""
+    import requests
+
+    tokens: TokenKeeper = STATE["tokens"]  # type: ignore[assignment]
+    model = STATE["model"]
+    started = time.perf_counter()
+    for kind in kinds:
+        for number in range(count):
+            endpoint, explained, options, targets = request_plan(kind, second_method)
+            options = {**STATE["request_options"], **(options or {})}  # type: ignore[dict-item]
+            photo: Photo = STATE["photos"][number % len(STATE["photos"])]  # type: ignore[index]
+            encoding = next(e for e in (*STATE["encodings"], "json") if e != "raw" or not options)  # type: ignore[misc]
+            kwargs = request_kwargs(photo, encoding, options)
+            kwargs["headers"] = {**kwargs.get("headers", {}), "Authorization": f"Bearer {tokens.token()}"}
+            try:
+                answer = requests.post(f"{host.rstrip('/')}/{endpoint}/{model}", timeout=120, **kwargs)
+            except requests.RequestException as error:
+                raise SystemExit(f"warm-up: /{endpoint}/{model} unreachable: {error}") from None
+            problem = check_answer(answer.status_code, answer.content or b"", photo, model, explained, targets)
+            if problem:
+                hint = ""
+                if b"concept" in (answer.content or b"") and not STATE["request_options"]:
+                    hint = ("\n  this model needs a concept in every request: "
+                            "make loadtest LOAD_REQUEST_OPTIONS='{\"concept\": \"cat\"}' (locust: --request-options)")  # fmt: skip
+                raise SystemExit(f"warm-up: {kind} request to /{endpoint}/{model} ({encoding}) failed, so the "
+                                 f"load test did not start: {problem}{hint}")  # fmt: skip
+            if "kind" not in STATE:
+                STATE["kind"] = answer_kind(answer.json())
+    print(f"warm-up: {count} request(s) each of {', '.join(kinds)} in {time.perf_counter() - started:.1f}s "
+          "(not counted)")  # fmt: skip
 
 
 class CamUser(HttpUser):
@@ -208,24 +289,10 @@ class MixUser(CamUser):
     @tag("mix")
     @task
     def mixed(self) -> None:
-        weights = STATE.get("mix")
-        if weights is None:
-            weights = STATE["mix"] = _mix_weights(self.environment.parsed_options.mix)
-        kind = random.choices(list(weights), weights=list(weights.values()))[0]  # type: ignore[union-attr]
-        if kind == "predictions":
-            self._post("predictions", explained=False)
-        elif kind == "explanations":
-            self._post("explanations", explained=True)
-        elif kind == "explain_flag":
-            self._post("predictions", explained=True, options={"explain": True})
-        else:
-            method = self.environment.parsed_options.second_method
-            if STATE.get("kind") == "predictions":  # a classifier or CLIP: two classes / prompts
-                self._post(
-                    "explanations", explained=True, options={"method": method, "targets": [0, 1]}, targets=2
-                )
-            else:  # other tasks: the second method on the task's default subjects
-                self._post("explanations", explained=True, options={"method": method}, targets=None)
+        weights: dict[str, int] = STATE["mix"]  # type: ignore[assignment]
+        kind = random.choices(list(weights), weights=list(weights.values()))[0]
+        endpoint, explained, options, targets = request_plan(kind, self.environment.parsed_options.second_method)
+        self._post(endpoint, explained, options=options, targets=targets)
 
 
 def check_slo(environment: Environment, slo_path: str) -> list[str]:

@@ -4,8 +4,10 @@ far ahead of TorchServe's built-in Captum explanations we are. Runs on any machi
     python load_tests/report.py                       # make report; a few minutes with the defaults
     python load_tests/report.py --duration 30 --users 1,4,8,16 --plot docs/performance.png
 
-It builds three archives of EfficientNet-Lite0 (real weights) and serves them from one TorchServe on free
-loopback ports (``model_store.serve``), then, for each number of concurrent users, runs closed-loop
+It builds three archives of EfficientNet-Lite0 (real weights) and serves them from one TorchServe on
+loopback ports (``model_store.serve``): ``--inference-port`` / ``--management-port`` / ``--metrics-port``,
+by default ``$INFERENCE_PORT`` / ``$MANAGEMENT_PORT`` / ``$METRICS_PORT``, else free ones; the gRPC ports
+are free ones, or ``$GRPC_INFERENCE_PORT`` / ``$GRPC_MANAGEMENT_PORT``, then, for each number of concurrent users, runs closed-loop
 clients (each sends its next request when the last one answered) for ``--duration`` seconds against:
 
 - ``cam_b1``: our handler, batching off (batchSize 1);
@@ -35,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -232,43 +235,63 @@ def ratios_and_targets(cells: list[Cell], users: list[int]) -> tuple[str, list[t
     return "\n".join(lines), targets
 
 
-def plot(cells: list[Cell], users: list[int], path: Path, machine: str) -> None:
+# Each handler its own colour and marker; the endpoint its line style (dashed: /predictions).
+STYLES = {OURS_OFF: ("tab:blue", "o"), OURS_ON: ("tab:green", "s"), STOCK: ("tab:red", "^")}
+ENDPOINT_LINES = {"predictions": "--", "explanations": "-"}
+
+
+def figure_of(cells: list[Cell], users: list[int], machine: str) -> Any:
+    """The report's matplotlib figure: throughput (left) and p95 latency (right) against concurrent users;
+    the title holds the whole machine description, wrapped (never cut)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {OURS_OFF: ("tab:blue", "--"), OURS_ON: ("tab:blue", "-"), STOCK: ("tab:red", "-")}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     for model in (OURS_OFF, OURS_ON, STOCK):
-        for endpoint, marker in (("predictions", "o"), ("explanations", "s")):
+        colour, marker = STYLES[model]
+        for endpoint, line in ENDPOINT_LINES.items():
             series = [c for c in cells if c.model == model and c.endpoint == endpoint]
             if not series:
                 continue
-            colour, line = styles[model]
-            if endpoint == "predictions":
-                colour = "tab:green" if model != STOCK else "tab:orange"
             label = f"{LABELS[model]} /{endpoint}"
             left.plot([c.users for c in series], [c.throughput for c in series], line, marker=marker, color=colour,
                       label=label)  # fmt: skip
             right.plot([c.users for c in series], [c.percentile(95) for c in series], line, marker=marker,
                        color=colour, label=label)  # fmt: skip
-    left.set(xlabel="concurrent users", ylabel="requests / s", title="Throughput", xticks=users)
+    left.set(xlabel="concurrent users", ylabel="requests / s (log)", title="Throughput", xticks=users, yscale="log")
     right.set(xlabel="concurrent users", ylabel="p95 latency (ms, log)", title="p95 latency", xticks=users,
               yscale="log")  # fmt: skip
-    left.set_yscale("log")
-    left.set_ylabel("requests / s (log)")
     for axis in (left, right):
         axis.grid(alpha=0.3, which="both")
     right.legend(fontsize=7, loc="upper left")
-    figure.suptitle(f"EfficientNet-Lite0, 224x224 PNG - {machine[:110]}", fontsize=8)
-    figure.tight_layout()
+    title = "\n".join(textwrap.wrap(f"EfficientNet-Lite0, 224x224 PNG - {machine}", width=150))
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.035 * (title.count("\n") + 1)))
+    return figure
+
+
+def plot(cells: list[Cell], users: list[int], path: Path, machine: str) -> None:
+    """Write :func:`figure_of` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    figure = figure_of(cells, users, machine)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> int:
+def report_ports(args: argparse.Namespace) -> dict[str, int]:
+    """The ports the report's own TorchServe listens on: ``--<api>-port`` (default ``$INFERENCE_PORT`` ...),
+    a free loopback port for each one not given."""
+    return {api: getattr(args, f"{api}_port") or serve.free_port() for api in serve.PORT_VARIABLES}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The report's options (see the module docstring); ``--<api>-port`` defaults come from the environment."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", default="1,4,8", help="concurrent users, comma-separated")
     parser.add_argument(
@@ -281,12 +304,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="OMP_NUM_THREADS of every worker, the same for all handlers (0: torch's default)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="folder for report.md and the plot")
     parser.add_argument("--plot", type=Path, default=None, help="plot path (default <out>/performance.png)")
+    for api, variable in serve.PORT_VARIABLES.items():
+        parser.add_argument(f"--{api}-port", type=int, default=int(os.environ.get(variable) or 0),
+                            help=f"the report's TorchServe {api} port (default ${variable}, else a free port)")  # fmt: skip
     args = parser.parse_args(argv)
-    users = [int(n) for n in args.users.split(",") if n.strip()]
-    if not users or min(users) < 1 or max(users) > 64:
+    args.users = [int(n) for n in args.users.split(",") if n.strip()]
+    if not args.users or min(args.users) < 1 or max(args.users) > 64:
         parser.error("--users: 1..64")
     if not 1 <= args.duration <= 600:
         parser.error("--duration: 1..600 s")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    users = args.users
     out = args.out or HERE / "results" / time.strftime("report-%Y%m%dT%H%M%SZ", time.gmtime())
     plot_path = args.plot or out / "performance.png"
     if args.threads:
@@ -302,9 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         store = workdir / "model_store"
         print("building archives ...", flush=True)
         build_archives(store, workdir, args.batch_delay, log=lambda line: None)
-        ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
-        print("starting TorchServe ...", flush=True)
-        server = serve.start(workdir, store, [OURS_OFF, OURS_ON, STOCK], ports=ports, timeout=300)
+        ports = report_ports(args)
+        print(f"starting TorchServe (ports {', '.join(f'{a} {p}' for a, p in ports.items())}) ...", flush=True)
+        server = serve.start(workdir, store, [OURS_OFF, OURS_ON, STOCK], ports=ports, timeout=300,
+                             grpc_ports=serve.grpc_ports_from_env())
         try:
             for model in (OURS_OFF, OURS_ON, STOCK):  # warm-up: first calls pay lazy initialisation
                 for endpoint in ("predictions", "explanations"):

@@ -4,7 +4,8 @@
     python -m model_store.serve stop
 
 ``start`` writes the effective config (the repo's ``config.properties`` with the ports taken from
-``INFERENCE_PORT`` / ``MANAGEMENT_PORT`` / ``METRICS_PORT`` when set) under ``logs/``, starts TorchServe
+``INFERENCE_PORT`` / ``MANAGEMENT_PORT`` / ``METRICS_PORT`` when set, and the two gRPC ports from
+``GRPC_INFERENCE_PORT`` / ``GRPC_MANAGEMENT_PORT``, else free ones, printed at start) under ``logs/``, starts TorchServe
 in the background in the working directory (so ``key_file.json`` lands there), then polls the
 management describe until every model has a READY worker (``/ping`` answers long before that) and
 prints a curl example with the inference token. TorchServe keeps its pid file in ``$TMPDIR``; each
@@ -34,11 +35,15 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Server", "start", "stop", "drain", "running", "wait_ready", "read_keys", "free_port", "PORT_VARIABLES",
-           "AlreadyRunning", "StartupFailed", "DEFAULT_GRACE_S"]
+           "GRPC_PORT_VARIABLES", "ports_from_env", "grpc_ports_from_env", "configured_grpc_ports", "AlreadyRunning",
+           "StartupFailed", "DEFAULT_GRACE_S"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PORT_VARIABLES = {"inference": "INFERENCE_PORT", "management": "MANAGEMENT_PORT", "metrics": "METRICS_PORT"}
 DEFAULT_PORTS = {"inference": 8080, "management": 8081, "metrics": 8082}
+# TorchServe also opens two gRPC ports (7070/7071 by default, which would collide with any other TorchServe
+# here): pinned by these variables, else free ports picked at start and printed.
+GRPC_PORT_VARIABLES = {"grpc_inference_port": "GRPC_INFERENCE_PORT", "grpc_management_port": "GRPC_MANAGEMENT_PORT"}
 DEFAULT_GRACE_S = 30.0  # drain time on stop; deploy/kubernetes and deploy/kserve allow as much
 
 
@@ -97,8 +102,13 @@ def read_keys(workdir: Path) -> dict[str, str]:
     return {name: entry["key"] if isinstance(entry, dict) else entry for name, entry in data.items()}
 
 
-def effective_config(workdir: Path, ports: dict[str, int], base: Path = REPO_ROOT / "config.properties") -> Path:
-    """The repo's config.properties with the addresses set to ``ports``, written to ``workdir/logs``."""
+def effective_config(workdir: Path, ports: dict[str, int], base: Path = REPO_ROOT / "config.properties",
+                     grpc_ports: dict[str, int] | None = None) -> Path:
+    """The repo's config.properties with the addresses set to ``ports``, written to ``workdir/logs``.
+
+    The gRPC ports (``grpc_inference_port`` / ``grpc_management_port``) come from ``base`` when it sets
+    them, else from ``grpc_ports``, else free ports.
+    """
     lines = []
     for line in base.read_text().splitlines():
         key = line.split("=", 1)[0].strip()
@@ -107,9 +117,9 @@ def effective_config(workdir: Path, ports: dict[str, int], base: Path = REPO_ROO
             line = f"{key}=http://127.0.0.1:{ports[api]}"
         lines.append(line)
     keys = {line.split("=", 1)[0].strip() for line in lines}
-    for grpc in ("grpc_inference_port", "grpc_management_port"):
-        if grpc not in keys:  # TorchServe's fixed 7070/7071 would collide with any other TorchServe here
-            lines.append(f"{grpc}={free_port()}")
+    for grpc in GRPC_PORT_VARIABLES:
+        if grpc not in keys:
+            lines.append(f"{grpc}={(grpc_ports or {}).get(grpc) or free_port()}")
     path = workdir / "logs" / "config.properties"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -117,7 +127,24 @@ def effective_config(workdir: Path, ports: dict[str, int], base: Path = REPO_ROO
 
 
 def ports_from_env() -> dict[str, int]:
+    """The HTTP ports: ``INFERENCE_PORT`` / ``MANAGEMENT_PORT`` / ``METRICS_PORT``, else 8080 / 8081 / 8082."""
     return {api: int(os.environ.get(variable, DEFAULT_PORTS[api])) for api, variable in PORT_VARIABLES.items()}
+
+
+def grpc_ports_from_env() -> dict[str, int]:
+    """The gRPC ports pinned by ``GRPC_INFERENCE_PORT`` / ``GRPC_MANAGEMENT_PORT`` (those set, only)."""
+    return {key: int(os.environ[variable]) for key, variable in GRPC_PORT_VARIABLES.items() if os.environ.get(variable)}
+
+
+def configured_grpc_ports(workdir: Path) -> dict[str, int]:
+    """The gRPC ports in the effective config of the TorchServe started from ``workdir``."""
+    config = Path(workdir) / "logs" / "config.properties"
+    found = {}
+    for line in config.read_text().splitlines() if config.exists() else []:
+        key, _, value = line.partition("=")
+        if key.strip() in GRPC_PORT_VARIABLES and value.strip().isdigit():
+            found[key.strip()] = int(value)
+    return found
 
 
 def start(
@@ -128,8 +155,12 @@ def start(
     timeout: float = 180.0,
     base_config: Path = REPO_ROOT / "config.properties",
     restart: bool = False,
+    grpc_ports: dict[str, int] | None = None,
 ) -> Server:
     """Start TorchServe in ``workdir`` serving ``models`` (archive names in ``model_store``); wait until READY.
+
+    ``ports`` (HTTP) and ``grpc_ports`` default to the environment's (:func:`ports_from_env`,
+    :func:`grpc_ports_from_env`) when ``ports`` is not given; with ``ports`` given, gRPC gets free ports.
 
     Raises :class:`AlreadyRunning` when one runs from ``workdir`` (unless ``restart``: then it is stopped
     first), :class:`StartupFailed` as soon as TorchServe exits early, :class:`TimeoutError` otherwise.
@@ -143,8 +174,10 @@ def start(
             raise AlreadyRunning(f"TorchServe is already running from {workdir} (PID {pid}; ports {listed}): "
                                  "stop it first (make stop) or restart it (make serve RESTART=1)")  # fmt: skip
         stop(workdir)
+    if grpc_ports is None:
+        grpc_ports = grpc_ports_from_env() if not ports else {}
     ports = ports or ports_from_env()
-    config = effective_config(workdir, ports, base_config)
+    config = effective_config(workdir, ports, base_config, grpc_ports)
     key_file = workdir / "key_file.json"
     if key_file.exists():
         key_file.unlink()  # a stale file from an earlier server would hand out dead tokens
@@ -339,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"TorchServe is READY in {time.perf_counter() - started:.1f}s: {', '.join(models)}")
     print(f"  inference {server.url()}  management {server.url('management')}  metrics {server.url('metrics')}/metrics")
+    grpc = configured_grpc_ports(args.workdir)
+    pinned = " (pin them: GRPC_INFERENCE_PORT / GRPC_MANAGEMENT_PORT)" if not grpc_ports_from_env() else ""
+    print(f"  gRPC inference 127.0.0.1:{grpc.get('grpc_inference_port')}  "
+          f"management 127.0.0.1:{grpc.get('grpc_management_port')}{pinned}")
     print(f"  tokens in {args.workdir / 'key_file.json'}; logs in {args.workdir / 'logs'}")
     print("Try:")
     print(curl_example(server, models[0]))

@@ -25,10 +25,9 @@ from torch import nn
 import cam_engine
 from tests.helpers.inputs import encode, square_image
 from tests.helpers.serving import DEFAULT_MODEL
-from torchserve_cam_cli import main as cli_main
 from torchserve_cam_cli.gallery import GUIDED_NAME, load_model_spec, make_gallery
+from torchserve_cam_cli.main import draw_box, empty_explanation_note, slug, summary_table
 from torchserve_cam_cli.main import main as cli_main_io
-from torchserve_cam_cli.main import slug
 
 REPO = Path(__file__).resolve().parent.parent
 CAT_FACE = (30, 60, 300, 370)  # (top, left, bottom, right) of chelsea's face in the 300x451 photo
@@ -162,6 +161,44 @@ def test_unreachable_server_is_one_line(photos) -> None:
     assert done.stderr.startswith("error: cannot reach TorchServe at http://127.0.0.1:") and "Traceback" not in done.stderr
 
 
+def test_detections_table_lists_top_k_and_counts_the_rest() -> None:
+    detections = [{"index": i, "label": f"obj{i}", "score": 1 - i / 100, "box": [0, 0, 10, 10]} for i in range(100)]
+    table = summary_table({"detections": detections})
+    rows = [line for line in table.splitlines() if line.strip()[:1].isdigit()]
+    assert [row.split()[1] for row in rows] == ["obj0", "obj1", "obj2", "obj3", "obj4"]
+    assert "... 95 more detection(s)" in table
+    assert len([ln for ln in summary_table({"detections": detections}, top_k=12).splitlines() if ln.strip()[:1].isdigit()]) == 12
+    assert "more detection" not in summary_table({"detections": detections[:3]})
+
+
+def test_box_label_keeps_the_score_apart_from_the_label() -> None:
+    """"elephant 0.53", not "elephant0.53": the widest blank run of columns in the label's ink is the one
+    between the label and the score, at least a third of the text height (the default font's space is 2 px)."""
+    canvas = encode(np.full((427, 640, 3), 255, np.uint8), "JPEG", quality=95)
+    picture = np.asarray(Image.open(io.BytesIO(draw_box(canvas, [40, 50, 400, 300], "elephant", 0.53))).convert("L"))
+    band = picture[56:80, 45:390]  # inside the box, below its top edge: the label's row
+    ink = np.flatnonzero((band < 90).sum(axis=0) > 0)
+    assert ink.size, "no label drawn"
+    blanks = np.diff(ink) - 1  # blank columns between consecutive inked columns
+    text_height = np.flatnonzero((band < 90).sum(axis=1) > 0)
+    height = text_height[-1] - text_height[0] + 1
+    widest = int(blanks.max())
+    assert widest >= height / 3, (widest, height)
+    # the widest gap splits "elephant" (8 characters) from "0.53" (4): the left part is the wider one
+    split = ink[int(blanks.argmax())]
+    assert split - ink[0] > 1.3 * (ink[-1] - split), (ink[0], split, ink[-1])
+
+
+def test_an_empty_explanation_is_flagged_with_its_reason() -> None:
+    def heatmap(array: np.ndarray) -> dict:
+        return {"format": "png", "data": base64.b64encode(encode(array)).decode()}
+
+    zero, some = np.zeros((8, 8), np.uint8), np.full((8, 8), 3, np.uint8)
+    assert "covers no pixel of the mask" in empty_explanation_note({"label": "cat", "pixels": 0, "heatmap": heatmap(zero)})
+    assert "all zero" in empty_explanation_note({"label": "cat", "heatmap": heatmap(zero)})
+    assert empty_explanation_note({"label": "cat", "pixels": 40, "heatmap": heatmap(some)}) is None
+
+
 # ------------------------------------------------------------------------------------------ gallery
 class TinyCNN(nn.Module):
     """Two conv blocks, 224 -> 14x14 (with BatchNorm biases for FullGrad, ReLU modules for guided backprop) and a head."""
@@ -199,8 +236,16 @@ def test_gallery_one_non_empty_tile_per_method(tiny_architecture, tmp_path) -> N
     out = tmp_path / "gallery.png"
     argv = ["gallery", str(image_path), "--architecture", tiny_architecture, "--layer", "features.4",
             "--random-weights", "--num-classes", "5", "--target", "3", "--target", "1",
-            "--tile-height", "60", "--out", str(out), "--quiet"]
-    assert cli_main(argv) == 0
+            "--tile-height", "60", "--out", str(out), "--rounds", "1"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert cli_main_io(argv, stdout, stderr) == 0
+    progress = stderr.getvalue().splitlines()  # a line as each method starts, and one with its time
+    names = [*cam_engine.methods()] + ([GUIDED_NAME] if hasattr(cam_engine, "GuidedBackpropReLUModel") else [])
+    for position, name in enumerate(names, start=1):
+        prefix = f"[{position}/{len(names)}] {name}: "
+        running = [i for i, line in enumerate(progress) if line.startswith(prefix + "running (")]
+        timed = [i for i, line in enumerate(progress) if line.startswith(prefix) and line.endswith(" ms")]
+        assert len(running) == 1 and len(timed) == 1 and running[0] < timed[0], (name, progress)
     # The same grid in-process, for the tile boxes and the per-method results.
     spec = load_model_spec(tiny_architecture, layers=["features.4"], random_weights=True, num_classes=5)
     rgb = np.asarray(Image.open(image_path).convert("RGB"))
@@ -274,7 +319,9 @@ def test_explain_a_detector_draws_each_explained_box(server, photos, tmp_path) -
                                     "options": (None, '{"boxes": [0, 2], "score_threshold": 0.0, "method": "gradcam", '
                                                       '"output": "both"}')}, timeout=120).json()  # fmt: skip
     rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
-    assert len(rows) == len(expected["detections"]) and "box [x0, y0, x1, y1]" in done.stdout
+    assert len(rows) == min(5, len(expected["detections"])) and "box [x0, y0, x1, y1]" in done.stdout
+    if len(expected["detections"]) > 5:  # the best five are listed, the others counted
+        assert f"... {len(expected['detections']) - 5} more detection(s)" in done.stdout
     for explanation in expected["explanations"]:
         stem = f"chelsea.box{explanation['box_index']}_{slug(explanation['label'])}.gradcam"
         heatmap, overlay = out / f"{stem}.heatmap.png", out / f"{stem}.overlay.jpg"
@@ -308,6 +355,12 @@ def test_explain_a_segmenter_writes_the_mask_and_an_embedder_names_the_concept(s
     indices = np.asarray(Image.open(io.BytesIO(base64.b64decode(served["mask"]["data"]))))
     assert np.array_equal(np.asarray(mask), indices)  # same class indices, only a palette added
     assert "area" in done.stdout and all(c["label"] in done.stdout for c in served["classes"])
+    present = {c["index"] for c in served["classes"] if c["pixels"]}
+    absent = next(i for i in range(1, 21) if i not in present)  # a VOC class the mask does not hold
+    done = run_cli("explain", photos["coffee"], "--model", SEGMENTATION_MODEL, "-o", f"classes=[{absent}]",
+                   "--out", out, *server_args(server))
+    assert done.returncode == 0, done.stderr
+    assert "WARNING: class" in done.stdout and "covers no pixel of the mask" in done.stdout, done.stdout
 
     done = run_cli("explain", photos["coffee"], "--model", EMBEDDING_MODEL, "-o", "concept=cat", "--out", out,
                    *server_args(server))

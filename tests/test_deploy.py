@@ -24,24 +24,25 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKER = DEPLOY / "docker"
 K8S = DEPLOY / "kubernetes"
-OVERLAYS = ["cpu", "gpu", "gpu-prometheus"]
 KSERVE_FILES = sorted((DEPLOY / "kserve").glob("inferenceservice*.yaml"))
-DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
 
 import config_check  # noqa: E402 - deploy/docker is on pytest's pythonpath (pyproject.toml)
+import deploy_check  # noqa: E402  (make deploy-check: the same render / validate / lint functions)
+import deploy_render  # noqa: E402  (make deploy-render)
 import probe  # noqa: E402
 import token_gate  # noqa: E402
 import ts_tokens  # noqa: E402
 
+OVERLAYS = deploy_check.OVERLAYS
+DOCKERFILES = deploy_check.DOCKERFILES
+
 
 def _tool(name: str) -> str:
-    """Path of a CLI tool: next to this interpreter (venv) first, then PATH; fail clearly if absent."""
-    local = Path(sys.executable).with_name(name)
-    found = str(local) if local.exists() else shutil.which(name)
-    if not found:
-        pytest.fail(f"{name} is required for the deployment tests but was not found (venv or PATH); "
-                    f"install it (kubectl from your distribution, others: pip install -e '.[test]')")
-    return found
+    """Path of a CLI tool (see deploy_check.find_tool); a missing one fails the test with the reason."""
+    try:
+        return deploy_check.find_tool(name)
+    except deploy_check.ToolMissing as error:
+        pytest.fail(str(error))
 
 
 def assert_secure_config(props: dict[str, str], where: str) -> None:
@@ -56,13 +57,11 @@ def assert_secure_config(props: dict[str, str], where: str) -> None:
 
 @pytest.fixture(scope="module", params=OVERLAYS)
 def rendered(request) -> tuple[str, str, list[dict]]:
-    kubectl = _tool("kubectl")
-    result = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / request.param)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    _tool("kubectl")
+    text = deploy_check.render_overlay(request.param)
+    docs = [d for d in yaml.safe_load_all(text) if d]
     assert docs, "overlay rendered nothing"
-    return request.param, result.stdout, docs
+    return request.param, text, docs
 
 
 def _one(docs: list[dict], kind: str) -> dict:
@@ -75,14 +74,11 @@ def _pod_spec(docs: list[dict]) -> dict:
     return _one(docs, "Deployment")["spec"]["template"]["spec"]
 
 
-def test_overlay_validates_against_kubernetes_1_30(rendered, tmp_path):
+def test_overlay_validates_against_kubernetes_1_30(rendered):
     name, text, docs = rendered
-    manifest = tmp_path / f"{name}.yaml"
-    manifest.write_text(text)
-    result = subprocess.run([_tool("kubernetes-validate"), "-k", "1.30.0", "--strict", str(manifest)],
-                            capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    _tool("kubernetes-validate")
+    passed, output = deploy_check.validate_manifest(text, "1.30.0")
+    assert passed, output
     builtin = [d for d in docs if d["kind"] != "ServiceMonitor"]
     # Every built-in object was checked against a schema (not skipped); only the CRD may be skipped.
     assert output.count("passed for resource") == len(builtin), output
@@ -276,11 +272,52 @@ def test_kserve_config_routes_v1_through_torchserve():
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_is_hadolint_clean(dockerfile):
-    result = subprocess.run([_tool("hadolint"), "--no-color", "--format", "json", str(dockerfile)],
-                            capture_output=True, text=True, timeout=60)
-    findings = json.loads(result.stdout or "[]")
+    _tool("hadolint")
+    code, findings = deploy_check.hadolint(dockerfile)
     assert findings == [], findings
-    assert result.returncode == 0, result.stderr
+    assert code == 0
+
+
+def test_deploy_check_reports_a_broken_manifest():
+    """What make deploy-check relies on fails on a bad object (an unknown field under --strict)."""
+    _tool("kubernetes-validate")
+    bad = "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec: {ports: [{port: 80}], colour: blue}\n"
+    passed, output = deploy_check.validate_manifest(bad)
+    assert not passed and "colour" in output, output
+
+
+def test_deploy_render_sets_the_image_everywhere_and_the_result_validates(tmp_path):
+    """make deploy-render REGISTRY=...: every container of every overlay and KServe spec names the given
+    registry and version (flavour kept), the committed files are untouched, and deploy_check passes it."""
+    _tool("kubectl")
+    committed = {p: p.read_text() for p in [*KSERVE_FILES, *sorted(K8S.rglob("*.yaml"))]}
+    done = subprocess.run([sys.executable, str(DEPLOY / "deploy_render.py"), "--registry", "ghcr.io/acme/ml/",
+                           "--version", "9.8.7", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for overlay in OVERLAYS:
+        flavour = "gpu" if overlay.startswith("gpu") else "cpu"
+        for source in (tmp_path / "kubernetes" / f"{overlay}.yaml", tmp_path / "kustomize" / overlay):
+            text = source.read_text() if source.is_file() else deploy_check.render_overlay(source)
+            docs = [d for d in yaml.safe_load_all(text) if d]
+            images = {c["image"] for c in _pod_spec(docs)["containers"]}
+            assert images == {f"ghcr.io/acme/ml/torchserve-cam:9.8.7-{flavour}"}, (overlay, images)
+    for spec in KSERVE_FILES:
+        rendered_spec = (tmp_path / "kserve" / spec.name).read_text()
+        predictor = yaml.safe_load(rendered_spec)["spec"]["predictor"]
+        flavour = "gpu" if "gpu" in spec.name else "cpu"
+        images = {predictor["model"]["image"], *(c["image"] for c in predictor["containers"])}
+        assert images == {f"ghcr.io/acme/ml/torchserve-cam:9.8.7-{flavour}"}, images
+        assert rendered_spec.count("\n#") == spec.read_text().count("\n#")  # comments kept
+    assert {p: p.read_text() for p in committed} == committed
+    _tool("kubernetes-validate")
+    _tool("hadolint")
+    check = subprocess.run([sys.executable, str(DEPLOY / "deploy_check.py"), "--rendered", str(tmp_path / "kubernetes")],
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.count("ok   ") == len(OVERLAYS) * 2 + len(DOCKERFILES), check.stdout
+    for wrong in ("", "ghcr.io/acme/torchserve-cam", "ghcr.io/a cme"):  # a registry path only, no image name
+        with pytest.raises(ValueError):
+            deploy_render.image_name(wrong)
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

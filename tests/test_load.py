@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,52 @@ def test_locust_loads_other_tasks_models(server, tmp_path: Path, task: str) -> N
     assert f"/explanations/{model}" in names and f"/predictions/{model}" in names
     bad = _locust(server, tmp_path, model, "2s", "--request-options", "[1, 2]")
     assert bad.returncode != 0 and "give a JSON object" in bad.stdout + bad.stderr
+
+
+def _make_loadtest(server, tmp_path: Path, slo: str, **variables: str) -> subprocess.CompletedProcess:
+    """`make loadtest` itself against the session server (the venv running these tests; no install)."""
+    venv = Path(sys.executable).parent.parent
+    (tmp_path / "slo.yaml").write_text(slo)
+    settings = {
+        "VENV": str(venv), "LOAD_HOST": server.url(), "LOAD_MANAGEMENT": server.url("management"),
+        "KEY_FILE": str(server.workdir / "key_file.json"), "RESULTS": str(tmp_path / "results"),
+        "SLO": str(tmp_path / "slo.yaml"), "USERS": "1", "RUN_TIME": "3s", "WARMUP": "1", **variables,
+    }  # fmt: skip
+    command = ["make", "--no-print-directory", "-C", str(REPO_ROOT), "loadtest",
+               "-o", f"{venv}/.installed-extra-load", *(f"{k}={v}" for k, v in settings.items())]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=240)
+
+
+def test_make_loadtest_prints_the_report_path_on_an_slo_breach_and_fails(server, tmp_path: Path) -> None:
+    """An impossible p95 (1 ms): Locust exits 1, make 2 (its code for a failed recipe), and the report path
+    is printed all the same; the warm-up ran and is not in the counts; no empty user class warning."""
+    done = _make_loadtest(server, tmp_path, "max_failure_ratio: 0.0\np95_ms:\n  explanations: 1\n",
+                          SCENARIO="explanations")  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert f"reports in {tmp_path / 'results'}/ (locust exit code 1)" in out, out[-3000:]
+    assert "SLO breached" in out and (tmp_path / "results" / "report.html").exists()
+    assert "warm-up: 1 request(s) each of explanations" in out, out[-3000:]
+    assert "no tasks left after filtering" not in out
+    total, rows = _stats(tmp_path / "results")
+    assert set(rows) == {f"/explanations/{DEFAULT_MODEL}"}, rows.keys()  # only the measured scenario
+
+
+def test_embedding_model_without_a_concept_stops_at_once_with_the_reason(server, tmp_path: Path) -> None:
+    """No --request-options for an embedding model: the first warm-up answer is wrong, so the run stops
+    before it starts (no user spawned, no CSV), saying what the server said and what to pass."""
+    from serving import EMBEDDING_MODEL
+
+    started = time.monotonic()
+    done = _make_loadtest(server, tmp_path, "max_failure_ratio: 0.0\n", MODEL=EMBEDDING_MODEL, RUN_TIME="60s")
+    elapsed = time.monotonic() - started
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert f"request to /predictions/{EMBEDDING_MODEL}" in out and "did not start" in out, out[-3000:]
+    assert "LOAD_REQUEST_OPTIONS='{\"concept\": \"cat\"}'" in out, out[-3000:]
+    assert elapsed < 45, f"took {elapsed:.0f}s of a 60s run"  # stopped at once, not after the run
+    stats = tmp_path / "results" / "locust_stats.csv"
+    if stats.exists():  # Locust may write its CSV header on its way out: no request in it
+        with open(stats, newline="") as handle:
+            assert sum(int(row["Request Count"]) for row in csv.DictReader(handle)) == 0
+    assert "no report (locust exit code 1)" in out, out[-3000:]

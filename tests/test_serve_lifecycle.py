@@ -40,13 +40,37 @@ def test_a_taken_port_fails_in_seconds_with_the_bind_error_of_this_run(server, t
     assert serve.running(tmp_path) is None
 
 
+def test_grpc_ports_pinned_by_the_environment_else_free(monkeypatch, tmp_path) -> None:
+    """GRPC_INFERENCE_PORT / GRPC_MANAGEMENT_PORT pin the two gRPC ports `make serve` opens; unset, each is a
+    free port (never TorchServe's fixed 7070/7071, which any other TorchServe here would hold)."""
+    monkeypatch.delenv("GRPC_INFERENCE_PORT", raising=False)
+    monkeypatch.delenv("GRPC_MANAGEMENT_PORT", raising=False)
+    assert serve.grpc_ports_from_env() == {}
+    serve.effective_config(tmp_path, _ports(), grpc_ports={})
+    free = serve.configured_grpc_ports(tmp_path)
+    assert set(free) == {"grpc_inference_port", "grpc_management_port"} and not {7070, 7071} & set(free.values())
+    monkeypatch.setenv("GRPC_INFERENCE_PORT", "17070")
+    monkeypatch.setenv("GRPC_MANAGEMENT_PORT", "17071")
+    serve.effective_config(tmp_path, _ports(), grpc_ports=serve.grpc_ports_from_env())
+    assert serve.configured_grpc_ports(tmp_path) == {"grpc_inference_port": 17070, "grpc_management_port": 17071}
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 def test_second_start_refuses_and_stop_drains_16_requests_in_flight(server, tmp_path) -> None:
     ports = _ports()
     store = server.workdir / "model_store"
-    running = serve.start(tmp_path, store, [AUDIT_OFF], ports=ports, timeout=180)
+    grpc = {"grpc_inference_port": serve.free_port(), "grpc_management_port": serve.free_port()}
+    running = serve.start(tmp_path, store, [AUDIT_OFF], ports=ports, timeout=180, grpc_ports=grpc)
     try:
         pid, seen = serve.running(tmp_path)
         assert seen == ports
+        assert serve.configured_grpc_ports(tmp_path) == grpc  # the pinned gRPC ports, and TorchServe holds them
+        assert all(_listening(port) for port in grpc.values()), grpc
         with pytest.raises(serve.AlreadyRunning) as refused:
             serve.start(tmp_path, store, [AUDIT_OFF], ports=_ports(), timeout=30)
         assert f"PID {pid}" in str(refused.value) and str(ports["inference"]) in str(refused.value)

@@ -84,6 +84,23 @@ def test_detection_defaults_threshold_and_bad_boxes(server) -> None:
     assert "out of range" in answers[1].json()["message"]
 
 
+def test_demo_detector_answers_boxes_and_a_distinct_heatmap_per_box(server) -> None:
+    """The offline demo detector (fasterrcnn_demo: random weights, no score floor) answers boxes with no
+    option at all (a random detector built from the COCO configs answers none), and a gradient method
+    gives each box its own map: real CAM work per box, which `make loadtest MODEL=fasterrcnn_demo` measures."""
+    plain = post(server, f"predictions/{DETECTION_MODEL}", IMAGE)
+    assert plain.status_code == 200 and len(plain.json()["detections"]) >= 1, plain.text[:300]
+    answer = post(server, f"explanations/{DETECTION_MODEL}", {"image": b64(IMAGE), "boxes": [0, 1, 2], "method": "hirescam"})
+    assert answer.status_code == 200, answer.text
+    maps = [_png(e["heatmap"]).astype(float) for e in answer.json()["explanations"]]
+    assert len(maps) == 3
+    for index, heat in enumerate(maps):
+        assert heat.max() > 0 and heat.std() > 1, index  # not blank, not flat
+    for first in range(3):
+        for second in range(first + 1, 3):
+            assert np.abs(maps[first] - maps[second]).mean() > 1, (first, second)  # each box its own map
+
+
 @pytest.mark.skipif(not HAVE_ULTRALYTICS, reason="the optional 'ultralytics' package is not installed")
 def test_yolo_boxes_and_a_heatmap_per_box(server) -> None:
     from handlers.models.yolo import coco80_labels

@@ -255,8 +255,10 @@ def run_methods(
     results: list[MethodResult] = []
     calls: list[tuple[MethodResult, Callable[[], Any]]] = []
     gradcam: Any = None
+    started = time.perf_counter()
     for position, name in enumerate(names, start=1):
         result = MethodResult(name)
+        log(f"[{position}/{total}] {name}: running ({time.perf_counter() - started:.0f} s elapsed)")
         try:
             cls = cam_engine.get_method(name)
             cam = cam_engine.create(name, spec.model, spec.target_layers, reshape_transform=spec.reshape_transform,
@@ -276,6 +278,7 @@ def run_methods(
         status = f"{result.seconds * 1000:.0f} ms" if result.error is None else f"failed: {result.error}"
         log(f"[{position}/{total}] {name}: {status}")
     if guided:
+        log(f"[{total}/{total}] {GUIDED_NAME}: running ({time.perf_counter() - started:.0f} s elapsed)")
         last, call = _guided_gradcam(spec, x, targets, gradcam)
         results.append(last)
         if call is not None:

@@ -43,6 +43,7 @@ from .client import (
 __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_SERVER, EXIT_USAGE = 0, 1, 2
+DEFAULT_DETECTIONS_SHOWN = 5  # a detector answers up to its max_detections (100): the table lists the best few
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -61,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--token", help=f"inference token (default ${TOKEN_ENV}, else the key file)")
         sub.add_argument("--key-file", help=f"TorchServe's key_file.json (default ${KEY_FILE_ENV} or ./key_file.json)")
         sub.add_argument("--no-token", action="store_true", help="send no token (a server with token auth off)")
-        sub.add_argument("--top-k", type=_positive, default=None, help="predictions to show (default: the model's top_k)")
+        sub.add_argument("--top-k", type=_positive, default=None,
+                         help="predictions to show (default: the model's top_k); detections to list (default "
+                              f"{DEFAULT_DETECTIONS_SHOWN})")
         sub.add_argument("--concurrency", type=_positive, default=4, help="requests in flight at once (default 4)")
         sub.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each answer (default 120)")
         sub.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
@@ -131,19 +134,24 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str, ri
     return "\n".join([line(header), *(line(r) for r in rows)])
 
 
-def summary_table(body: dict[str, Any], indent: str = "  ") -> str:
+def summary_table(body: dict[str, Any], indent: str = "  ", top_k: int | None = None) -> str:
     """What the model answered, whatever its task (read through the task registry): class predictions,
-    detections, the classes of a segmentation mask, or similarities to concepts."""
+    detections, the classes of a segmentation mask, or similarities to concepts. Detections: the
+    ``top_k`` best (default :data:`DEFAULT_DETECTIONS_SHOWN`) and a line counting the others."""
     try:
         result = TaskResult.from_body(body)
     except ValueError:
         return prediction_table([], indent)
     if result.task == "detection":
-        if not result.results:
+        detections = result.results
+        if not detections:
             return f"{indent}(no detections above the score threshold)"
+        shown = detections[: top_k or DEFAULT_DETECTIONS_SHOWN]
         rows = [[str(d.get("index", "")), str(d.get("label", "")), f"{float(d.get('score', 0)):.4f}",
-                 "[" + ", ".join(f"{v:.0f}" for v in d.get("box", [])) + "]"] for d in result.results]  # fmt: skip
-        return _table(["#", "label", "score", "box [x0, y0, x1, y1]"], rows, indent, [True, False, True, False])
+                 "[" + ", ".join(f"{v:.0f}" for v in d.get("box", [])) + "]"] for d in shown]  # fmt: skip
+        table = _table(["#", "label", "score", "box [x0, y0, x1, y1]"], rows, indent, [True, False, True, False])
+        hidden = len(detections) - len(shown)
+        return table + (f"\n{indent}... {hidden} more detection(s) (--top-k N to show more)" if hidden > 0 else "")
     if result.task == "segmentation":
         if not result.results:
             return f"{indent}(no classes)"
@@ -154,6 +162,23 @@ def summary_table(body: dict[str, Any], indent: str = "  ") -> str:
         rows = [[str(e.get("concept", "")), f"{float(e.get('similarity', 0)):+.4f}"] for e in result.results]
         return _table(["concept", "cosine"], rows, indent, [False, True]) if rows else f"{indent}(no similarities)"
     return prediction_table(result.results, indent)
+
+
+def empty_explanation_note(explanation: dict[str, Any]) -> str | None:
+    """Why an explanation shows nothing, or None: a segmentation class that covers no pixel of the mask
+    (its heatmap is all zero by construction), or any heatmap that is zero everywhere."""
+    label = explanation.get("label", explanation.get("target", ""))
+    if explanation.get("pixels") == 0:
+        return (f"class {label!r} covers no pixel of the mask (absent from this image), so its heatmap is all "
+                "zero: there is nothing to explain; pick a class from the table above (-o classes=[INDEX])")
+    heatmap = explanation.get("heatmap")
+    if isinstance(heatmap, dict) and heatmap.get("format") == "png" and heatmap.get("data"):
+        from PIL import Image
+
+        with Image.open(io.BytesIO(base64.b64decode(heatmap["data"]))) as picture:
+            if picture.getextrema() in ((0, 0), ((0, 0),)):
+                return f"the heatmap of {label!r} is all zero: the method found no evidence for it"
+    return None
 
 
 def explanation_name(explanation: dict[str, Any]) -> str:
@@ -179,19 +204,32 @@ def explanation_subject(explanation: dict[str, Any]) -> str:
 BOX_COLOUR = (0, 255, 0)
 
 
-def draw_box(jpeg: bytes, box: Sequence[float], label: str) -> bytes:
-    """The overlay JPEG with the explained box outlined and labelled (the server's overlay has no box)."""
-    from PIL import Image, ImageDraw
+def draw_box(jpeg: bytes, box: Sequence[float], label: str, score: float | None = None) -> bytes:
+    """The overlay JPEG with the explained box outlined and labelled ``label`` and ``score`` (the server's
+    overlay has no box). The text scales with the picture; the score stands half a character height
+    apart from the label (the default font's space is 2 pixels: "elephant 0.53" read "elephant0.53")."""
+    from PIL import Image, ImageDraw, ImageFont
 
     with Image.open(io.BytesIO(jpeg)) as opened:
         picture = opened.convert("RGB")
     draw = ImageDraw.Draw(picture)
     width = max(3, round(min(picture.size) / 100))
+    size = max(11, round(min(picture.size) / 28))
+    font = ImageFont.load_default(size=size)
     x0, y0, x1, y1 = box
     draw.rectangle([x0, y0, x1, y1], outline=BOX_COLOUR, width=width)
-    text_box = draw.textbbox((x0 + width + 2, y0 + width + 1), label)
-    draw.rectangle(text_box, fill=BOX_COLOUR)
-    draw.text((x0 + width + 2, y0 + width + 1), label, fill=(0, 0, 0))
+    origin = (x0 + width + 2, y0 + width + 1)
+    pieces = [label] + ([f"{score:.2f}"] if score is not None else [])
+    gap = size // 2
+    left, top, right, bottom = draw.textbbox(origin, pieces[0], font=font)
+    spans = [(origin[0], pieces[0])]
+    for piece in pieces[1:]:
+        spans.append((right + gap, piece))
+        right = draw.textbbox((right + gap, origin[1]), piece, font=font)[2]
+        bottom = max(bottom, draw.textbbox((spans[-1][0], origin[1]), piece, font=font)[3])
+    draw.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=BOX_COLOUR)
+    for x, piece in spans:
+        draw.text((x, origin[1]), piece, fill=(0, 0, 0), font=font)
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=90, subsampling=0)  # 4:4:4 keeps the thin outline green
     return buffer.getvalue()
@@ -279,7 +317,8 @@ def _write_explanations(body: dict[str, Any], out: Path, stem: str) -> list[tupl
             path = out / f"{name}.{suffix}.{extension}"
             data = base64.b64decode(picture["data"])
             if kind == "overlay" and "box" in explanation and extension == "jpg":
-                data = draw_box(data, explanation["box"], f"{explanation.get('label', '')} {explanation.get('score', 0):.2f}")
+                data = draw_box(data, explanation["box"], str(explanation.get("label", "")),
+                                float(explanation.get("score", 0)))
             path.write_bytes(data)
             written.append((kind, path))
     return written
@@ -329,10 +368,13 @@ def _serve_command(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
             continue
         body = outcome.response or {}
         print(f"{outcome.image}  [{body.get('model', args.model)}]", file=stdout)
-        print(summary_table(body), file=stdout)
+        print(summary_table(body, top_k=args.top_k), file=stdout)
         for explanation in body.get("explanations", []) if explain else []:
             print(f"  explained {explanation_subject(explanation)} with "
                   f"{explanation.get('method')} at {', '.join(explanation.get('layers', []))}", file=stdout)
+            note = empty_explanation_note(explanation)
+            if note:
+                print(f"  WARNING: {note}", file=stdout)
         for kind, path in outcome.written:
             print(f"    {kind:<8} {path}", file=stdout)
     stdout.flush()

@@ -95,9 +95,10 @@ EMBEDDING_MODEL = "emb_tiny"
 DETECTION_LABELS = ["__background__", "red", "green", "blue"]
 DETECTION_MAX = 12
 TEST_ARCHIVES += [
-    # Faster R-CNN MobileNetV3-FPN, 4 classes, a 128-wide box head, at 160x160: ~26 MB.
+    # The shipped offline demo (model_store/configs/fasterrcnn_demo.yaml: Faster R-CNN MobileNetV3-FPN, random
+    # weights, no score floor, a 128-wide box head), at 160x160: ~26 MB.
     ArchiveSpec(
-        config="fasterrcnn_mobilenet_v3_large_fpn",
+        config="fasterrcnn_demo",
         archive_name=DETECTION_MODEL,
         allow_random_weights=True,
         overrides={
@@ -105,11 +106,10 @@ TEST_ARCHIVES += [
             "maxBatchDelay": 200,
             "handler": {
                 "labels": DETECTION_LABELS,
-                "model_options": {"box_score_thresh": 0.0, "representation_size": 128,
-                                  "box_detections_per_img": DETECTION_MAX},
+                "model_options": {"box_detections_per_img": DETECTION_MAX},
                 "preprocessing": {"input_size": [160, 160]},
-                "methods": ["eigencam", "gradcam"],
-                "detection": {"score_threshold": 0.0, "max_detections": DETECTION_MAX, "explain_top": 2},
+                "methods": ["eigencam", "gradcam", "hirescam"],
+                "detection": {"max_detections": DETECTION_MAX, "explain_top": 2},
             },
         },
     ),  # fmt: skip
