@@ -88,6 +88,22 @@ class DetectionHandler(CamHandler):
     def warm_up_targets(self) -> list[Any]:
         return [RankedBoxTarget(0)]
 
+    def explain_batch(self, batch: Any, requests: list[ParsedRequest]) -> tuple[Any, list[Any]]:
+        """As the base, with a torchvision detector's own score floor (``roi_heads.score_thresh``, the
+        builder's ``box_score_thresh``) lowered for this batch to the lowest ``score_threshold`` a request
+        asks for, so that a request for weaker boxes gets them (a random-weight detector scores every box
+        near 1/num_classes, under the usual 0.05 floor). Each answer still keeps only its own threshold."""
+        heads = getattr(self.model, "roi_heads", None)
+        floor = getattr(heads, "score_thresh", None)
+        wanted = min((float(r.task["score_threshold"]) for r in requests), default=None)
+        if not isinstance(floor, float) or wanted is None or wanted >= floor:
+            return super().explain_batch(batch, requests)
+        heads.score_thresh = wanted
+        try:
+            return super().explain_batch(batch, requests)
+        finally:
+            heads.score_thresh = floor
+
     def parse_task_options(self, request: ParsedRequest, options: Mapping[str, Any]) -> None:
         """``score_threshold`` -> float; ``boxes`` -> list of detection indices (None: the best ones)."""
         detection = self.config.detection
