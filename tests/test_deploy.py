@@ -324,6 +324,7 @@ def test_repo_root_config_passes_the_shared_checks():
     ("enable_envvars_config=true", "enable_envvars_config"),
     ("management_address=http://0.0.0.0:8081", "non-loopback"),
     ("metrics_mode=log", "metrics_mode"),
+    ("model_metrics_auto_detect=false", "model_metrics_auto_detect"),
 ])
 def test_checker_rejects_insecure_configs(bad, finding):
     text = (DOCKER / "config.properties").read_text() + "\n" + bad + "\n"

@@ -23,7 +23,7 @@ from cam_engine.targets import ClassifierOutputTarget
 
 from handlers.config import AuditConfig
 from handlers.serving.preprocess import to_source
-from .metrics import AuditMetrics
+from .metrics import FAITHFULNESS_SECONDS, OVERHEAD_SECONDS, AuditMetrics
 from .sinks import PendingRecord, SqliteSink, StdoutSink, resolve_directory
 from .summary import confidence, heatmap_summary, remove_top_pixels
 from .writer import SHUTDOWN_FLUSH_S, AuditWriter
@@ -182,7 +182,7 @@ class Auditor:
         finally:
             if self.config.durability == "strict" and not self.writer.flush(SHUTDOWN_FLUSH_S):
                 self._warn_once("strict", f"audit records of {self.handler.model_name} not committed in time")
-            self.metrics.gauge("AuditOverheadTime", (time.perf_counter() - started) * 1000)
+            self.metrics.observe(OVERHEAD_SECONDS, (time.perf_counter() - started) * 1000)
             self.metrics.publish(self.writer.counters())
 
     def _record(
@@ -310,7 +310,7 @@ class Auditor:
             if explanations and "faithfulness" in explanations[0]:
                 record.fields["faithfulness"] = explanations[0]["faithfulness"]["drop"]
                 record.fields["faithfulness_ms"] = round(cost, 3)
-        self.metrics.gauge("AuditFaithfulnessTime", cost)
+        self.metrics.observe(FAITHFULNESS_SECONDS, cost)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
