@@ -210,8 +210,8 @@ class AuditConfig:
 
     - ``enabled``: off by default; ``sample_rate``: the share of valid requests audited, in [0, 1].
     - ``store_heatmaps``: keep each audited heatmap as an 8-bit PNG (a file beside the database, or
-      base64 in the JSON line); ``faithfulness``: score each audited heatmap by the drop in target
-      confidence when its top 20% of pixels are removed (one extra batched forward per batch).
+      base64 in the JSON line); ``faithfulness``: the confidence drop when each audited heatmap's top 20%
+      is removed: ``remove_top``/``true`` (mean colour, one more forward) or ``road`` (imputed, ROAD).
     - ``sink``: ``sqlite`` (a WAL-mode database ``audit.sqlite3`` in ``directory``) or ``stdout``
       (one JSON line per record, for a cluster's log pipeline).
     - ``directory``: for ``sqlite``; ``~`` and ``$VARS`` are expanded and the result must be absolute.
@@ -226,7 +226,7 @@ class AuditConfig:
     enabled: bool = False
     sample_rate: float = 1.0
     store_heatmaps: bool = True
-    faithfulness: bool = False
+    faithfulness: str | bool = False  # False, "remove_top" or "road"
     sink: str = "sqlite"
     directory: str | None = None
     store_inputs: bool = False
@@ -249,7 +249,8 @@ class AuditConfig:
             enabled=_bool(data.get("enabled", defaults.enabled), f"{where}.enabled"),
             sample_rate=float(rate),
             store_heatmaps=_bool(data.get("store_heatmaps", defaults.store_heatmaps), f"{where}.store_heatmaps"),
-            faithfulness=_bool(data.get("faithfulness", defaults.faithfulness), f"{where}.faithfulness"),
+            faithfulness=(("remove_top" if faith else False) if isinstance(faith := data.get("faithfulness", False), bool)
+                          else _choice(faith, ("remove_top", "road"), f"{where}.faithfulness (or true/false)")),
             sink=_choice(data.get("sink", defaults.sink), AUDIT_SINKS, f"{where}.sink"),
             directory=directory,
             store_inputs=_bool(data.get("store_inputs", defaults.store_inputs), f"{where}.store_inputs"),
