@@ -73,6 +73,11 @@ def test_road_faithfulness_is_the_confidence_drop_after_roads_imputation(road_ha
     assert record["faithfulness"] == pytest.approx(before[3].item() - after[3].item(), abs=2e-4)
     top = int(after.argmax())
     assert faith["after_top"] == {"index": top, "label": f"class_{top}", "score": pytest.approx(after[top].item(), abs=1e-4)}
+    predicted = [p["index"] for p in json.loads(record["predictions"])]
+    assert [shift["index"] for shift in faith["shifts"]] == predicted and len(predicted) == 3
+    for shift in faith["shifts"]:  # where the probability went, class by class
+        assert shift["before"] == pytest.approx(before[shift["index"]].item(), abs=1e-4)
+        assert shift["after"] == pytest.approx(after[shift["index"]].item(), abs=1e-4)
     assert record["faithfulness_ms"] > 0
 
 
@@ -120,6 +125,7 @@ def test_report_columns_and_how_to_read_faithfulness(road_handler) -> None:
     assert sorted({row[position] for row in cells}) == ["/explanations", "/predictions"]
     scored = [row[columns.index("faithfulness")] for row in cells if "road" in row[columns.index("faithfulness")]]
     assert scored and all("after: class_" in cell for cell in scored)
+    assert all(re.search(r"class_\d \d\.\d\d\u2192\d\.\d\d", cell) for cell in scored)  # the sibling that moved most
     assert "Negative: the target gained probability" in READING_FAITHFULNESS and "sibling" in READING_FAITHFULNESS
     assert 'id="reading-faithfulness"' in page
 

@@ -297,7 +297,8 @@ class Auditor:
         removing the top 20% of its heatmap (``remove_top``: set to the mean colour; ``road``: imputed by
         ROAD's noisy linear imputation, one sparse solve per heatmap on the CPU). Its cost (ms, for the
         whole batch) goes into each record of the batch; where the scores are class scores, the class on
-        top once the pixels are removed goes with it (``after_top``: where the probability went)."""
+        top once the pixels are removed (``after_top``) and the record's predicted classes before and after
+        (``shifts``) go with it: where the probability went."""
         started = time.perf_counter()
         try:
             rows = torch.tensor([p.row for p in pairs], device=batch.device)
@@ -312,7 +313,8 @@ class Auditor:
             for position, pair in enumerate(pairs):
                 before, basis = confidence(scores, pair.row, pair.target)
                 after, _ = confidence(perturbed_scores, position, pair.target)
-                results.append((before, after, basis, self._after_top(perturbed_scores, position)))
+                moved = self._after_top(scores, perturbed_scores, pair.row, position, records[pair.record])
+                results.append((before, after, basis, moved))
             if batch.device.type == "cuda":
                 torch.cuda.synchronize(batch.device)
         except Exception as error:  # noqa: BLE001 - a task whose outputs do not fit: no score, no failure
@@ -322,7 +324,7 @@ class Auditor:
         for pair, (before, after, basis, after_top) in zip(pairs, results):
             pair.info["faithfulness"] = {
                 "before": round(before, 6), "after": round(after, 6), "drop": round(before - after, 6), "basis": basis,
-                "perturbation": self.config.faithfulness, **({"after_top": after_top} if after_top else {}),
+                "perturbation": self.config.faithfulness, **(after_top or {}),
             }  # fmt: skip
         for record in records:
             explanations = record.fields["explanations"]
@@ -331,15 +333,23 @@ class Auditor:
                 record.fields["faithfulness_ms"] = round(cost, 3)
         self.metrics.observe(FAITHFULNESS_SECONDS, cost)
 
-    def _after_top(self, scores: Any, row: int) -> dict[str, Any] | None:
-        """``{"index", "label", "score"}`` of the top class of ``scores[row]`` (softmax), for [B, C] scores."""
-        if not isinstance(scores, torch.Tensor) or scores.ndim != 2:
-            return None
-        probabilities = torch.softmax(scores[row].float(), dim=-1)
-        index = int(probabilities.argmax())
+    def _after_top(self, scores: Any, perturbed: Any, row: int, position: int, record: PendingRecord) -> dict[str, Any]:
+        """For [B, C] class scores: ``after_top`` (``{"index", "label", "score"}``, the top class once
+        perturbed) and ``shifts`` (``[{"index", "label", "before", "after"}]``, softmax, for the record's
+        predicted classes). Empty for other outputs."""
+        if not isinstance(perturbed, torch.Tensor) or perturbed.ndim != 2 or not isinstance(scores, torch.Tensor):
+            return {}
+        before, after = torch.softmax(scores[row].float(), dim=-1), torch.softmax(perturbed[position].float(), dim=-1)
         labels = self.handler.labels
-        label = labels[index] if 0 <= index < len(labels) else None
-        return {"index": index, "label": label, "score": round(float(probabilities[index]), 6)}
+        index = int(after.argmax())
+        top = {"index": index, "label": labels[index] if 0 <= index < len(labels) else None, "score": round(float(after[index]), 6)}
+        shifts = [
+            {"index": p["index"], "label": p.get("label"), "before": round(float(before[p["index"]]), 6),
+             "after": round(float(after[p["index"]]), 6)}
+            for p in record.fields["predictions"] if isinstance(p, Mapping) and isinstance(p.get("index"), int)
+            and 0 <= p["index"] < after.shape[0]
+        ]  # fmt: skip
+        return {"after_top": top, "shifts": shifts}
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -295,7 +295,8 @@ READING_FAITHFULNESS = (
     "Near 0: it did not need it (or found the same evidence elsewhere). Negative: the target gained "
     "probability. Softmax probabilities are shares: with fine-grained classes (Egyptian cat, tabby, tiger cat) "
     "masking the part that tells siblings apart moves probability among the siblings, and the target can gain "
-    "as a sibling loses more; \"after\" names the top class once masked. One negative record does not prove a "
+    "as a sibling loses more; the cell names the top class once masked and the predicted class that moved most "
+    "(on skimage's cat photo: Egyptian cat 0.54\u21920.60 as tiger cat fell 0.20\u21920.14). One negative record does not prove a "
     "wrong map; a median near or below 0 over many records of one class and method is a reason to look. "
     "Compare scores of one model, method and perturbation: remove_top and road are on different scales."
 )
@@ -323,6 +324,11 @@ def _faithfulness_cell(record: Mapping[str, Any]) -> str:
     after = details.get("after_top")
     if isinstance(after, Mapping) and after.get("label") is not None:
         notes.append(f"after: {after['label']} {after.get('score', 0):.2f}")
+    target = explanations[0].get("target")
+    others = [s for s in details.get("shifts") or [] if isinstance(s, Mapping) and s.get("index") != target]
+    if others:  # the predicted class other than the target that moved most: where the probability went
+        moved = max(others, key=lambda s: abs(s["after"] - s["before"]))
+        notes.append(f"{moved.get('label') or moved['index']} {moved['before']:.2f}\u2192{moved['after']:.2f}")
     return f'{_fmt(float(value))}<br><span class="muted">{html.escape(" · ".join(notes))}</span>'
 
 
