@@ -3,6 +3,7 @@ dashboard (deploy/grafana) checked to query only metric names that a real scrape
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -180,10 +181,12 @@ def exercised(server):
         text = scrape(server)
         types, samples = parse_scrape(text)
         count = histogram(samples, CAM_SECONDS, ModelName=BATCH_MODEL, Method="gradcam")[2]
+        encoded = histogram(samples, ENCODE_MILLISECONDS, ModelName=BATCH_MODEL, Format="png")[2]
         audited = histogram(samples, FAITHFULNESS_SECONDS, ModelName=AUDIT_FULL)[2]
-        if (count > histogram(before, CAM_SECONDS, ModelName=BATCH_MODEL, Method="gradcam")[2] and audited) \
+        if (count > histogram(before, CAM_SECONDS, ModelName=BATCH_MODEL, Method="gradcam")[2] and audited
+                and encoded > histogram(before, ENCODE_MILLISECONDS, ModelName=BATCH_MODEL, Format="png")[2]) \
                 or time.monotonic() > deadline:  # fmt: skip
-            return {"before": before, "types": types, "samples": samples, "wall": wall}
+            return {"before": before, "types": types, "samples": samples, "wall": wall, "answer": answer.json()}
         time.sleep(0.5)
 
 
@@ -209,6 +212,20 @@ def test_cam_time_histogram_counts_the_call_and_its_seconds(exercised) -> None:
     _, sum_after, count_after = histogram(exercised["samples"], CAM_SECONDS, **labels)
     assert count_after - count_before == 1
     assert 0 < sum_after - sum_before < exercised["wall"]  # seconds, not milliseconds
+
+
+def test_encode_histogram_and_heatmap_bytes_count_the_pictures_sent(exercised) -> None:
+    """One PNG heatmap per explanation of the answer: as many encode observations, and their exact bytes."""
+    pictures = [base64.b64decode(e["heatmap"]["data"]) for e in exercised["answer"]["explanations"]]
+    labels = {"ModelName": BATCH_MODEL, "Format": "png"}
+    count_delta = histogram(exercised["samples"], ENCODE_MILLISECONDS, **labels)[2] - histogram(
+        exercised["before"], ENCODE_MILLISECONDS, **labels)[2]  # fmt: skip
+
+    def sent(samples) -> float:
+        return sum(v for n, l, v in samples if n == "HeatmapBytes" and all(l.get(k) == x for k, x in labels.items()))
+
+    assert count_delta == len(pictures) >= 1
+    assert sent(exercised["samples"]) - sent(exercised["before"]) == sum(map(len, pictures))
 
 
 def test_dashboard_queries_only_metrics_the_server_emits(exercised) -> None:
