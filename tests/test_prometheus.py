@@ -72,9 +72,11 @@ def histogram(samples, name: str, **labels: str) -> tuple[list[tuple[float, floa
     def mine(sample_labels: dict[str, str]) -> bool:
         return all(sample_labels.get(k) == v for k, v in labels.items())
 
-    buckets = sorted((float(l["le"].replace("+Inf", "inf")), v) for n, l, v in samples if n == f"{name}_bucket" and mine(l))
-    total = sum(v for n, l, v in samples if n == f"{name}_sum" and mine(l))
-    count = sum(v for n, l, v in samples if n == f"{name}_count" and mine(l))
+    buckets = sorted(
+        (float(tags["le"].replace("+Inf", "inf")), v) for n, tags, v in samples if n == f"{name}_bucket" and mine(tags)
+    )
+    total = sum(v for n, tags, v in samples if n == f"{name}_sum" and mine(tags))
+    count = sum(v for n, tags, v in samples if n == f"{name}_count" and mine(tags))
     return buckets, total, count
 
 
@@ -97,10 +99,9 @@ def test_promql_name_extraction() -> None:
 
 def test_backend_metric_lines_declare_histograms_in_the_documented_units(caplog) -> None:
     """TorchServe's own backend metric cache, fed by our metric classes: the log lines its frontend parses."""
+    import ts
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.metrics.metric_type_enum import MetricTypes
-
-    import ts
 
     cache = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
     context = type("Context", (), {"metrics": cache})()
@@ -222,7 +223,7 @@ def test_encode_histogram_and_heatmap_bytes_count_the_pictures_sent(exercised) -
         exercised["before"], ENCODE_MILLISECONDS, **labels)[2]  # fmt: skip
 
     def sent(samples) -> float:
-        return sum(v for n, l, v in samples if n == "HeatmapBytes" and all(l.get(k) == x for k, x in labels.items()))
+        return sum(v for n, tags, v in samples if n == "HeatmapBytes" and all(tags.get(k) == x for k, x in labels.items()))
 
     assert count_delta == len(pictures) >= 1
     assert sent(exercised["samples"]) - sent(exercised["before"]) == sum(map(len, pictures))
