@@ -196,6 +196,13 @@ def concept_files(value: Any, key: str) -> tuple[tuple[str, tuple[str, ...]], ..
     return tuple(parsed)
 
 
+def faithfulness_mode(value: Any, key: str) -> str | bool:
+    """``false``, ``true`` (= ``remove_top``), ``remove_top`` or ``road``."""
+    if isinstance(value, bool):
+        return "remove_top" if value else False
+    return choice("remove_top", "road")(value, f"{key} (or true/false)")
+
+
 # --- the generic reader ----------------------------------------------------------------------------------
 
 
@@ -349,8 +356,8 @@ class AuditConfig:
 
     - ``enabled``: off by default; ``sample_rate``: the share of valid requests audited, in [0, 1].
     - ``store_heatmaps``: keep each audited heatmap as an 8-bit PNG (a file beside the database, or
-      base64 in the JSON line); ``faithfulness``: score each audited heatmap by the drop in target
-      confidence when its top 20% of pixels are removed (one extra batched forward per batch).
+      base64 in the JSON line); ``faithfulness``: the confidence drop when each audited heatmap's top 20%
+      is removed: ``remove_top``/``true`` (mean colour, one more forward) or ``road`` (imputed, ROAD).
     - ``sink``: ``sqlite`` (a WAL-mode database ``audit.sqlite3`` in ``directory``) or ``stdout``
       (one JSON line per record, for a cluster's log pipeline).
     - ``directory``: for ``sqlite``; ``~`` and ``$VARS`` are expanded and the result must be absolute.
@@ -365,7 +372,7 @@ class AuditConfig:
     enabled: bool = setting(False, boolean)
     sample_rate: float = setting(1.0, unit)
     store_heatmaps: bool = setting(True, boolean)
-    faithfulness: bool = setting(False, boolean)
+    faithfulness: str | bool = setting(False, faithfulness_mode)  # False, "remove_top" or "road"
     sink: str = setting("sqlite", choice(*AUDIT_SINKS))
     directory: str | None = setting(None, optional(text("a path")))
     store_inputs: bool = setting(False, boolean)

@@ -197,7 +197,7 @@ def test_service_pdb_and_networkpolicy_select_the_pods(rendered):
 
 def test_configmap_holds_the_container_config(rendered):
     _, _, docs = rendered
-    configmap = _one(docs, "ConfigMap")
+    configmap = _one([d for d in docs if "config.properties" in d.get("data", {})], "ConfigMap")  # not the dashboard's
     props = config_check.parse_properties(configmap["data"]["config.properties"])
     assert_secure_config(props, "ConfigMap config.properties")
     assert props == config_check.parse_properties((DOCKER / "config.properties").read_text())
@@ -360,6 +360,7 @@ def test_repo_root_config_passes_the_shared_checks():
     ("enable_envvars_config=true", "enable_envvars_config"),
     ("management_address=http://0.0.0.0:8081", "non-loopback"),
     ("metrics_mode=log", "metrics_mode"),
+    ("model_metrics_auto_detect=false", "model_metrics_auto_detect"),
 ])
 def test_checker_rejects_insecure_configs(bad, finding):
     text = (DOCKER / "config.properties").read_text() + "\n" + bad + "\n"

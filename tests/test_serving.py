@@ -182,7 +182,7 @@ def test_describe_and_metrics(server) -> None:
     assert custom["weights_source"].startswith("random-init") and custom["target_layers"] == ["bn2"]
     assert post(server, f"explanations/{BATCH_MODEL}", encode(square_image(50, 50, (5, 5, 20, 20)))).ok
     metrics = requests.get(f"{server.url('metrics')}/metrics", timeout=30).text
-    for name in ("CamMethodTime", "CamExplanations", "HeatmapBytes"):
+    for name in ("CamMethodSeconds_count", "CamExplanations", "HeatmapBytes"):
         lines = [line for line in metrics.splitlines() if line.startswith(name + "{") and BATCH_MODEL in line]
         assert lines and float(lines[0].rsplit(" ", 1)[1]) > 0, name
 

@@ -12,7 +12,8 @@ The rules (TorchServe 0.12 semantics):
   ``TS_ENABLE_MODEL_API``;
 - ``enable_envvars_config`` is not true, because with it any ``TS_*`` environment variable (for example
   ``TS_DISABLE_TOKEN_AUTHORIZATION=true`` injected into a pod) would override the file;
-- metrics are exported in Prometheus format (``metrics_mode=prometheus``);
+- metrics are exported in Prometheus format (``metrics_mode=prometheus``), the handlers' own included
+  (``model_metrics_auto_detect=true``: without it TorchServe drops metrics it was not configured with);
 - the management API is never bound to a non-loopback address (it can rotate tokens and, if someone
   enabled it, register models).
 
@@ -73,6 +74,8 @@ def check_properties(props: dict[str, str], *, require_prometheus: bool = True) 
         findings.append("enable_envvars_config=true lets TS_* environment variables override these settings")
     if require_prometheus and props.get("metrics_mode", "log") != "prometheus":
         findings.append(f"metrics_mode is {props.get('metrics_mode', 'log (default)')!r}, not 'prometheus'")
+    if require_prometheus and props.get("model_metrics_auto_detect", "false").lower() not in _TRUE:
+        findings.append("model_metrics_auto_detect is not true: the handlers' metrics would never reach /metrics")
     management = props.get("management_address")
     if management is not None and _host_of(management) not in _LOOPBACK_HOSTS:
         findings.append(f"management API bound to a non-loopback address: {management}")

@@ -6,6 +6,8 @@ For every audited request (a ``sample_rate`` share of the valid requests of a mo
 - request id (TorchServe's ``x-request-id``), UTC timestamp, model name, version and weights source;
 - SHA-256 and length of the submitted image bytes, image width and height;
 - the response's top-k results (class predictions, detections, a mask's classes, similarities);
+- the endpoint the request came to (``endpoint``: ``predictions`` or ``explanations``, from TorchServe's
+  ``explain`` header, which KServe's ``:explain`` sets too) and whether its answer carried explanations;
 - method, layers and targets of the heatmap;
 - a heatmap summary per target, computed on the heatmap mapped onto the submitted image: the peak
   position in image pixels, the share of the heatmap's mass held by its top 10% of pixels, and its
@@ -14,7 +16,11 @@ For every audited request (a ``sample_rate`` share of the valid requests of a mo
 - optionally the heatmap as an 8-bit PNG (``store_heatmaps``) and the image bytes (``store_inputs``);
 - optionally a faithfulness score (``faithfulness``): the drop in target confidence (softmax
   probability for classifiers) when the top 20% of the heatmap's pixels are removed from the model
-  input (set to 0 after normalisation, i.e. the mean colour), with the cost of that check in ms.
+  input, with the cost of that check in ms and, for class scores, the class on top afterwards
+  (``after_top``: where the probability went). ``remove_top`` (or ``true``) sets the pixels to 0 after
+  normalisation, i.e. the mean colour; ``road`` fills them by ROAD's noisy linear imputation
+  (:class:`cam_engine.metrics.ROADMostRelevantFirst` at the 80th percentile), which leaves no
+  sharp-edged hole for the model to react to, at the price of a sparse solve per heatmap on the CPU.
 
 How it runs (:class:`Auditor`, one per handler):
 

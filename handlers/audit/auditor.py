@@ -21,12 +21,13 @@ from cam_engine.core import model_scores
 from cam_engine.image import to_uint8
 from cam_engine.targets import ClassifierOutputTarget
 from handlers.config import AuditConfig
+from handlers.serving.batch import header
 from handlers.serving.preprocess import to_source
 from handlers.tasks.registry import TaskResult
 
-from .metrics import AuditMetrics
+from .metrics import FAITHFULNESS_SECONDS, OVERHEAD_SECONDS, AuditMetrics
 from .sinks import PendingRecord, SqliteSink, StdoutSink, resolve_directory
-from .summary import confidence, heatmap_summary, remove_top_pixels
+from .summary import REMOVED_FRACTION, confidence, heatmap_summary, remove_top_pixels
 from .writer import SHUTDOWN_FLUSH_S, AuditWriter
 
 __all__ = ["Auditor", "TOP_CLASS"]
@@ -98,6 +99,12 @@ class Auditor:
             sink = SqliteSink(resolve_directory(self.config.directory))
             sink.synchronous = "FULL" if self.config.durability == "strict" else "NORMAL"
         self.metrics = AuditMetrics(metrics, handler.model_name, sink.name)
+        self.road: Any = None
+        if self.config.faithfulness == "road":
+            from cam_engine.metrics import ROADMostRelevantFirst
+
+            # keeps the pixels below the 80th percentile of the CAM: imputes the same top 20% remove_top removes
+            self.road = ROADMostRelevantFirst(percentile=100 * (1 - REMOVED_FRACTION))
         self.writer = AuditWriter(sink, self.config.queue_size, handler.model_name)
         logger.info(
             "auditing %s: %.0f%% of requests to %r (heatmaps %s, faithfulness %s, inputs %s)",
@@ -144,7 +151,7 @@ class Auditor:
         finally:
             if self.config.durability == "strict" and not self.writer.flush(SHUTDOWN_FLUSH_S):
                 self._warn_once("strict", f"audit records of {self.handler.model_name} not committed in time")
-            self.metrics.gauge("AuditOverheadTime", (time.perf_counter() - started) * 1000)
+            self.metrics.observe(OVERHEAD_SECONDS, (time.perf_counter() - started) * 1000)
             self.metrics.publish(self.writer.counters())
 
     def _record(
@@ -173,9 +180,11 @@ class Auditor:
             top = result.top
             subjects = result.subjects
             meta = handler.explanation_meta(request)
+            request_index = getattr(request, "request_index", request.index)
+            explain_header = header(context, request_index, "explain")
             fields: dict[str, Any] = {
                 "record_id": uuid.uuid4().hex,
-                "request_id": _request_id(context, getattr(request, "request_index", request.index)),
+                "request_id": _request_id(context, request_index),
                 "timestamp": stamp,
                 "epoch": epoch,
                 "model": handler.model_name,
@@ -184,6 +193,9 @@ class Auditor:
                 "image_width": int(request.image.shape[-1]),
                 "image_height": int(request.image.shape[-2]),
                 "explained": bool(request.explain),
+                # the endpoint: TorchServe sets the explain header for /explanations and KServe's :explain
+                "endpoint": None if explain_header is None else
+                ("explanations" if str(explain_header).lower() == "true" else "predictions"),
                 "predictions": predictions,
                 "top_index": top.get("index"),
                 "top_label": top.get("label"),
@@ -243,35 +255,62 @@ class Auditor:
         self, batch: torch.Tensor, scores: Any, pairs: list[_Pair], records: list[PendingRecord]
     ) -> None:
         """One extra forward pass for every audited (image, target): confidence before and after
-        removing the top 20% of its heatmap. Its cost (ms) goes into each record of the batch."""
+        removing the top 20% of its heatmap (``remove_top``: set to the mean colour; ``road``: imputed by
+        ROAD's noisy linear imputation, one sparse solve per heatmap on the CPU). Its cost (ms, for the
+        whole batch) goes into each record of the batch; where the scores are class scores, the class on
+        top once the pixels are removed (``after_top``) and the record's predicted classes before and after
+        (``shifts``) go with it: where the probability went."""
         started = time.perf_counter()
         try:
             rows = torch.tensor([p.row for p in pairs], device=batch.device)
             cam_stack = torch.stack([p.cam.to(batch.device) for p in pairs])
-            perturbed = remove_top_pixels(batch[rows], cam_stack)
+            if self.road is not None:
+                perturbed = self.road.perturb(batch[rows], cam_stack)
+            else:
+                perturbed = remove_top_pixels(batch[rows], cam_stack)
             with torch.inference_mode():
                 perturbed_scores = model_scores(self.handler.model(perturbed))
             results = []
             for position, pair in enumerate(pairs):
                 before, basis = confidence(scores, pair.row, pair.target)
                 after, _ = confidence(perturbed_scores, position, pair.target)
-                results.append((before, after, basis))
+                moved = self._after_top(scores, perturbed_scores, pair.row, position, records[pair.record])
+                results.append((before, after, basis, moved))
             if batch.device.type == "cuda":
                 torch.cuda.synchronize(batch.device)
         except Exception as error:  # noqa: BLE001 - a task whose outputs do not fit: no score, no failure
             self._warn_once("faithfulness", f"faithfulness check skipped for {self.handler.model_name}: {error!r}")
             return
         cost = (time.perf_counter() - started) * 1000
-        for pair, (before, after, basis) in zip(pairs, results):
+        for pair, (before, after, basis, after_top) in zip(pairs, results):
             pair.info["faithfulness"] = {
                 "before": round(before, 6), "after": round(after, 6), "drop": round(before - after, 6), "basis": basis,
+                "perturbation": self.config.faithfulness, **(after_top or {}),
             }  # fmt: skip
         for record in records:
             explanations = record.fields["explanations"]
             if explanations and "faithfulness" in explanations[0]:
                 record.fields["faithfulness"] = explanations[0]["faithfulness"]["drop"]
                 record.fields["faithfulness_ms"] = round(cost, 3)
-        self.metrics.gauge("AuditFaithfulnessTime", cost)
+        self.metrics.observe(FAITHFULNESS_SECONDS, cost)
+
+    def _after_top(self, scores: Any, perturbed: Any, row: int, position: int, record: PendingRecord) -> dict[str, Any]:
+        """For [B, C] class scores: ``after_top`` (``{"index", "label", "score"}``, the top class once
+        perturbed) and ``shifts`` (``[{"index", "label", "before", "after"}]``, softmax, for the record's
+        predicted classes). Empty for other outputs."""
+        if not isinstance(perturbed, torch.Tensor) or perturbed.ndim != 2 or not isinstance(scores, torch.Tensor):
+            return {}
+        before, after = torch.softmax(scores[row].float(), dim=-1), torch.softmax(perturbed[position].float(), dim=-1)
+        labels = self.handler.labels
+        index = int(after.argmax())
+        top = {"index": index, "label": labels[index] if 0 <= index < len(labels) else None, "score": round(float(after[index]), 6)}
+        shifts = [
+            {"index": p["index"], "label": p.get("label"), "before": round(float(before[p["index"]]), 6),
+             "after": round(float(after[p["index"]]), 6)}
+            for p in record.fields["predictions"] if isinstance(p, Mapping) and isinstance(p.get("index"), int)
+            and 0 <= p["index"] < after.shape[0]
+        ]  # fmt: skip
+        return {"after_top": top, "shifts": shifts}
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

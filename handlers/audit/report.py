@@ -29,7 +29,7 @@ from cam_engine.image import colorize, overlay
 
 from .sinks import JSON_COLUMNS
 
-__all__ = ["load_records", "render_report", "parse_since"]
+__all__ = ["load_records", "render_report", "parse_since", "model_counts", "endpoint_of", "READING_FAITHFULNESS"]
 
 
 def parse_since(value: str | None, now: float | None = None) -> float:
@@ -91,6 +91,26 @@ def load_records(
         records.sort(key=lambda r: r.get("epoch", 0), reverse=True)
         records = records[:limit]
     return records
+
+
+def model_counts(db: Path | None = None, jsonl: Path | None = None) -> dict[str, int]:
+    """``{model: number of records}`` over the whole database or log (any age)."""
+    counts: Counter[str] = Counter()
+    if db is not None:
+        connection = sqlite3.connect(f"file:{Path(db)}?mode=ro", uri=True, timeout=30)
+        try:
+            counts.update(dict(connection.execute("SELECT model, COUNT(*) FROM audit_records GROUP BY model")))
+        finally:
+            connection.close()
+    if jsonl is not None:
+        for line in Path(jsonl).read_text(errors="replace").splitlines():
+            start = line.find('{"type":"cam_audit_record"')
+            if start >= 0:
+                try:
+                    counts[str(json.loads(line[start:]).get("model"))] += 1
+                except ValueError:
+                    continue
+    return dict(counts)
 
 
 def _data_uri(png: bytes) -> str:
@@ -266,6 +286,52 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
+READING_FAITHFULNESS = (
+    "How to read faithfulness: the drop in the target's confidence (softmax probability for classifiers) "
+    "when the hottest 20% of the heatmap's pixels are removed from the model input, before minus after, "
+    "in [-1, 1]. remove_top sets those pixels to the mean colour; road (ROAD, Rong et al. 2022) fills them "
+    "by noisy linear imputation from their neighbours, so that the model sees no sharp-edged hole (the shape "
+    "of a mask alone can move a prediction). Large and positive: the model needed what the heatmap points at. "
+    "Near 0: it did not need it (or found the same evidence elsewhere). Negative: the target gained "
+    "probability. Softmax probabilities are shares: with fine-grained classes (Egyptian cat, tabby, tiger cat) "
+    "masking the part that tells siblings apart moves probability among the siblings, and the target can gain "
+    "as a sibling loses more; the cell names the top class once masked and the predicted class that moved most "
+    "(on skimage's cat photo: Egyptian cat 0.54\u21920.60 as tiger cat fell 0.20\u21920.14). One negative record does not prove a "
+    "wrong map; a median near or below 0 over many records of one class and method is a reason to look. "
+    "Compare scores of one model, method and perturbation: remove_top and road are on different scales."
+)
+CONCENTRATION_TITLE = ("share of the heatmap's mass in its hottest 10% of pixels: 0.10 = spread evenly over the "
+                       "image, 1 = all of it there")  # fmt: skip
+
+
+def endpoint_of(record: Mapping[str, Any]) -> str:
+    """``/predictions`` or ``/explanations``: the endpoint the audited request came to (KServe ``:explain``
+    and v2 ``/explain`` count as explanations); records written before the field existed say whether
+    the answer carried explanations instead."""
+    endpoint = record.get("endpoint")
+    if endpoint:
+        return f"/{endpoint}"
+    return ("/explanations" if record.get("explained") else "/predictions") + " (inferred)"
+
+
+def _faithfulness_cell(record: Mapping[str, Any]) -> str:
+    value = record.get("faithfulness")
+    if not isinstance(value, (int, float)):
+        return _fmt(None)
+    explanations = record.get("explanations") or []
+    details = explanations[0].get("faithfulness", {}) if explanations and isinstance(explanations[0], Mapping) else {}
+    notes = [str(details.get("perturbation", "remove_top"))]
+    after = details.get("after_top")
+    if isinstance(after, Mapping) and after.get("label") is not None:
+        notes.append(f"after: {after['label']} {after.get('score', 0):.2f}")
+    target = explanations[0].get("target")
+    others = [s for s in details.get("shifts") or [] if isinstance(s, Mapping) and s.get("index") != target]
+    if others:  # the predicted class other than the target that moved most: where the probability went
+        moved = max(others, key=lambda s: abs(s["after"] - s["before"]))
+        notes.append(f"{moved.get('label') or moved['index']} {moved['before']:.2f}\u2192{moved['after']:.2f}")
+    return f'{_fmt(float(value))}<br><span class="muted">{html.escape(" · ".join(notes))}</span>'
+
+
 def render_report(records: Sequence[Mapping[str, Any]], root: Path | None, title: str = "Prediction audit") -> str:
     """A self-contained HTML page (no external asset: thumbnails are data URIs, plots inline SVG).
 
@@ -299,12 +365,11 @@ def render_report(records: Sequence[Mapping[str, Any]], root: Path | None, title
             f'<tr class="record" data-label="{html.escape(record.get("top_label") or "", quote=True)}" '
             f'data-score="{"" if score is None else score}">'
             f"<td>{image}</td><td>{_fmt(record.get('timestamp'))}<br><code>{_fmt(record.get('request_id'))}</code></td>"
-            f"<td>{_fmt(record.get('model'))} {_fmt(record.get('version'))}</td>"
+            f"<td>{_fmt(record.get('model'))} {_fmt(record.get('version'))}</td><td>{html.escape(endpoint_of(record))}</td>"
             f"<td>{_fmt(record.get('top_label'))}</td><td class=\"num\">{_fmt(score)}</td>"
             f"<td>{_fmt(record.get('method'))}<br><span class=\"muted\">{_fmt(', '.join(record.get('layers') or []))}</span></td>"
             f"<td>{html.escape(targets) or _fmt(None)}</td><td>{_fmt(peak)}</td>"
-            f"<td class=\"num\">{_fmt(record.get('top10_mass'))}</td><td class=\"num\">{_fmt(record.get('entropy'))}</td>"
-            f"<td class=\"num\">{_fmt(record.get('faithfulness'))}</td>"
+            f"<td class=\"num\">{_fmt(record.get('top10_mass'))}</td><td class=\"num\">{_faithfulness_cell(record)}</td>"
             f"<td>{record.get('image_width')}x{record.get('image_height')}<br><code title=\"{_fmt(record.get('input_sha256'))}\">"
             f"{_fmt((record.get('input_sha256') or '')[:12])}</code></td></tr>"
         )
@@ -318,14 +383,21 @@ def render_report(records: Sequence[Mapping[str, Any]], root: Path | None, title
 <h2>Over time</h2>
 <figure>{_mix_svg(ordered)}<figcaption>Prediction mix: top-1 class of the audited requests per time bucket</figcaption></figure>
 <figure>{_faithfulness_svg(ordered)}<figcaption>Faithfulness: drop in target confidence when the top 20% of the heatmap is removed</figcaption></figure>
+<p id="reading-faithfulness" style="max-width:960px;font-size:13px">{html.escape(READING_FAITHFULNESS)}</p>
+<p id="reading-concentration" style="max-width:960px;font-size:13px">Top-10% mass: {html.escape(CONCENTRATION_TITLE)}.
+It replaces the normalised entropy of earlier reports, which measures the same spread but sits at 0.93-0.99 for
+any smooth map of a photo (the log of ~10<sup>5</sup> pixels swamps it): a Gaussian blob a fifth of the image
+high reads 0.46 here and 0.93 in entropy, one twice as wide 0.19 and 0.99. A concentrated map can still point at
+the wrong thing: faithfulness says that.</p>
 <h2>Records</h2>
 <div class="filters">
 <label>class <select id="class-filter"><option value="">all classes</option>{options}</select></label>
 <label>confidence from <input id="min-confidence" type="number" min="0" max="1" step="0.05" value="0"></label>
 <label>to <input id="max-confidence" type="number" min="0" max="1" step="0.05" value="1"></label>
 <span id="shown-count"></span></div>
-<table id="records"><thead><tr><th>overlay</th><th>time (UTC) / request id</th><th>model</th><th>top-1</th><th>score</th>
-<th>method / layers</th><th>targets</th><th>peak (x, y)</th><th>top-10% mass</th><th>entropy</th><th>faithfulness</th>
+<table id="records"><thead><tr><th>overlay</th><th>time (UTC) / request id</th><th>model</th><th>endpoint</th><th>top-1</th><th>score</th>
+<th>method / layers</th><th>targets</th><th>peak (x, y)</th><th title="{html.escape(CONCENTRATION_TITLE, quote=True)}">top-10% mass</th>
+<th title="drop in target confidence, hottest 20% removed (see above)">faithfulness</th>
 <th>image / sha256</th></tr></thead>
 <tbody>{"".join(rows)}</tbody></table>
 <script>{REPORT_SCRIPT}</script>

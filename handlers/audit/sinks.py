@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS audit_records (
     image_width INTEGER,
     image_height INTEGER,
     explained INTEGER,
+    endpoint TEXT,
     predictions TEXT,
     top_index INTEGER,
     top_label TEXT,
@@ -85,11 +86,20 @@ CREATE INDEX IF NOT EXISTS audit_records_request ON audit_records (request_id);
 """
 COLUMNS = (
     "record_id", "request_id", "timestamp", "epoch", "model", "version", "weights", "input_sha256",
-    "input_bytes", "image_width", "image_height", "explained", "predictions", "top_index", "top_label",
+    "input_bytes", "image_width", "image_height", "explained", "endpoint", "predictions", "top_index", "top_label",
     "top_score", "method", "layers", "targets", "peak_x", "peak_y", "top10_mass", "entropy",
     "faithfulness", "faithfulness_ms", "heatmap_path", "input_path", "explanations", "batch_size", "worker_pid",
 )  # fmt: skip
 JSON_COLUMNS = ("predictions", "layers", "targets", "explanations")
+
+
+def _add_missing_columns(connection: sqlite3.Connection) -> None:
+    """Columns added to :data:`SCHEMA` since a database was created (``endpoint``) are added to it."""
+    existing = {row[1] for row in connection.execute("PRAGMA table_info(audit_records)")}
+    declared = dict(re.findall(r"^\s+(\w+) (\w+)", SCHEMA.split("CREATE INDEX")[0], re.MULTILINE))
+    for column in COLUMNS:
+        if column not in existing:
+            connection.execute(f"ALTER TABLE audit_records ADD COLUMN {column} {declared[column]}")
 
 
 @dataclass
@@ -140,6 +150,7 @@ class SqliteSink:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(f"PRAGMA synchronous={getattr(self, 'synchronous', 'NORMAL')}")  # FULL: strict
             connection.executescript(SCHEMA)
+            _add_missing_columns(connection)
         except sqlite3.Error:
             connection.close()
             raise

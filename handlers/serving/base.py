@@ -402,10 +402,9 @@ class CamHandler:
             for target_row, kind, shape, piece in entries:
                 array = host[offsets[piece] : offsets[piece + 1]].reshape(shape)
                 if kind == "heatmap":
-                    data, fmt = encode_png(array), "png"
+                    data, fmt = self._metrics.encoded("png", encode_png, array), "png"
                 else:
-                    data, fmt = encode_jpeg(array, quality), "jpeg"
-                self._metrics.heatmap(fmt, len(data))
+                    data, fmt = self._metrics.encoded("jpeg", encode_jpeg, array, quality), "jpeg"
                 entry = {"format": fmt, "width": int(shape[1]), "height": int(shape[0])}
                 if tuple(shape[:2]) != tuple(request.image.shape[-2:]):  # capped by max_heatmap_pixels
                     entry["scaled_from"] = {"width": int(request.image.shape[-1]), "height": int(request.image.shape[-2])}
