@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from inputs import encode, square_image
 from test_audit import REPO, call, make_handler, rows
 
 from cam_engine.metrics import ROADMostRelevantFirst
@@ -26,6 +25,7 @@ from handlers.audit.sinks import COLUMNS, SqliteSink
 from handlers.config import ConfigError, HandlerConfig
 from handlers.serving.base import decode_image
 from handlers.serving.preprocess import preprocess
+from tests.helpers.inputs import encode, square_image
 
 BASE = {"architecture": "resnet18", "target_layers": ["layer4"], "num_classes": 3}
 

@@ -249,7 +249,7 @@ def test_make_loadtest_prints_the_report_path_on_an_slo_breach_and_fails(server,
 def test_embedding_model_without_a_concept_stops_at_once_with_the_reason(server, tmp_path: Path) -> None:
     """No --request-options for an embedding model: the first warm-up answer is wrong, so the run stops
     before it starts (no user spawned, no CSV), saying what the server said and what to pass."""
-    from serving import EMBEDDING_MODEL
+    from tests.helpers.serving import EMBEDDING_MODEL
 
     started = time.monotonic()
     done = _make_loadtest(server, tmp_path, "max_failure_ratio: 0.0\n", MODEL=EMBEDDING_MODEL, RUN_TIME="60s")

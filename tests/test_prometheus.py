@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from inputs import encode, square_image
-from serving import AUDIT_FULL, BATCH_MODEL
 
 from handlers.audit.metrics import FAITHFULNESS_SECONDS, OVERHEAD_SECONDS, AuditMetrics
 from handlers.serving.metrics import CAM_SECONDS, ENCODE_MILLISECONDS, CamMetrics
+from tests.helpers.inputs import encode, square_image
+from tests.helpers.serving import AUDIT_FULL, BATCH_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "torchserve-cam.json"
