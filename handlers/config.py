@@ -35,6 +35,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from cam_engine.image import COLORMAPS
+
 __all__ = [
     "ConfigError",
     "PreprocessingConfig",
@@ -320,6 +322,9 @@ class ExplanationConfig:
     - ``explain_on_predict``: whether /predictions explains without being asked.
     - ``overlay_quality``: JPEG quality of overlays (heatmaps are 8-bit grayscale PNGs).
     - ``aug_smooth``/``eigen_smooth``: whether requests may turn these options on.
+    - ``overlay_colormap`` (an OpenCV name: jet, viridis, inferno, turbo, ...) and ``overlay_alpha`` (the
+      colour map's weight in [0, 1]): request defaults for overlays.
+    - ``attributions``: Captum method defaults and limits (:mod:`handlers.serving.attributions`).
     """
 
     target_layers: tuple[str, ...] = setting((), names("dotted layer paths"))
@@ -331,6 +336,9 @@ class ExplanationConfig:
     overlay_quality: int = setting(85, integer(1, 100))
     aug_smooth: bool = setting(False, boolean)
     eigen_smooth: bool = setting(True, boolean)
+    overlay_colormap: str = setting("jet", choice(*COLORMAPS))
+    overlay_alpha: float = setting(0.5, unit)
+    attributions: tuple[tuple[str, Any], ...] = setting((), keyword_arguments)
 
     def finish(self, where: str, data: Mapping[str, Any]) -> ExplanationConfig:
         if not self.target_layers:
