@@ -100,6 +100,37 @@ def test_each_method_equals_captum_called_directly(handler, method) -> None:
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
+class SkipNet(torch.nn.Module):
+    """conv -> relu -> conv, plus a skip connection around the second conv, -> tanh -> pool -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.first(x))
+        return self.head(torch.tanh(torch.relu(self.second(h)) + h).mean(dim=(2, 3)))
+
+
+def test_layer_ig_runs_the_tail_only_where_that_equals_captums_class(handler) -> None:
+    assert handler.cams["layer_integrated_gradients"].truncated  # layer4.-1 -> avgpool -> fc: the only path
+    torch.manual_seed(0)
+    model = SkipNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    preprocessing = SimpleNamespace(input_size=(16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    for layer, truncated in ((model.first, True), (model.second, False)):  # the skip bypasses second
+        method = attributions.CaptumMethod("layer_integrated_gradients", model, layer,
+                                           attributions.AttributionConfig(n_steps=4), preprocessing)
+        assert method.truncated is truncated
+        result = method.run(x, [[SimpleNamespace(category=3)], [SimpleNamespace(category=1)]])
+        base = attributions.make_baselines("black", x, preprocessing.mean, preprocessing.std)
+        a = attr.LayerIntegratedGradients(model, layer).attribute(x, baselines=base, target=[3, 1], n_steps=4, internal_batch_size=16)
+        expected = a.sum(1)
+        assert float(expected.abs().max()) > 0
+        torch.testing.assert_close(result.raw, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
 def test_png_is_the_positive_part_over_its_maximum_and_the_top_class_is_the_default(handler) -> None:
     body = {"image": b64(encode(PHOTO)), "method": "integrated_gradients"}
     [(status, png)], [(_, raw)] = call(handler, body), call(handler, {**body, "heatmap_format": "npy"})

@@ -14,6 +14,11 @@ rows, signed), ``pairs`` and ``outputs``.
   grid (``layer_integrated_gradients`` at the configured target layer). The PNG (``cams``) shows the
   positive part (evidence for the class) divided by its maximum per map; the signed values come back
   with ``heatmap_format: float16`` or ``npy``.
+- Layer IG cost: Captum's ``LayerIntegratedGradients`` re-runs the whole network for each of its
+  ``n_steps``. Where the target layer's output is the only path to the logits (checked once at load
+  against Captum's class), Captum's ``IntegratedGradients`` runs over the layer's activations instead:
+  the same integral for two passes up to the layer plus ``n_steps`` passes of the layers after it.
+  With ``noise_tunnel``, or where the check fails, Captum's class serves.
 - Request options (bounded by ``handler.attributions``, :class:`AttributionConfig`): ``n_steps``,
   ``baselines`` (``black``, ``blur``, ``uniform``), ``internal_batch_size``, ``window``/``stride``
   (occlusion), ``noise_tunnel`` (true: SmoothGrad with ``nt_samples`` noisy copies of standard
@@ -26,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import logging
 import warnings
 
 import torch
@@ -50,6 +56,8 @@ __all__ = [
     "parse_options",
     "make_baselines",
 ]
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("integrated_gradients", "layer_integrated_gradients", "occlusion", "guided_gradcam")
 OPTIONS = ("n_steps", "baselines", "internal_batch_size", "window", "stride", "noise_tunnel", "nt_samples")
@@ -142,6 +150,10 @@ def windows(size: tuple[int, int], window: int, stride: int) -> int:
     return ((size[0] - window) // stride + 1) * ((size[1] - window) // stride + 1)
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass at the target layer."""
+
+
 class _Scores(nn.Module):
     """The model with its logits as the output (Captum's forward function and GuidedGradCam's module)."""
 
@@ -192,6 +204,71 @@ class CaptumMethod:
             "guided_gradcam": lambda: attr.GuidedGradCam(self.scores, layer),
         }[name]()
         self.noise_tunnel = attr.NoiseTunnel(self.algorithm)
+        self._head_input: torch.Tensor | None = None
+        self.tail_ig = attr.IntegratedGradients(self._tail) if name == "layer_integrated_gradients" else None
+        self.truncated = False
+        if self.tail_ig is not None:
+            self.truncated = self._truncation_agrees()
+
+    # ------------------------------------------------------------------ layer IG on the tail only
+    def _activations(self, x: torch.Tensor) -> torch.Tensor:
+        """The target layer's output for ``x`` (the forward stops there)."""
+        found: list[torch.Tensor] = []
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            found.append(output)
+            raise _Stop
+
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                self.scores(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if not found or not isinstance(found[0], torch.Tensor):
+            raise TypeError("the target layer does not output one tensor")
+        return found[0]
+
+    def _tail(self, scaled: torch.Tensor) -> torch.Tensor:
+        """The logits with the target layer's output replaced by ``scaled`` ``[M, ...]``: the layers before it
+        run on one image only (their output is discarded), the layers after it on the ``M`` rows."""
+        handle = self.layer.register_forward_hook(lambda module, args, output: scaled)
+        try:
+            return self.scores(self._head_input)
+        finally:
+            handle.remove()
+
+    def _layer_ig(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Captum's IntegratedGradients over the target layer's activations, from those of the baselines to
+        those of ``x``: the same integral as Captum's LayerIntegratedGradients, which re-runs the whole
+        network for every step, at the cost of two passes to the layer and ``n_steps`` tail passes."""
+        baselines = kwargs.pop("baselines")
+        self._head_input = x[:1]
+        try:
+            return self.tail_ig.attribute(self._activations(x), baselines=self._activations(baselines), **kwargs)
+        finally:
+            self._head_input = None
+
+    def _truncation_agrees(self) -> bool:
+        """Whether the tail-only layer IG equals Captum's LayerIntegratedGradients on this model (not when a
+        skip connection bypasses the target layer): checked once on two random images."""
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        device = next(self.scores.parameters()).device
+        x = torch.randn((2, 3, *self.input_size), generator=generator).to(device)
+        with torch.no_grad():
+            classes = self.scores(x).argmax(dim=1)
+        kwargs = {"target": classes, "n_steps": 2, "baselines": torch.zeros_like(x)}
+        try:
+            expected = self.algorithm.attribute(x, **kwargs).detach()
+            got = self._layer_ig(x, dict(kwargs)).detach()
+        except Exception as error:  # noqa: BLE001 - Captum's own class then serves
+            logger.info("layer IG at full passes (tail-only failed: %s: %s)", type(error).__name__, error)
+            return False
+        agrees = got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-3, atol=1e-5 * float(expected.abs().max()))
+        logger.info("layer IG: %s", "tail passes only" if agrees else "full passes (tail-only differs on this model)")
+        return agrees
 
     def defaults(self) -> AttributionOptions:
         """The options a request gets when it gives none."""
@@ -238,6 +315,8 @@ class CaptumMethod:
         return summed
 
     def _attribute(self, x: torch.Tensor, options: AttributionOptions, kwargs: dict[str, Any]) -> torch.Tensor:
+        if self.truncated and not options.noise_tunnel:
+            return self._layer_ig(x, kwargs)
         if options.noise_tunnel:
             return self.noise_tunnel.attribute(
                 x, nt_type="smoothgrad", nt_samples=options.nt_samples, stdevs=self.config.nt_stdev,
