@@ -7,7 +7,8 @@
    (bench/bench_serving.py's setup). The 224x224 PNG of skimage's chelsea, interleaved rounds, median
    latency per endpoint: ours ``integrated_gradients`` (n_steps 15, black baseline, PNG heatmap) against
    stock ``/explanations`` (Captum IG, n_steps 15, a zero baseline, a 3x224x224 float list), plus ours
-   ``/predictions``, layer IG, occlusion (16/8) and the ``float16`` answer, with response sizes.
+   ``/predictions``, layer IG, occlusion (window 32, stride 16: 169 patches) and the ``float16`` answer,
+   with response sizes.
 2. In-process, the same model on this process's threads: each method's time over one forward pass
    (median of ``--rounds``), and what layer IG at ``bn2`` would cost if only the layers after ``bn2``
    (the tail) ran ``n_steps`` times: Captum's LayerIntegratedGradients runs the whole network per step.
@@ -46,7 +47,7 @@ CASES = [  # (name, endpoint, model, JSON options or None for the raw PNG body)
     ("ours integrated_gradients float16", "explanations", MODEL,
      {"method": "integrated_gradients", "n_steps": N_STEPS, "heatmap_format": "float16", "heatmap_size": "input"}),
     ("ours layer_integrated_gradients", "explanations", MODEL, {"method": "layer_integrated_gradients", "n_steps": N_STEPS}),
-    ("ours occlusion 16/8", "explanations", MODEL, {"method": "occlusion", "window": 16, "stride": 8}),
+    ("ours occlusion 32/16", "explanations", MODEL, {"method": "occlusion", "window": 32, "stride": 16}),
     ("stock /predictions", "predictions", STOCK, None),
     ("stock /explanations (IG)", "explanations", STOCK, None),
 ]
@@ -111,7 +112,7 @@ def in_process(rounds: int) -> dict[str, float]:
     cases = {
         "integrated_gradients": {"n_steps": N_STEPS},
         "layer_integrated_gradients": {"n_steps": N_STEPS},
-        "occlusion": {"window": 16, "stride": 8},
+        "occlusion": {"window": 32, "stride": 16},
         "guided_gradcam": {},
     }
     target = [[TopClassTarget()]]
@@ -138,6 +139,9 @@ def in_process(rounds: int) -> dict[str, float]:
             options.get("window", limits.window), options.get("stride", limits.stride), False, 1,
         )
         results[name] = timed(lambda: method.run(x, target, options=chosen))
+        if name == "layer_integrated_gradients":  # Captum's own class: the whole network per step
+            method.truncated = False
+            results[f"{name} (Captum's LayerIntegratedGradients, full passes)"] = timed(lambda: method.run(x, target, options=chosen))
     return results
 
 
