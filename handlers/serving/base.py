@@ -376,7 +376,7 @@ class CamHandler:
         self, requests: list[ParsedRequest], cams: list[torch.Tensor | None]
     ) -> list[list[dict[str, Any]] | None]:
         """Per request, its heatmaps/overlays (or raw maps) encoded (:func:`handlers.serving.render.encode_explanations`)."""
-        return render.encode_explanations(self, requests, cams)
+        return render.encode_explanations(self, requests, cams, self._metrics)
 
     def explanation_meta(self, request: ParsedRequest) -> dict[str, Any]:
         """Fields every explanation of ``request`` carries: method and layers."""

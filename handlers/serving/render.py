@@ -76,8 +76,11 @@ def parse_render_options(options: Mapping[str, Any], explanation: Any) -> Render
     )
 
 
-def encode_explanations(handler: Any, requests: list[Any], cams: list[torch.Tensor | None]) -> list[list[dict[str, Any]] | None]:
-    """Per request, its heatmaps/overlays (or raw maps) mapped onto the submitted image and encoded.
+def encode_explanations(
+    handler: Any, requests: list[Any], cams: list[torch.Tensor | None], metrics: Any
+) -> list[list[dict[str, Any]] | None]:
+    """Per request, its heatmaps/overlays (or raw maps) mapped onto the submitted image and encoded
+    (``metrics.heatmap(format, bytes)`` counts each).
 
     ``cams[i]``: request i's maps ``[T, H, W]`` in [0, 1] at the input grid (None: not explained); a
     request's ``raw_cams`` (same shape, raw values) feed the ``float16``/``npy`` formats. All pictures of
@@ -127,7 +130,7 @@ def encode_explanations(handler: Any, requests: list[Any], cams: list[torch.Tens
                 data, fmt = encode_png(chunk.reshape(shape)), "png"
             else:
                 data, fmt = encode_jpeg(chunk.reshape(shape), quality), "jpeg"
-            handler._metrics.heatmap(fmt, len(data))
+            metrics.heatmap(fmt, len(data))
             entry = {"format": fmt, "width": int(shape[1]), "height": int(shape[0]), **extra}
             if kind == "heatmap" and render.heatmap_size == "input" and render.heatmap_format != "png":
                 entry["grid"] = "input"
