@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import os
 import statistics
 import sys
@@ -138,10 +137,10 @@ def in_process(rounds: int) -> dict[str, float]:
             options.get("n_steps", limits.n_steps), "black", limits.internal_batch_size,
             options.get("window", limits.window), options.get("stride", limits.stride), False, 1,
         )
-        results[name] = timed(lambda: method.run(x, target, options=chosen))
+        results[name] = timed(lambda m=method, o=chosen: m.run(x, target, options=o))
         if name == "layer_integrated_gradients":  # Captum's own class: the whole network per step
             method.truncated = False
-            results[f"{name} (Captum's LayerIntegratedGradients, full passes)"] = timed(lambda: method.run(x, target, options=chosen))
+            results[f"{name} (Captum's LayerIntegratedGradients, full passes)"] = timed(lambda m=method, o=chosen: m.run(x, target, options=o))
     return results
 
 

@@ -7,7 +7,7 @@ tensor's device, so a server copies only the final uint8 image to the host.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -80,7 +80,7 @@ def colormap_id(colormap: str | int) -> int:
     raise ValueError(f"colormap must be one of {', '.join(COLORMAPS)} (or its cv2.COLORMAP_* id), got {colormap!r}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _table(colormap: int) -> torch.Tensor:
     import cv2  # only for colour maps other than jet
 

@@ -226,8 +226,8 @@ def test_only_classifier_configs_may_list_captum_methods() -> None:
 def test_integrated_gradients_through_torchserve_equals_captum_on_lite0(server) -> None:
     from skimage import data
 
-    from handlers.models import architectures
     from handlers.config import PreprocessingConfig
+    from handlers.models import architectures
     from model_store.build import imagenet_labels, load_weights
 
     photo = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224), Image.BILINEAR))

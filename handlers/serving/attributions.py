@@ -27,12 +27,11 @@ rows, signed), ``pairs`` and ``outputs``.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-
-import logging
-import warnings
 
 import torch
 from torch import nn
