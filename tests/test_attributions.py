@@ -222,6 +222,14 @@ def test_only_classifier_configs_may_list_captum_methods() -> None:
         attributions.build(SimpleNamespace(config=config, model=None), "integrated_gradients", [torch.nn.Identity()])
 
 
+def test_attribution_limits_are_checked_even_without_captum_methods(tmp_path) -> None:
+    config = {"handler": {"architecture": "resnet18", "labels": LABELS, "target_layers": ["layer4.-1"],
+                          "preprocessing": {"input_size": [64, 64]}, "methods": ["gradcam"], "attributions": {"n_step": 3}}}
+    (tmp_path / "model-config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="handler.attributions.n_step: unknown key; did you mean 'n_steps'"):
+        ClassifierHandler().initialize(FakeContext(tmp_path, "typo"))
+
+
 # ---------------------------------------------------------------------------------------------- real server
 def test_ig_and_layer_ig_through_torchserve_equal_captum_on_lite0(server) -> None:
     from skimage import data

@@ -52,6 +52,7 @@ __all__ = [
     "is_attribution",
     "method_name",
     "build",
+    "read_limits",
     "parse_options",
     "make_baselines",
 ]
@@ -360,8 +361,12 @@ def build(handler: Any, name: str, layers: list[nn.Module]) -> CaptumMethod:
         )
     if name in ("layer_integrated_gradients", "guided_gradcam") and len(layers) != 1:
         raise ConfigError(f"handler.target_layers: {name} explains one layer, {len(layers)} are configured")
-    limits = read_section(AttributionConfig, dict(config.explanation.attributions), "handler.attributions")
-    return CaptumMethod(name, handler.model, layers[0], limits, config.preprocessing)
+    return CaptumMethod(name, handler.model, layers[0], read_limits(config), config.preprocessing)
+
+
+def read_limits(config: Any) -> AttributionConfig:
+    """The validated ``handler.attributions`` of a :class:`handlers.config.HandlerConfig` (:class:`ConfigError`)."""
+    return read_section(AttributionConfig, dict(config.explanation.attributions), "handler.attributions")
 
 
 def _bounded(options: Mapping[str, Any], key: str, default: int, minimum: int, maximum: int, limit: str) -> int:

@@ -221,6 +221,7 @@ class CamHandler:
         reshape = self.reshape_transform()
         cams: dict[str, cam_engine.BaseCAM] = {}
         available = cam_engine.methods()
+        attributions.read_limits(self.config)  # checked even where no Captum method is listed
         for name in explanation.methods:
             if attributions.is_attribution(name):
                 cams[name] = attributions.build(self, name, layers)
