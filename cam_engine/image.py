@@ -7,6 +7,7 @@ tensor's device, so a server copies only the final uint8 image to the host.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ __all__ = [
     "show_cam_on_image",
     "scale_cam_image",
     "jet",
+    "COLORMAPS",
+    "colormap_id",
+    "colormap_table",
     "colorize",
     "overlay",
     "to_uint8",
@@ -55,21 +59,67 @@ def jet(values: torch.Tensor) -> torch.Tensor:
     return (1.5 - (4 * x - 4 * centres).abs()).clamp(0, 1)
 
 
+#: OpenCV's colour maps by name (the ``cv2.COLORMAP_*`` ids, stable across OpenCV 4 releases).
+COLORMAPS: dict[str, int] = {
+    "autumn": 0, "bone": 1, "jet": 2, "winter": 3, "rainbow": 4, "ocean": 5, "summer": 6, "spring": 7,
+    "cool": 8, "hsv": 9, "pink": 10, "hot": 11, "parula": 12, "magma": 13, "inferno": 14, "plasma": 15,
+    "viridis": 16, "cividis": 17, "twilight": 18, "twilight_shifted": 19, "turbo": 20, "deepgreen": 21,
+}
+
+
+def colormap_id(colormap: str | int) -> int:
+    """An OpenCV colour map name (``"viridis"``, case-insensitive) or id -> its ``cv2.COLORMAP_*`` id.
+
+    Raises ``ValueError`` naming the allowed names.
+    """
+    if isinstance(colormap, (int, np.integer)) and not isinstance(colormap, bool):
+        if int(colormap) in COLORMAPS.values():
+            return int(colormap)
+    elif isinstance(colormap, str) and colormap.lower() in COLORMAPS:
+        return COLORMAPS[colormap.lower()]
+    raise ValueError(f"colormap must be one of {', '.join(COLORMAPS)} (or its cv2.COLORMAP_* id), got {colormap!r}")
+
+
+@cache
+def _table(colormap: int) -> torch.Tensor:
+    import cv2  # only for colour maps other than jet
+
+    bgr = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], colormap)[:, 0]
+    return torch.from_numpy(np.ascontiguousarray(bgr[:, ::-1]))
+
+
+def colormap_table(colormap: str | int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """OpenCV's 256-entry table for ``colormap`` (name or id) as uint8 RGB ``[256, 3]`` on ``device``."""
+    return _table(colormap_id(colormap)).to(device)
+
+
 def to_uint8(cam: torch.Tensor) -> torch.Tensor:
     """[0, 1] floats -> uint8 (rounded)."""
     return (cam.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def colorize(cam: torch.Tensor) -> torch.Tensor:
-    """``[..., H, W]`` CAM in [0, 1] -> uint8 RGB ``[..., H, W, 3]`` with the jet colour map."""
-    return to_uint8(jet(cam.float()))
+def _colours(cam: torch.Tensor, colormap: str | int) -> torch.Tensor:
+    """``[...]`` floats in [0, 1] -> float RGB ``[..., 3]`` in [0, 1]: jet computed, others OpenCV's table
+    (looked up at the 8-bit quantised value, as ``cv2.applyColorMap`` does)."""
+    if colormap_id(colormap) == COLORMAPS["jet"]:
+        return jet(cam)
+    table = colormap_table(colormap, cam.device)
+    return table[to_uint8(cam).long()].float() / 255.0
 
 
-def overlay(image: torch.Tensor, cam: torch.Tensor, image_weight: float = 0.5) -> torch.Tensor:
+def colorize(cam: torch.Tensor, colormap: str | int = "jet") -> torch.Tensor:
+    """``[..., H, W]`` CAM in [0, 1] -> uint8 RGB ``[..., H, W, 3]`` with ``colormap`` (an OpenCV name or id)."""
+    return to_uint8(_colours(cam.float(), colormap))
+
+
+def overlay(
+    image: torch.Tensor, cam: torch.Tensor, image_weight: float = 0.5, colormap: str | int = "jet"
+) -> torch.Tensor:
     """Blend a uint8 RGB image ``[H, W, 3]`` with a CAM ``[h, w]`` (resized to the image): uint8 RGB.
 
-    ``image_weight * image + (1 - image_weight) * jet(cam)``, rescaled so its maximum is 255,
-    as pytorch-grad-cam's ``show_cam_on_image`` does.
+    ``image_weight * image + (1 - image_weight) * colormap(cam)``, rescaled so its maximum is 255,
+    as pytorch-grad-cam's ``show_cam_on_image`` does. ``colormap``: a name of :data:`COLORMAPS`
+    (``jet``, ``viridis``, ``inferno``, ``turbo``, ...) or its ``cv2.COLORMAP_*`` id.
     """
     if not 0 <= image_weight <= 1:
         raise ValueError(f"image_weight must be in [0, 1], got {image_weight}")
@@ -78,7 +128,7 @@ def overlay(image: torch.Tensor, cam: torch.Tensor, image_weight: float = 0.5) -
     if tuple(cam.shape[-2:]) != (height, width):
         cam = F.interpolate(cam[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     picture = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-    blended = (1 - image_weight) * jet(cam) + image_weight * picture
+    blended = (1 - image_weight) * _colours(cam, colormap) + image_weight * picture
     return to_uint8(blended / blended.max().clamp_min(1e-7))
 
 
@@ -88,10 +138,13 @@ def show_cam_on_image(
     """Overlay ``mask`` ``[H, W]`` in [0, 1] on ``img`` ``[H, W, 3]`` float in [0, 1]; uint8 result.
 
     ``colormap``: an OpenCV colour map id (``cv2.COLORMAP_JET``, the default, ``cv2.COLORMAP_VIRIDIS``,
-    ...) looked up with ``cv2.applyColorMap`` as pytorch-grad-cam does, or a callable mapping ``[H, W]``
-    values to ``[H, W, 3]`` RGB floats in [0, 1]. The result is BGR unless ``use_rgb`` (grad-cam's
-    convention). ``image_weight * img + (1 - image_weight) * heatmap``, divided by its maximum.
+    ...) or its name (``"viridis"``, see :data:`COLORMAPS`) looked up with ``cv2.applyColorMap`` as
+    pytorch-grad-cam does, or a callable mapping ``[H, W]`` values to ``[H, W, 3]`` RGB floats in
+    [0, 1]. The result is BGR unless ``use_rgb`` (grad-cam's convention).
+    ``image_weight * img + (1 - image_weight) * heatmap``, divided by its maximum.
     """
+    if isinstance(colormap, str):
+        colormap = colormap_id(colormap)
     if np.max(img) > 1:
         raise ValueError("The input image should be np.float32 in the range [0, 1]")
     if not 0 <= image_weight <= 1:

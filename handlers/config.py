@@ -22,7 +22,7 @@ Checks that need the model (layer paths, method names) live in :mod:`handlers.se
 same error type.
 
 Every section is a frozen dataclass whose fields declare their own check (``setting(default, check)``);
-one generic reader, :func:`read_section`, walks any of them: unknown keys are refused with the closest
+one generic reader, :func:`handlers.settings.read_section`, walks any of them: unknown keys are refused with the closest
 valid key suggested, each value is checked and named by its dotted key, nested sections are read
 recursively and a section's ``finish`` hook runs the checks that involve several keys.
 """
@@ -30,11 +30,29 @@ recursively and a section's ``finish`` hook runs the checks that involve several
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from cam_engine.image import COLORMAPS
+from handlers.settings import (
+    ConfigError,
+    boolean,
+    choice,
+    concept_files,
+    file_or_names,
+    floats,
+    integer,
+    keyword_arguments,
+    names,
+    optional,
+    read_section,
+    section_keys,
+    setting,
+    size,
+    text,
+    unit,
+)
 from handlers.tasks import registry
 
 __all__ = [
@@ -65,210 +83,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ConfigError(ValueError):
-    """A model config is invalid; the message names the offending key (``handler.top_k: ...``)."""
-
-
-# --- checks: each takes (value, dotted key) and returns the parsed value or raises ConfigError -------------
-
-Check = Callable[[Any, str], Any]
-
-
-def integer(minimum: int = 0, maximum: int | None = None) -> Check:
-    def check(value: Any, key: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
-        if maximum is not None and value > maximum:
-            raise ConfigError(f"{key}: must be in {minimum}..{maximum}, got {value}")
-        return value
-
-    return check
-
-
-def boolean(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: must be true or false, got {value!r}")
-    return value
-
-
-def choice(*choices: str) -> Check:
-    def check(value: Any, key: str) -> str:
-        if not isinstance(value, str) or value.lower() not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
-        return value.lower()
-
-    return check
-
-
-def floats(length: int, positive: bool = False) -> Check:
-    def check(value: Any, key: str) -> tuple[float, ...]:
-        if (
-            not isinstance(value, Sequence)
-            or isinstance(value, str)
-            or len(value) != length
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        ):
-            raise ConfigError(f"{key}: must be a list of {length} numbers, got {value!r}")
-        if positive and any(v <= 0 for v in value):
-            raise ConfigError(f"{key}: every value must be > 0, got {value!r}")
-        return tuple(float(v) for v in value)
-
-    return check
-
-
-def unit(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ConfigError(f"{key}: must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def size(value: Any, key: str) -> tuple[int, int]:
-    """An int (square) or ``[height, width]``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value, value]
-    if (
-        not isinstance(value, Sequence)
-        or isinstance(value, str)
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
-        raise ConfigError(f"{key}: must be a positive int or [height, width], got {value!r}")
-    return int(value[0]), int(value[1])
-
-
-def text(what: str) -> Check:
-    def check(value: Any, key: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{key}: must be {what}, got {value!r}")
-        return value
-
-    return check
-
-
-def optional(inner: Check) -> Check:
-    """``None`` stays ``None``; anything else goes through ``inner``."""
-    return lambda value, key: None if value is None else inner(value, key)
-
-
-def names(what: str, lower: bool = False) -> Check:
-    """A name or a non-empty list of names -> a tuple."""
-
-    def check(value: Any, key: str) -> tuple[str, ...]:
-        if isinstance(value, str):
-            value = [value]
-        if not value or not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(f"{key}: must be a non-empty list of {what}, got {value!r}")
-        return tuple(v.lower() if lower else v for v in value)
-
-    return check
-
-
-def file_or_names(value: Any, key: str) -> str | tuple[str, ...] | None:
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        if not all(isinstance(label, str) for label in value):
-            raise ConfigError(f"{key}: must be a file name or a list of names")
-        return tuple(value)
-    if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{key}: must be a file name or a list of names, got {value!r}")
-    return value
-
-
-def keyword_arguments(value: Any, key: str) -> tuple[tuple[str, Any], ...]:
-    value = value or {}
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise ConfigError(f"{key}: must be a mapping of builder keyword arguments")
-    return tuple(value.items())
-
-
-def concept_files(value: Any, key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    value = value or {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{key}: must map concept names to lists of image files")
-    parsed = []
-    for name, files in value.items():
-        if isinstance(files, str):
-            files = [files]
-        if not isinstance(name, str) or not name or not isinstance(files, Sequence) or not files or not all(
-            isinstance(f, str) and f for f in files
-        ):
-            raise ConfigError(f"{key}.{name}: must be a non-empty list of image files")
-        parsed.append((name, tuple(files)))
-    return tuple(parsed)
-
-
 def faithfulness_mode(value: Any, key: str) -> str | bool:
     """``false``, ``true`` (= ``remove_top``), ``remove_top`` or ``road``."""
     if isinstance(value, bool):
         return "remove_top" if value else False
     return choice("remove_top", "road")(value, f"{key} (or true/false)")
-
-
-# --- the generic reader ----------------------------------------------------------------------------------
-
-
-def setting(default: Any = dataclasses.MISSING, check: Check | None = None, **meta: Any) -> Any:
-    """A dataclass field read by :func:`read_section`: ``check(value, dotted_key)`` parses a given value
-    (defaults are trusted). ``meta``: ``only_for_task``/``only_for_architecture`` refuse a section given
-    for another task/architecture; ``flat=True`` reads a nested section from the parent's own keys."""
-    metadata = {"check": check, **meta}
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=type(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def section_keys(cls: type) -> list[str]:
-    """The keys a section accepts (a ``flat`` nested section's keys count as the parent's own)."""
-    keys: list[str] = []
-    for f in fields(cls):
-        if f.metadata.get("flat"):
-            keys += section_keys(_section_type(cls, f))
-        else:
-            keys.append(f.name)
-    return keys
-
-
-def _section_type(cls: type, f: dataclasses.Field) -> type | None:
-    return f.default_factory if dataclasses.is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
-
-
-def _check_keys(section: Any, allowed: Sequence[str], where: str) -> None:
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"{where}: must be a mapping, got {type(section).__name__}")
-    for key in section:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed keys: {', '.join(allowed)}"
-            raise ConfigError(f"{where}.{key}: unknown key{hint}")
-
-
-def read_section(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
-    """Parse and validate the mapping ``data`` into the section dataclass ``cls``; every error is a
-    :class:`ConfigError` whose message starts with the dotted key (``handler.preprocessing.mean: ...``)."""
-    data = {} if data is None else data
-    _check_keys(data, section_keys(cls), where)
-    values: dict[str, Any] = {}
-    for f in fields(cls):
-        nested = _section_type(cls, f)
-        if f.metadata.get("flat"):
-            values[f.name] = read_section(nested, {k: data[k] for k in section_keys(nested) if k in data}, where)
-        elif nested is not None:
-            values[f.name] = read_section(nested, data.get(f.name), f"{where}.{f.name}")
-        elif f.name in data:
-            check = f.metadata.get("check")
-            values[f.name] = check(data[f.name], f"{where}.{f.name}") if check else data[f.name]
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}.{f.name}: missing")
-    for f in fields(cls):
-        for meta, attribute, what in (("only_for_task", "task", "task"), ("only_for_architecture", "architecture", "architecture")):
-            wanted = f.metadata.get(meta)
-            if wanted is None or data.get(f.name) is None:
-                continue
-            actual = values.get(attribute, getattr(cls, attribute, None))
-            if actual != wanted:
-                raise ConfigError(f"{where}.{f.name}: only applies to {what} {wanted}, this config's {what} is {actual}")
-    config = cls(**values)
-    finish = getattr(config, "finish", None)
-    return finish(where, data) if finish else config
 
 
 # --- the sections -------------------------------------------------------------------------------------------
@@ -329,6 +148,9 @@ class ExplanationConfig:
     - ``explain_on_predict``: whether /predictions explains without being asked.
     - ``overlay_quality``: JPEG quality of overlays (heatmaps are 8-bit grayscale PNGs).
     - ``aug_smooth``/``eigen_smooth``: whether requests may turn these options on.
+    - ``overlay_colormap`` (an OpenCV name: jet, viridis, inferno, turbo, ...) and ``overlay_alpha`` (the
+      colour map's weight in [0, 1]): request defaults for overlays.
+    - ``attributions``: Captum method defaults and limits (:mod:`handlers.serving.attributions`).
     """
 
     target_layers: tuple[str, ...] = setting((), names("dotted layer paths"))
@@ -340,6 +162,9 @@ class ExplanationConfig:
     overlay_quality: int = setting(85, integer(1, 100))
     aug_smooth: bool = setting(False, boolean)
     eigen_smooth: bool = setting(True, boolean)
+    overlay_colormap: str = setting("jet", choice(*COLORMAPS))
+    overlay_alpha: float = setting(0.5, unit)
+    attributions: tuple[tuple[str, Any], ...] = setting((), keyword_arguments)
 
     def finish(self, where: str, data: Mapping[str, Any]) -> ExplanationConfig:
         if not self.target_layers:

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="class to explain, repeatable (default: the top-1 class)")
     explain.add_argument("--method", default=None, help="CAM method (default: the model's default_method)")
     explain.add_argument("--out", type=Path, default=Path("cam_out"), help="output folder (default ./cam_out)")
+    explain.add_argument("--colormap", default=None, metavar="NAME",
+                         help="overlay colour map, an OpenCV name: jet, viridis, inferno, turbo, magma, ... "
+                              "(default: the model's overlay_colormap)")
+    explain.add_argument("--alpha", type=_unit, default=None,
+                         help="overlay colour map weight in [0, 1] (default: the model's overlay_alpha)")
 
     from .gallery import add_gallery_parser  # the gallery's own options live next to its code
 
@@ -99,6 +104,13 @@ def parse_option(text: str) -> tuple[str, Any]:
     except ValueError:
         parsed = value
     return key.strip(), parsed
+
+
+def _unit(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -342,6 +354,10 @@ def _serve_command(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
             options["targets"] = [parse_target(t) for t in args.target]
         if args.method:
             options["method"] = args.method
+        if args.colormap is not None:
+            options["colormap"] = args.colormap
+        if args.alpha is not None:
+            options["alpha"] = args.alpha
         args.out.mkdir(parents=True, exist_ok=True)
     options.update(dict(args.option))  # -o KEY=VALUE last: it may override --target / --top-k
 

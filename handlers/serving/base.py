@@ -18,7 +18,6 @@ device-to-host copy per batch; per-request 4xx errors; custom metrics; and the m
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -28,22 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
 
 import cam_engine
-from cam_engine import image as cam_image
 from handlers.audit import Auditor
 from handlers.config import ConfigError, HandlerConfig
 from handlers.models import architectures
+from handlers.serving import attributions, fast_forward, limits, protocols, render, threads
 from handlers.serving import batch as serving
-from handlers.serving import fast_forward, limits, protocols, threads
 from handlers.serving.codec import decode_image, encode_jpeg, encode_png
 from handlers.serving.errors import RequestError
 from handlers.serving.metrics import CamMetrics, metrics_cache
-from handlers.serving.preprocess import Geometry, preprocess, to_source
+from handlers.serving.preprocess import Geometry, preprocess
 from handlers.tasks.registry import TaskResult
 from handlers.tasks.targets import TopClassTarget
 
@@ -60,7 +57,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 OUTPUTS = ("heatmap", "overlay")
-COMMON_OPTIONS = ("image", "method", "aug_smooth", "eigen_smooth", "explain", "output")
+COMMON_OPTIONS = ("image", "method", "aug_smooth", "eigen_smooth", "explain", "output") + render.RENDER_OPTIONS + attributions.OPTIONS
 
 
 @dataclass
@@ -85,6 +82,9 @@ class ParsedRequest:
     raw: bytes = b""  # the encoded image bytes as submitted (the audit hashes them)
     audited: bool = False  # sampled for the audit trail (handlers.audit)
     request_index: int = 0  # the TorchServe request it came in (one request may carry several images)
+    render: render.RenderOptions | None = None  # colormap, alpha, heatmap_format, heatmap_size
+    method_options: Any = None  # a Captum method's options (handlers.serving.attributions), None for CAMs
+    raw_cams: torch.Tensor | None = None  # [T, H, W] raw values (signed for Captum methods)
 
 
 def _bool_option(options: Mapping[str, Any], key: str, default: bool) -> bool:
@@ -221,7 +221,11 @@ class CamHandler:
         reshape = self.reshape_transform()
         cams: dict[str, cam_engine.BaseCAM] = {}
         available = cam_engine.methods()
+        attributions.read_limits(self.config)  # checked even where no Captum method is listed
         for name in explanation.methods:
+            if attributions.is_attribution(name):
+                cams[name] = attributions.build(self, name, layers)
+                continue
             try:
                 method = cam_engine.get_method(name)
             except ValueError:
@@ -229,7 +233,7 @@ class CamHandler:
                     f"handler.methods: {name!r} is not a cam_engine method; available: {', '.join(available)}"
                 ) from None
             cams[method.name] = cam_engine.create(method.name, self.model, layers, reshape_transform=reshape)
-        self._method_alias = {name: cam_engine.get_method(name).name for name in explanation.methods}
+        self._method_alias = {name: attributions.method_name(name) for name in explanation.methods}
         return cams
 
     def _warm_up(self) -> None:
@@ -279,10 +283,7 @@ class CamHandler:
         method = options.get("method", explanation.default_method)
         if not isinstance(method, str):
             raise RequestError(f"method must be a string, got {type(method).__name__}")
-        try:
-            method = cam_engine.get_method(method).name
-        except ValueError:
-            method = method.lower()
+        method = attributions.method_name(method)
         if method not in self.cams:
             raise RequestError(f"unknown method {options.get('method')!r}; this model allows: {', '.join(self.cams)}")
         aug_smooth = _bool_option(options, "aug_smooth", False)
@@ -296,6 +297,8 @@ class CamHandler:
             outputs = ["heatmap", "overlay"] if outputs == "both" else [outputs]
         if not isinstance(outputs, list) or not outputs or not all(o in OUTPUTS for o in outputs):
             raise RequestError(f"output must be 'heatmap', 'overlay', 'both' or a list of those, got {outputs!r}")
+        rendering = render.parse_render_options(options, explanation)
+        method_options = attributions.parse_options(self.cams[method], options, aug_smooth or eigen_smooth)
         image = decode_image(raw, self.config.max_image_pixels)
         model_input, geometry = preprocess(image, self.config.preprocessing)
         request = ParsedRequest(
@@ -309,6 +312,8 @@ class CamHandler:
             eigen_smooth=eigen_smooth,
             outputs=tuple(dict.fromkeys(outputs)),
             raw=raw,
+            render=rendering,
+            method_options=method_options,
         )
         self.parse_task_options(request, options)
         return request
@@ -324,10 +329,11 @@ class CamHandler:
         an empty target list. Other combinations run on their own images only.
         """
         cams: list[torch.Tensor | None] = [None] * len(requests)
-        groups: dict[tuple[str, bool, bool], list[int]] = {}
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for position, request in enumerate(requests):
             if request.explain or request.audited:  # audited: a heatmap for the record, same run
-                groups.setdefault((request.method, request.aug_smooth, request.eigen_smooth), []).append(position)
+                key = (request.method, request.aug_smooth, request.eigen_smooth, request.method_options)
+                groups.setdefault(key, []).append(position)
         plain = [key for key in groups if not key[1]]
         main = max(plain, key=lambda k: len(groups[k])) if plain else None
         batch = batch.contiguous(memory_format=torch.channels_last) if self.channels_last and groups else batch
@@ -336,24 +342,27 @@ class CamHandler:
         else:
             members = set(groups[main])
             targets = [self.targets_for(r) if i in members else [] for i, r in enumerate(requests)]
-            outputs = self._run(main, batch, targets, list(range(len(requests))), cams)
+            outputs = self._run(main, batch, targets, list(range(len(requests))), cams, requests)
         for key, positions in groups.items():
             if key != main:
                 targets = [self.targets_for(requests[i]) for i in positions]
-                self._run(key, batch[positions], targets, positions, cams)
+                self._run(key, batch[positions], targets, positions, cams, requests)
         return outputs, cams
 
     def _run(
         self,
-        key: tuple[str, bool, bool],
+        key: tuple[Any, ...],
         batch: torch.Tensor,
         targets: list[list[Any]],
         positions: list[int],
         cams: list[torch.Tensor | None],
+        requests: list[ParsedRequest],
     ) -> Any:
-        method, aug_smooth, eigen_smooth = key
+        method, aug_smooth, eigen_smooth, options = key
         start = time.perf_counter()
-        result = self.cams[method].run(batch, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
+        extra = {} if options is None else {"options": options}  # a Captum method's (handlers.serving.attributions)
+        result = self.cams[method].run(batch, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth, **extra)
+        raw = getattr(result, "raw", None)
         rows: dict[int, list[int]] = {}
         for row, (image, _) in enumerate(result.pairs):
             rows.setdefault(image, []).append(row)
@@ -361,56 +370,15 @@ class CamHandler:
             if local in rows:
                 first, last = rows[local][0], rows[local][-1]
                 cams[position] = result.cams[first : last + 1]
+                requests[position].raw_cams = None if raw is None else raw[first : last + 1]
         self._metrics.cam(method, (time.perf_counter() - start) * 1000, len(result.pairs))
         return result.outputs
 
     def encode_explanations(
         self, requests: list[ParsedRequest], cams: list[torch.Tensor | None]
     ) -> list[list[dict[str, Any]] | None]:
-        """Per request, its heatmaps/overlays mapped onto the submitted image and encoded.
-
-        All uint8 pictures of the batch are built on the model's device and copied to the host once.
-        """
-        pieces: list[torch.Tensor] = []
-        layout: list[list[tuple[int, str, tuple[int, ...], int]]] = []
-        for request, request_cams in zip(requests, cams):
-            entries: list[tuple[int, str, tuple[int, ...], int]] = []
-            if request_cams is not None and request.explain:  # [T, h, w] in [0, 1], h * w <= max_heatmap_pixels
-                mapped = to_source(request_cams, limits.capped_geometry(request.geometry, self.config.max_heatmap_pixels))
-                image = None
-                if "overlay" in request.outputs:
-                    image = limits.capped_image(request.image, tuple(mapped.shape[-2:])).to(mapped.device).permute(1, 2, 0)
-                for target_row in range(mapped.shape[0]):
-                    if "heatmap" in request.outputs:
-                        picture = cam_image.to_uint8(mapped[target_row])
-                        entries.append((target_row, "heatmap", tuple(picture.shape), len(pieces)))
-                        pieces.append(picture.reshape(-1))
-                    if image is not None:
-                        picture = cam_image.overlay(image, mapped[target_row])
-                        entries.append((target_row, "overlay", tuple(picture.shape), len(pieces)))
-                        pieces.append(picture.reshape(-1))
-            layout.append(entries)
-        host = torch.cat(pieces).cpu().numpy() if pieces else np.zeros(0, np.uint8)  # the one copy
-        offsets = np.cumsum([0] + [p.numel() for p in pieces])
-        quality = self.config.explanation.overlay_quality
-        encoded: list[list[dict[str, Any]] | None] = []
-        for request, entries in zip(requests, layout):
-            if not request.explain:
-                encoded.append(None)
-                continue
-            per_target: dict[int, dict[str, Any]] = {}
-            for target_row, kind, shape, piece in entries:
-                array = host[offsets[piece] : offsets[piece + 1]].reshape(shape)
-                if kind == "heatmap":
-                    data, fmt = self._metrics.encoded("png", encode_png, array), "png"
-                else:
-                    data, fmt = self._metrics.encoded("jpeg", encode_jpeg, array, quality), "jpeg"
-                entry = {"format": fmt, "width": int(shape[1]), "height": int(shape[0])}
-                if tuple(shape[:2]) != tuple(request.image.shape[-2:]):  # capped by max_heatmap_pixels
-                    entry["scaled_from"] = {"width": int(request.image.shape[-1]), "height": int(request.image.shape[-2])}
-                per_target.setdefault(target_row, {})[kind] = {**entry, "data": base64.b64encode(data).decode("ascii")}
-            encoded.append([per_target[row] for row in sorted(per_target)])
-        return encoded
+        """Per request, its heatmaps/overlays (or raw maps) encoded (:func:`handlers.serving.render.encode_explanations`)."""
+        return render.encode_explanations(self, requests, cams, self._metrics)
 
     def explanation_meta(self, request: ParsedRequest) -> dict[str, Any]:
         """Fields every explanation of ``request`` carries: method and layers."""

@@ -1,7 +1,8 @@
 """Image bytes in and out of the request path: decoding a submitted image, encoding heatmaps and overlays.
 
 Decoding reads the header first and refuses decompression bombs before any pixel is decoded; a decoded
-image is copied once (PIL's buffer into NumPy). Heatmaps are 8-bit grayscale PNGs, overlays JPEGs.
+image is copied once (PIL's buffer into NumPy). Heatmaps are 8-bit grayscale PNGs, overlays JPEGs; raw
+maps (:func:`encode_raw`) are little-endian float16 bytes or a NumPy ``.npy`` file.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from handlers.serving.errors import RequestError
 
-__all__ = ["decode_base64", "decode_image", "encode_png", "encode_jpeg"]
+__all__ = ["decode_base64", "decode_image", "encode_png", "encode_jpeg", "encode_raw", "RAW_FORMATS"]
+
+RAW_FORMATS = ("float16", "npy")
 
 
 def decode_image(raw: bytes | bytearray, max_image_pixels: int) -> torch.Tensor:
@@ -97,6 +100,24 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def encode_raw(values: np.ndarray, fmt: str) -> tuple[bytes, dict[str, Any]]:
+    """A float map ``[h, w]`` -> ``(bytes, {"dtype": ..., "shape": [h, w]})``.
+
+    ``float16``: the values rounded to IEEE half precision (relative error <= 2**-11 for |x| in
+    6.1e-5..65504), little-endian, row-major: ``np.frombuffer(data, "<f2").reshape(shape)``.
+    ``npy``: a NumPy ``.npy`` file of the float32 values (``np.load(io.BytesIO(data))``).
+    """
+    if fmt == "float16":
+        array = np.asarray(values, dtype="<f2")
+        return array.tobytes(), {"dtype": "float16", "byte_order": "little", "shape": list(array.shape)}
+    if fmt == "npy":
+        array = np.ascontiguousarray(values, dtype=np.float32)
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        return buffer.getvalue(), {"dtype": "float32", "shape": list(array.shape)}
+    raise ValueError(f"raw format must be one of {', '.join(RAW_FORMATS)}, got {fmt!r}")
 
 
 def decode_base64(value: Any, key: str) -> bytes:

@@ -75,11 +75,13 @@ class CamMetrics:
             self._cam_seconds.add_or_update(round(milliseconds / 1000, 6), [self.model_name, method])
             self._explanations.add_or_update(explanations, [self.model_name, method])
 
-    def encoded(self, fmt: str, encoder: Callable[..., bytes], *arguments: Any) -> bytes:
-        """``encoder(*arguments)``, the picture encoded as ``fmt``, with its time and size recorded."""
+    def encoded(self, fmt: str, encoder: Callable[..., Any], *arguments: Any) -> Any:
+        """``encoder(*arguments)``, the picture encoded as ``fmt`` (bytes, or ``(bytes, fields)``), with its
+        time and size recorded."""
         started = time.perf_counter()
-        data = encoder(*arguments)
+        result = encoder(*arguments)
+        data = result[0] if isinstance(result, tuple) else result  # encode_raw: (bytes, its dtype/shape fields)
         if self._encode_ms is not None:
             self._encode_ms.add_or_update(round((time.perf_counter() - started) * 1000, 4), [self.model_name, fmt])
             self._heatmap_bytes.add_or_update(len(data), [self.model_name, fmt])
-        return data
+        return result
