@@ -86,6 +86,7 @@ class _AfterNorm(nn.Module):
         super().__init__()
         self.drop = getattr(norm, "drop", nn.Identity())
         self.act = getattr(norm, "act", nn.Identity())
+        self.train(norm.training)  # in the norm's mode: an eval model stays all eval (no per-call switching)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(x))

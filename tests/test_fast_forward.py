@@ -128,3 +128,11 @@ def test_no_frozen_prefix_without_one_shared_cleanly_cut_layer() -> None:
         assert not fast_forward.split_explanations(handler)
         assert handler.channels_last is True
         assert all(cam.forward_split is None for cam in handler.cams.values())
+
+
+def test_the_folded_model_stays_entirely_in_eval_mode() -> None:
+    """Replacement modules are built in training mode by default; left so, every CAM call would switch
+    (and restore) them, and a train()-only consumer would see a mixed model."""
+    model = _randomise_norms(torchvision.models.resnet18(num_classes=10))
+    assert fast_forward.fold_batch_norms(model, (32, 32)) == 20
+    assert [name for name, module in model.named_modules() if module.training] == []
