@@ -393,6 +393,8 @@ class BaseCAM(GradCamExtension):
     def aggregate_layers(self, per_layer: list[torch.Tensor]) -> torch.Tensor:
         """Combine the per-layer CAMs (each ``[N, *S]`` in [0, 1], at the input's size) into ``[N, *S]``
         in [0, 1]: the mean of their positive parts, min-max scaled (grad-cam's default)."""
+        if len(per_layer) == 1:  # the mean of one map is the map: skip the copy
+            return CF.scale_per_image(per_layer[0].clamp_min(0))
         stacked = torch.stack(per_layer, dim=1).clamp_min(0).mean(dim=1)
         return CF.scale_per_image(stacked)
 
