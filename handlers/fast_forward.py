@@ -10,7 +10,10 @@ convolutions, MKL-DNN layouts) 22 at batch 1 and 16 at batch 4.
 The frozen copy is an optimisation only: it is built at load time, checked against the eager model on a
 random batch of two, and dropped (the eager model then answers everything) when tracing fails, the model
 does not return one tensor, the device is not a CPU, or the outputs differ by more than ``TOLERANCE``.
-Explanations always run on the eager model (cam_engine hooks its layers). :func:`fold_batch_norms` folds
+Explanations need autograd only after the target layer: :func:`split_explanations` cuts the model there
+(:func:`cam_engine.split.split_at`) and gives the CAMs a frozen copy of the part before it (built and
+checked like the prediction copy), so an explained batch costs about a frozen forward plus the eager tail,
+its truncated backward and the CAM; where the model does not cut cleanly, explanations run the eager model. :func:`fold_batch_norms` folds
 every batch norm whose input is exactly the output of the convolution that ran just before it (found by
 one hooked forward pass); the batch norm module is replaced in place, under the same name, by what
 remains of it (timm's ``BatchNormAct2d``: its drop and activation; a plain ``BatchNorm2d``: identity), so
