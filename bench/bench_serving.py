@@ -21,7 +21,9 @@ closed-loop clients, ``--rounds`` rounds run ours /predictions, ours /explanatio
 in turn for ``--seconds`` each, so all three see the same background load; the median throughput per
 endpoint gives the ratios. A request counts only with HTTP 200, and every 5th answer of ours is fully
 checked (``load_tests/payloads.check_answer``: schema, heatmap PNG of the image's size) once the run is
-over. Timings on a shared machine are noisy: read the ratios.
+over. Timings on a shared machine are noisy: read the ratios. A second table gives the server's CPU time
+per answered request (frontend and workers, from /proc), which other work on the machine disturbs far
+less than throughput: on a machine of its own, throughput ratios approach these cost ratios.
 """
 
 from __future__ import annotations
@@ -90,6 +92,34 @@ def build_stock_archive(store: Path, scratch: Path, name: str = STOCK, overrides
     )  # fmt: skip
 
 
+def _proc_stat(pid: str) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) of a process from /proc, or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds(workdir: Path) -> float | None:
+    """CPU seconds used so far by the TorchServe started from ``workdir``: its frontend and every descendant
+    (the model workers), from /proc (Linux); None elsewhere. A machine shared with other work inflates
+    these far less than wall time, so CPU per answered request is the steadier cost figure."""
+    found = serve.running(workdir)
+    if found is None or not Path("/proc").is_dir():
+        return None
+    stats = {pid: stat for pid in os.listdir("/proc") if pid.isdigit() and (stat := _proc_stat(pid)) is not None}
+    tree, total, frontier = {str(found[0])}, 0.0, [str(found[0])]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, (ppid, _) in stats.items() if str(ppid) == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    for pid in tree:
+        total += stats[pid][1] if pid in stats else 0.0
+    return total
+
+
 def photos() -> list[Photo]:
     """skimage's chelsea as its native 451x300 JPEG and as a 224x224 PNG."""
     from skimage import data
@@ -101,8 +131,11 @@ def photos() -> list[Photo]:
     return [Photo("chelsea", *chelsea.size, "JPEG", jpeg.getvalue()), Photo("chelsea", 224, 224, "PNG", png.getvalue())]
 
 
-def closed_loop(server: serve.Server, model: str, endpoint: str, photo: Photo, users: int, seconds: float) -> tuple[float, int]:
-    """(answered requests per second, failures) of ``users`` clients sending back to back for ``seconds``."""
+def closed_loop(
+    server: serve.Server, model: str, endpoint: str, photo: Photo, users: int, seconds: float, workdir: Path | None = None
+) -> tuple[float, int, float | None]:
+    """(answered requests per second, failures, server CPU ms per answered request or None) of ``users``
+    clients sending back to back for ``seconds`` (CPU: see :func:`server_cpu_seconds`, with ``workdir``)."""
     url = f"{server.url()}/{endpoint}/{model}"
     headers = {**server.headers(), "Content-Type": photo.content_type}
     lock = threading.Lock()
@@ -110,6 +143,7 @@ def closed_loop(server: serve.Server, model: str, endpoint: str, photo: Photo, u
     failures = [0]
     checked = [0]
     samples: list[tuple[int, bytes]] = []  # every CHECK_EVERY-th answer of ours, checked after the run
+    cpu_before = server_cpu_seconds(workdir) if workdir is not None else None
     start = time.perf_counter()
     deadline = start + seconds
 
@@ -137,12 +171,14 @@ def closed_loop(server: serve.Server, model: str, endpoint: str, photo: Photo, u
     for thread in clients:
         thread.join(timeout=seconds + 180)
     elapsed = (max(done) if done else time.perf_counter()) - start
+    cpu_after = server_cpu_seconds(workdir) if cpu_before is not None else None
+    cpu_ms = (cpu_after - cpu_before) * 1000 / len(done) if cpu_after is not None and done else None
     for status, body in samples:  # off the clock: the clients share the CPUs with the server
         problem = check_answer(status, body, photo, model, explained=endpoint == "explanations")
         if problem:
             failures[0] += 1
             print(f"    {model} /{endpoint}: {problem}", flush=True)
-    return (len(done) / elapsed if elapsed > 0 else 0.0), failures[0]
+    return (len(done) / elapsed if elapsed > 0 else 0.0), failures[0], cpu_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                       (f"stock {tag} /predictions", STOCK_OTHER, "predictions")]  # fmt: skip
     load_before = os.getloadavg()
     rates: dict[tuple[str, int, str], list[float]] = {}
+    cpu: dict[tuple[str, int, str], list[float]] = {}  # server CPU ms per answered request
     failures = 0
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         workdir = Path(tmp)
@@ -199,13 +236,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for photo in inputs:  # warm-up: lazy initialisation, first-call allocations
                 for _, model, endpoint in endpoints:
-                    closed_loop(server, model, endpoint, photo, 1, 1.0)
+                    closed_loop(server, model, endpoint, photo, 1, 1.0)  # fmt: skip
             for photo in inputs:
                 for n in users:
                     for _ in range(args.rounds):
                         for name, model, endpoint in endpoints:
-                            rate, failed = closed_loop(server, model, endpoint, photo, n, args.seconds)
+                            rate, failed, cpu_ms = closed_loop(server, model, endpoint, photo, n, args.seconds, workdir)
                             rates.setdefault((photo.format, n, name), []).append(rate)
+                            if cpu_ms is not None:
+                                cpu.setdefault((photo.format, n, name), []).append(cpu_ms)
                             failures += failed
                     line = ", ".join(f"{name} {statistics.median(rates[(photo.format, n, name)]):.1f}" for name, _, _ in endpoints)
                     print(f"  {photo.format} {n} users: {line} req/s", flush=True)
@@ -233,6 +272,22 @@ def main(argv: list[str] | None = None) -> int:
             figures.append(row)
             print(f"| {row['input']} | {n} | {ours_p:.1f} | {ours_e:.1f} | {stock_p:.1f} | {ours_p / stock_p:.2f}x "
                   f"| {ours_e / stock_p:.2f}x | {ours_e / ours_p:.2f}x |")  # fmt: skip
+    if cpu:
+        print()
+        print("Server CPU per answered request (TorchServe frontend + workers, ms; median of the rounds): the cost "
+              "figure a busy shared machine disturbs least; ratios as throughput ratios (the inverse of cost)")
+        print("| input | users | ours /predictions | ours /explanations | stock /predictions | ours ÷ stock /predictions "
+              "| ours /explanations ÷ stock /predictions | ours /explanations ÷ ours /predictions |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for row in figures:
+            photo_format, n = row["input"].split()[-1], row["users"]
+            keys = [(photo_format, n, name) for name, _, _ in ENDPOINTS]
+            if not all(key in cpu for key in keys):
+                continue
+            ours_p, ours_e, stock_p = (statistics.median(cpu[key]) for key in keys)
+            row.update(cpu_ms_ours_predictions=ours_p, cpu_ms_ours_explanations=ours_e, cpu_ms_stock_predictions=stock_p)
+            print(f"| {row['input']} | {n} | {ours_p:.1f} | {ours_e:.1f} | {stock_p:.1f} | {stock_p / ours_p:.2f}x "
+                  f"| {stock_p / ours_e:.2f}x | {ours_p / ours_e:.2f}x |")  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"threads": args.threads, "failures": failures, "rows": figures}, indent=1))

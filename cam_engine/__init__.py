@@ -9,9 +9,11 @@ Drop-in for pytorch-grad-cam users::
 
 Torch-native entry used by servers: ``cam_engine.create("gradcam", model, ["layer4.-1"]).explain(x)``
 returns a tensor on the model's device; ``cam_engine.methods()`` lists the registered names.
+A server may cut the model at the target layer (:mod:`cam_engine.split`) and run the part before it on an
+optimised copy (``cam.forward_split``); only the part after it then runs with autograd.
 """
 
-from . import functional, image, reshape, targets
+from . import functional, image, reshape, split, targets
 from .core import BaseCAM, CAMResult
 from .layers import LayerNotFoundError, resolve_layer, resolve_layers
 from .methods import (
@@ -81,6 +83,7 @@ __all__ = [
     "image",
     "methods",
     "reshape",
+    "split",
     "resolve_layer",
     "resolve_layers",
     "targets",

@@ -34,6 +34,7 @@ from . import functional as CF
 from .activations_and_gradients import ActivationsAndGradients
 from .extension import GradCamExtension
 from .layers import layer_names, resolve_layers
+from .split import ForwardSplit
 from .model_utils import (
     default_targets,
     eval_mode,
@@ -127,6 +128,11 @@ class BaseCAM(GradCamExtension):
 
     ``volume_resize``: how 3-D CAMs are resized to the input (``"zoom"``, grad-cam's
     ``scipy.ndimage.zoom``, by default; ``"trilinear"`` on the device).
+
+    ``forward_split``: an optional :class:`cam_engine.split.ForwardSplit` at the one target layer (see
+    :func:`cam_engine.split.split_at`). With it the forward pass is ``tail(prefix(x))``: ``prefix`` runs
+    without gradients (it may be a frozen or otherwise optimised copy), only ``tail`` with autograd; the
+    CAMs are the same. Ignored when the target layers are not exactly ``[forward_split.layer]``.
     """
 
     #: registry name, set by :func:`cam_engine.registry.register`
@@ -139,6 +145,7 @@ class BaseCAM(GradCamExtension):
     batch_target_gradients: bool = True
     AUGMENTATIONS = AUGMENTATIONS
     volume_resize: str = "zoom"
+    forward_split: ForwardSplit | None = None
 
     def __init__(
         self,
@@ -283,6 +290,9 @@ class BaseCAM(GradCamExtension):
     def _forward(self, x: torch.Tensor) -> tuple[Any, Capture]:
         capture = Capture(self.target_layers)
         gradients = self.uses_gradients
+        split = self.forward_split
+        if split is not None and len(self.target_layers) == 1 and self.target_layers[0] is split.layer:
+            return self._split_forward(split, x, capture), capture
 
         def make_hook(index: int):
             def hook(module, inputs, output):
@@ -311,6 +321,19 @@ class BaseCAM(GradCamExtension):
             names = layer_names(self.model, [self.target_layers[i] for i in missing])
             raise RuntimeError(f"target layer(s) {', '.join(names)} did not run during the forward pass")
         return outputs, capture
+
+    def _split_forward(self, split: ForwardSplit, x: torch.Tensor, capture: Capture) -> Any:
+        """The forward pass as ``tail(prefix(x))``, the prefix's output captured as the target layer's."""
+        with self.forward_context():
+            if not self.uses_gradients:
+                with torch.inference_mode():
+                    capture.outputs[0] = split.prefix(x)
+                    return split.tail(capture.outputs[0])
+            with torch.no_grad():
+                output = map_structure(split.prefix(x), _leaf)
+            capture.outputs[0] = output
+            with torch.enable_grad():  # the same copy as the hooked pass hands on (in-place ops downstream)
+                return split.tail(map_structure(output, lambda t: t.clone() if t.requires_grad else t))
 
     def _activation(self, structure: Any, index: int) -> torch.Tensor:
         if self.reshape_transform is not None:
@@ -370,6 +393,8 @@ class BaseCAM(GradCamExtension):
     def aggregate_layers(self, per_layer: list[torch.Tensor]) -> torch.Tensor:
         """Combine the per-layer CAMs (each ``[N, *S]`` in [0, 1], at the input's size) into ``[N, *S]``
         in [0, 1]: the mean of their positive parts, min-max scaled (grad-cam's default)."""
+        if len(per_layer) == 1:  # the mean of one map is the map: skip the copy
+            return CF.scale_per_image(per_layer[0].clamp_min(0))
         stacked = torch.stack(per_layer, dim=1).clamp_min(0).mean(dim=1)
         return CF.scale_per_image(stacked)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torchvision
 from torch import nn
@@ -87,3 +89,50 @@ def test_a_conv_output_read_elsewhere_is_not_folded() -> None:
     assert fast_forward.fold_batch_norms(model, (8, 8)) == 0
     assert isinstance(model.bn, nn.BatchNorm2d)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _handler(model: nn.Module, layers: dict[str, list[str]], size: tuple[int, int]) -> SimpleNamespace:
+    cams = {name: cam_engine.create(name, model, [cam_engine.resolve_layer(model, p) for p in paths])
+            for name, paths in layers.items()}  # fmt: skip
+    config = SimpleNamespace(preprocessing=SimpleNamespace(input_size=list(size)))
+    return SimpleNamespace(model=model, cams=cams, device=torch.device("cpu"), config=config,
+                           fast_forward=True, channels_last=True)  # fmt: skip
+
+
+def test_explanations_through_the_frozen_prefix_give_the_same_cams_and_outputs() -> None:
+    torch.manual_seed(3)
+    model = _randomise_norms(torchvision.models.resnet18(num_classes=10))
+    reference = _randomise_norms(torchvision.models.resnet18(num_classes=10))
+    reference.load_state_dict(model.state_dict())
+    fast_forward.fold_batch_norms(model, (64, 64))
+    handler = _handler(model, {"gradcam": ["layer4"], "eigencam": ["layer4"]}, (64, 64))
+    assert fast_forward.split_explanations(handler)
+    assert handler.channels_last is False  # the frozen prefix takes the default memory format
+    assert all(isinstance(cam.forward_split.prefix, torch.jit.ScriptModule) for cam in handler.cams.values())
+    x = torch.rand(3, 3, 64, 64)
+    targets = [[cam_engine.targets.ClassifierOutputTarget(c)] for c in (2, 5, 8)]
+    for name in ("gradcam", "eigencam"):
+        expected = cam_engine.create(name, reference, [reference.layer4]).run(x, targets)
+        got = handler.cams[name].run(x, targets)
+        scale = float(expected.outputs.abs().max())
+        assert float((got.outputs - expected.outputs).abs().max()) < 1e-4 * scale
+        assert float((got.cams - expected.cams).abs().max()) < 1e-3
+
+
+def test_no_frozen_prefix_without_one_shared_cleanly_cut_layer() -> None:
+    torch.manual_seed(4)
+    model = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(False)
+    for layers in ({"gradcam": ["layer4"], "eigencam": ["layer3"]},  # two layers
+                   {"gradcam": ["layer4.0.conv1"]}):  # a shortcut crosses the cut  # fmt: skip
+        handler = _handler(model, layers, (32, 32))
+        assert not fast_forward.split_explanations(handler)
+        assert handler.channels_last is True
+        assert all(cam.forward_split is None for cam in handler.cams.values())
+
+
+def test_the_folded_model_stays_entirely_in_eval_mode() -> None:
+    """Replacement modules are built in training mode by default; left so, every CAM call would switch
+    (and restore) them, and a train()-only consumer would see a mixed model."""
+    model = _randomise_norms(torchvision.models.resnet18(num_classes=10))
+    assert fast_forward.fold_batch_norms(model, (32, 32)) == 20
+    assert [name for name, module in model.named_modules() if module.training] == []

@@ -143,6 +143,7 @@ class CamHandler:
             parameter.requires_grad_(False)
         self.predict, self.channels_last = fast_forward.prepare(self)  # see handlers.serving.fast_forward
         self.cams = self._build_cams()
+        fast_forward.split_explanations(self)  # the frozen copy up to the target layer for explanations
         self._metrics = CamMetrics(context, self.model_name)
         self._warm_up()
         self.audit = Auditor(self, context, metrics=metrics_cache(context))

@@ -10,7 +10,10 @@ convolutions, MKL-DNN layouts) 22 at batch 1 and 16 at batch 4.
 The frozen copy is an optimisation only: it is built at load time, checked against the eager model on a
 random batch of two, and dropped (the eager model then answers everything) when tracing fails, the model
 does not return one tensor, the device is not a CPU, or the outputs differ by more than ``TOLERANCE``.
-Explanations always run on the eager model (cam_engine hooks its layers). :func:`fold_batch_norms` folds
+Explanations need autograd only after the target layer: :func:`split_explanations` cuts the model there
+(:func:`cam_engine.split.split_at`) and gives the CAMs a frozen copy of the part before it (built and
+checked like the prediction copy), so an explained batch costs about a frozen forward plus the eager tail,
+its truncated backward and the CAM; where the model does not cut cleanly, explanations run the eager model. :func:`fold_batch_norms` folds
 every batch norm whose input is exactly the output of the convolution that ran just before it (found by
 one hooked forward pass); the batch norm module is replaced in place, under the same name, by what
 remains of it (timm's ``BatchNormAct2d``: its drop and activation; a plain ``BatchNorm2d``: identity), so
@@ -31,7 +34,9 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["TOLERANCE", "build_predictor", "fold_batch_norms", "to_channels_last", "prepare"]
+from cam_engine.split import ForwardSplit, split_at
+
+__all__ = ["TOLERANCE", "build_predictor", "fold_batch_norms", "to_channels_last", "prepare", "split_explanations"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +89,7 @@ class _AfterNorm(nn.Module):
         super().__init__()
         self.drop = getattr(norm, "drop", nn.Identity())
         self.act = getattr(norm, "act", nn.Identity())
+        self.train(norm.training)  # in the norm's mode: an eval model stays all eval (no per-call switching)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(x))
@@ -173,3 +179,37 @@ def prepare(handler: Any) -> tuple[Callable[[torch.Tensor], Any], bool]:
     if handler.device.type == "cpu" and not model.training:
         fold_batch_norms(model, size)
     return torch.inference_mode()(predictor), to_channels_last(model)
+
+
+def split_explanations(handler: Any) -> bool:
+    """Explained batches run the model up to the target layer on a frozen copy too: every CAM of ``handler``
+    gets a :class:`cam_engine.split.ForwardSplit` whose prefix is a frozen TorchScript copy of the model up
+    to its one target layer (:func:`build_predictor` on :func:`cam_engine.split.split_at`'s prefix, checked
+    against the eager one), so only the tail after that layer runs eagerly with autograd.
+
+    Only for handlers with ``fast_forward`` on a CPU, and only when all CAMs share one target layer that
+    cuts the model cleanly; returns True when the CAMs got the split. Explained batches then stay in the
+    default memory format (the frozen prefix takes it), so ``handler.channels_last`` is turned off.
+    """
+    cams = list(handler.cams.values())
+    if not getattr(handler, "fast_forward", False) or handler.device.type != "cpu" or not cams:
+        return False
+    layers = {id(layer): layer for cam in cams for layer in cam.target_layers}
+    if len(layers) != 1 or any(len(cam.target_layers) != 1 for cam in cams):
+        return False
+    layer = next(iter(layers.values()))
+    size = tuple(handler.config.preprocessing.input_size)
+    with torch.no_grad():
+        split = split_at(handler.model, layer, torch.rand((2, 3, *size)))
+    if split is None:
+        logger.info("the model does not cut cleanly at its target layer; explanations run the eager model")
+        return False
+    prefix = build_predictor(split.prefix, size, handler.device)
+    if prefix is None:
+        return False
+    frozen = ForwardSplit(layer, prefix, split.tail)
+    for cam in cams:
+        cam.forward_split = frozen
+    handler.channels_last = False
+    logger.info("explanations run a frozen copy up to the target layer and the eager tail after it")
+    return True
