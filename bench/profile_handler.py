@@ -30,12 +30,11 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from fake_context import FakeContext  # noqa: E402
+from handlers.tasks.classifier import ClassifierHandler  # noqa: E402
 
-from handlers.classifier import ClassifierHandler  # noqa: E402
-from handlers import serving  # noqa: E402
+from handlers.serving import batch as serving  # noqa: E402
+from tests.helpers.fake_context import FakeContext  # noqa: E402
 
 
 def photo(kind: str) -> bytes:
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             ("  frozen forward", lambda: handler.predict(batch)),
             ("  CAM run (explain_batch)", run),
             ("  encode (inverse map, PNG, base64)", encode),
-            ("  answers (build_response + JSON)", lambda: [serving.json.dumps(handler.build_response(r, state["outputs"], i, e))
+            ("  answers (build_response + JSON)", lambda: [serving.json.dumps(handler.build_response(r, state["outputs"], i, e).body(handler.response_header()))
                                                        for i, (r, e) in enumerate(zip(requests, state["encoded"]))]),
         ]
 

@@ -34,7 +34,6 @@ from . import functional as CF
 from .activations_and_gradients import ActivationsAndGradients
 from .extension import GradCamExtension
 from .layers import layer_names, resolve_layers
-from .split import ForwardSplit
 from .model_utils import (
     default_targets,
     eval_mode,
@@ -44,6 +43,7 @@ from .model_utils import (
     per_image,
     tensors_of,
 )
+from .split import ForwardSplit
 
 __all__ = ["BaseCAM", "CAMResult", "PassContext", "current_input_size", "model_scores", "AUGMENTATIONS"]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +22,6 @@ from handlers.serving import attributions, fast_forward
 from handlers.serving.codec import decode_image
 from handlers.serving.preprocess import preprocess
 from handlers.tasks.classifier import ClassifierHandler
-
 from tests.helpers.fake_context import FakeContext  # noqa: E402
 from tests.helpers.inputs import b64, encode, square_image  # noqa: E402
 from tests.helpers.serving import DEFAULT_MODEL  # noqa: E402

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import sys
 from pathlib import Path
 
 import cv2
@@ -19,10 +18,9 @@ from PIL import Image
 from cam_engine import image as cam_image
 from handlers.config import ConfigError, HandlerConfig
 from handlers.tasks.classifier import ClassifierHandler
-from torchserve_cam_cli.main import build_parser
-
 from tests.helpers.fake_context import FakeContext  # noqa: E402
 from tests.helpers.inputs import b64, encode  # noqa: E402
+from torchserve_cam_cli.main import build_parser
 
 LABELS = [f"class_{i}" for i in range(10)]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from cam_engine.targets import ClassifierOutputTarget
 from handlers.serving.codec import decode_image, encode_raw
 from handlers.serving.preprocess import preprocess
 from handlers.tasks.classifier import ClassifierHandler
-
 from tests.helpers.fake_context import FakeContext  # noqa: E402
 from tests.helpers.inputs import b64, encode, square_image  # noqa: E402
 

@@ -39,8 +39,8 @@ from torch import nn
 import cam_engine
 from cam_engine.model_utils import model_scores
 from handlers.config import ConfigError
-from handlers.settings import boolean, choice, integer, read_section, setting, unit
 from handlers.serving.errors import RequestError
+from handlers.settings import boolean, choice, integer, read_section, setting, unit
 
 __all__ = [
     "METHODS",
