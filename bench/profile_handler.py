@@ -31,9 +31,8 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from handlers.tasks.classifier import ClassifierHandler  # noqa: E402
-
 from handlers.serving import batch as serving  # noqa: E402
+from handlers.tasks.classifier import ClassifierHandler  # noqa: E402
 from tests.helpers.fake_context import FakeContext  # noqa: E402
 
 
