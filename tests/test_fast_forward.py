@@ -130,6 +130,18 @@ def test_no_frozen_prefix_without_one_shared_cleanly_cut_layer() -> None:
         assert all(cam.forward_split is None for cam in handler.cams.values())
 
 
+def test_captum_methods_beside_the_cams_keep_the_eager_model_and_the_cams_still_split() -> None:
+    """A config listing Captum attributions beside CAMs (the default archive does): the attributions have no
+    target-layer hooks and run the eager model; the cam_engine CAMs still get the frozen prefix."""
+    torch.manual_seed(5)
+    model = torchvision.models.resnet18(num_classes=10).eval().requires_grad_(False)
+    handler = _handler(model, {"gradcam": ["layer4"]}, (32, 32))
+    handler.cams["integrated_gradients"] = SimpleNamespace(run=lambda x, targets, **options: None)
+    assert fast_forward.split_explanations(handler)
+    assert handler.cams["gradcam"].forward_split is not None
+    assert not hasattr(handler.cams["integrated_gradients"], "forward_split")
+
+
 def test_the_folded_model_stays_entirely_in_eval_mode() -> None:
     """Replacement modules are built in training mode by default; left so, every CAM call would switch
     (and restore) them, and a train()-only consumer would see a mixed model."""

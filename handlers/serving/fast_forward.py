@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from cam_engine.core import BaseCAM
 from cam_engine.split import ForwardSplit, split_at
 
 __all__ = ["TOLERANCE", "build_predictor", "fold_batch_norms", "to_channels_last", "prepare", "split_explanations"]
@@ -187,11 +188,11 @@ def split_explanations(handler: Any) -> bool:
     to its one target layer (:func:`build_predictor` on :func:`cam_engine.split.split_at`'s prefix, checked
     against the eager one), so only the tail after that layer runs eagerly with autograd.
 
-    Only for handlers with ``fast_forward`` on a CPU, and only when all CAMs share one target layer that
-    cuts the model cleanly; returns True when the CAMs got the split. Explained batches then stay in the
+    Only for handlers with ``fast_forward`` on a CPU, and only when all cam_engine CAMs share one target
+    layer that cuts the model cleanly (Captum's attributions keep the eager model); returns True when the CAMs got the split. Explained batches then stay in the
     default memory format (the frozen prefix takes it), so ``handler.channels_last`` is turned off.
     """
-    cams = list(handler.cams.values())
+    cams = [cam for cam in handler.cams.values() if isinstance(cam, BaseCAM)]  # Captum's methods run eagerly
     if not getattr(handler, "fast_forward", False) or handler.device.type != "cpu" or not cams:
         return False
     layers = {id(layer): layer for cam in cams for layer in cam.target_layers}
