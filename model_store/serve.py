@@ -337,12 +337,12 @@ def stop(workdir: Path, grace: float = DEFAULT_GRACE_S) -> bool:
 
 
 def curl_example(server: Server, model: str, image: str = "docs/chelsea.jpg") -> str:
+    """The two calls ``make serve`` prints: raw bytes with their Content-Type, as every example in the docs."""
     token = server.keys["inference"]
     base = server.url()
-    return (
-        f'curl -s -H "Authorization: Bearer {token}" -T {image} {base}/predictions/{model}\n'
-        f'curl -s -H "Authorization: Bearer {token}" -T {image} {base}/explanations/{model}'
-    )
+    kind = "image/png" if image.lower().endswith(".png") else "image/jpeg"
+    head = f'curl -s -H "Authorization: Bearer {token}" -H "Content-Type: {kind}" -T {image}'
+    return f"{head} {base}/predictions/{model}\n{head} {base}/explanations/{model}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import requests
 
 from model_store import serve
 from tests.helpers.inputs import encode
-from tests.helpers.serving import AUDIT_OFF
+from tests.helpers.serving import AUDIT_OFF, DEFAULT_MODEL
 
 
 def _ports() -> dict[str, int]:
@@ -112,3 +112,19 @@ def _queued(server: serve.Server) -> bool:
     except (requests.RequestException, ValueError):
         return False
     return sum(v["jobQueueStatus"]["pendingRequests"] for v in described) > 0
+
+
+def test_the_printed_curl_examples_answer_as_printed(server) -> None:
+    """What `make serve` prints is run verbatim (from the repository root, where docs/chelsea.jpg is): each
+    call sends the photo's Content-Type and answers the default model's predictions."""
+    import json
+    import shlex
+    import subprocess
+
+    repo = serve.REPO_ROOT
+    for line in serve.curl_example(server, DEFAULT_MODEL).splitlines():
+        assert '-H "Content-Type: image/jpeg"' in line, line
+        completed = subprocess.run(shlex.split(line), capture_output=True, text=True, timeout=120, cwd=repo)
+        answer = json.loads(completed.stdout)
+        assert answer["model"] == DEFAULT_MODEL and answer["predictions"][0]["label"] == "Egyptian cat", answer
+        assert ("explanations" in answer) == line.rstrip().endswith(f"/explanations/{DEFAULT_MODEL}")
