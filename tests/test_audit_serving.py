@@ -26,7 +26,14 @@ from PIL import Image
 
 from model_store import serve
 from tests.helpers.inputs import b64, encode, square_image
-from tests.helpers.serving import AUDIT_FULL, AUDIT_OFF, AUDIT_ROOT, AUDIT_UNWRITABLE
+from tests.helpers.serving import (
+    AUDIT_FULL,
+    AUDIT_OFF,
+    AUDIT_ROOT,
+    AUDIT_STRICT,
+    AUDIT_UNWRITABLE,
+    DEFAULT_MODEL,
+)
 
 FULL_DB = AUDIT_ROOT / "full" / "audit.sqlite3"
 
@@ -208,3 +215,42 @@ def test_archives_ship_the_auditor_but_not_the_offline_report_or_cli(server) -> 
     shipped = {name.split("handlers/audit/", 1)[1] for name in names if "handlers/audit/" in name}
     assert {"__init__.py", "auditor.py", "sinks.py", "writer.py"} <= shipped, sorted(names)
     assert not shipped & {"report.py", "__main__.py"}, sorted(shipped)
+
+
+def test_served_road_faithfulness_and_endpoint_are_recorded(server) -> None:
+    """The strict archive audits with faithfulness: road; its record is committed before the answer."""
+    image = encode(square_image(60, 90, (10, 20, 40, 60), seed=7))
+    answer = post(server, f"explanations/{AUDIT_STRICT}", {"image": b64(image), "targets": [4]})
+    assert answer.status_code == 200, answer.text[:200]
+    (record,) = records_for(AUDIT_ROOT / "strict" / "audit.sqlite3", [answer.headers["x-request-id"]], timeout=5)[
+        answer.headers["x-request-id"]
+    ]
+    assert record["endpoint"] == "explanations"
+    faith = json.loads(record["explanations"])[0]["faithfulness"]
+    assert faith["perturbation"] == "road" and -1.0 <= faith["drop"] <= 1.0
+    assert faith["drop"] == pytest.approx(faith["before"] - faith["after"], abs=1e-6)
+    assert record["faithfulness"] == pytest.approx(faith["drop"], abs=1e-6)
+
+
+def test_served_raw_maps_and_overlay_options(server) -> None:
+    """float16 at the input grid decodes to the served PNG's map; an overlay follows colormap and alpha."""
+    photo = encode(square_image(120, 160, (20, 40, 90, 120), seed=3), "JPEG")
+    body = {"image": b64(photo), "heatmap_format": "float16", "heatmap_size": "input"}
+    raw = post(server, f"explanations/{DEFAULT_MODEL}", body).json()["explanations"][0]["heatmap"]
+    assert raw["format"] == "float16" and raw["dtype"] == "float16" and raw["grid"] == "input"
+    values = np.frombuffer(base64.b64decode(raw["data"]), "<f2").reshape(raw["shape"])
+    assert tuple(raw["shape"]) == (224, 224) and float(values.min()) >= 0 and float(values.max()) == pytest.approx(1, abs=1e-3)
+    npy = post(server, f"explanations/{DEFAULT_MODEL}", {**body, "heatmap_format": "npy", "heatmap_size": "image"})
+    image_map = np.load(io.BytesIO(base64.b64decode(npy.json()["explanations"][0]["heatmap"]["data"])))
+    assert image_map.shape == (120, 160) and image_map.dtype == np.float32
+    overlays = {}
+    for colormap, alpha in (("jet", 0.5), ("viridis", 0.5), ("viridis", 0.9)):
+        answer = post(server, f"explanations/{DEFAULT_MODEL}",
+                      {"image": b64(photo), "output": "overlay", "colormap": colormap, "alpha": alpha})  # fmt: skip
+        overlays[colormap, alpha] = png_array(base64.b64decode(answer.json()["explanations"][0]["overlay"]["data"]))
+    assert all(o.shape == (120, 160, 3) for o in overlays.values())
+    differ = lambda a, b: float(np.abs(overlays[a].astype(int) - overlays[b].astype(int)).mean())  # noqa: E731
+    assert differ(("jet", 0.5), ("viridis", 0.5)) > 5 and differ(("viridis", 0.5), ("viridis", 0.9)) > 5
+    bad = post(server, f"explanations/{DEFAULT_MODEL}", {"image": b64(photo), "output": "overlay", "colormap": "sepia"})
+    assert bad.status_code == 400 and "colormap" in bad.json()["message"] and "viridis" in bad.json()["message"]
+

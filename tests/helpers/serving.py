@@ -75,7 +75,8 @@ TEST_ARCHIVES += [
 ]  # fmt: skip
 # tests/test_audit_strict.py: durability strict, its worker killed with SIGKILL right after the answers
 AUDIT_STRICT = "audit_strict"
-TEST_ARCHIVES.append(_audit_archive(AUDIT_STRICT, {"sample_rate": 1.0, "durability": "strict",
+# (faithfulness: road too, so tests/test_audit_serving.py reads a served ROAD score as soon as the answer is back)
+TEST_ARCHIVES.append(_audit_archive(AUDIT_STRICT, {"sample_rate": 1.0, "durability": "strict", "faithfulness": "road",
                                                    "directory": "${CAM_AUDIT_TEST_DIR}/strict"}))  # fmt: skip
 
 
