@@ -186,13 +186,13 @@ def section_keys(cls: type) -> list[str]:
     keys: list[str] = []
     for f in fields(cls):
         if f.metadata.get("flat"):
-            keys += section_keys(_section_type(cls, f))
+            keys += section_keys(_section_type(f))
         else:
             keys.append(f.name)
     return keys
 
 
-def _section_type(cls: type, f: dataclasses.Field) -> type | None:
+def _section_type(f: dataclasses.Field) -> type | None:
     return f.default_factory if dataclasses.is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
 
 
@@ -213,7 +213,7 @@ def read_section(cls: type, data: Mapping[str, Any] | None, where: str) -> Any:
     _check_keys(data, section_keys(cls), where)
     values: dict[str, Any] = {}
     for f in fields(cls):
-        nested = _section_type(cls, f)
+        nested = _section_type(f)
         if f.metadata.get("flat"):
             values[f.name] = read_section(nested, {k: data[k] for k in section_keys(nested) if k in data}, where)
         elif nested is not None:
