@@ -56,12 +56,13 @@ def test_decode_applies_every_exif_orientation(orientation):
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (9, 1), (224, 224), (300, 451), (5000, 4000)])
 def test_png_round_trip(shape):
-    ramp = (np.add.outer(np.arange(shape[0]), 3 * np.arange(shape[1])) * 7) % 256  # wraps: Up differences < 0
-    gray = ramp.astype(np.uint8)
-    data = encode_png(gray)
-    picture = Image.open(io.BytesIO(data))
-    assert picture.format == "PNG" and picture.mode == "L"
-    assert np.array_equal(np.asarray(picture), gray)
+    ramp = (np.add.outer(np.arange(shape[0]), 3 * np.arange(shape[1])) * 7) % 256  # wraps: differences < 0
+    noise = np.random.default_rng(0).integers(0, 256, shape)  # incompressible: every byte value, stored blocks
+    for gray in (ramp.astype(np.uint8), noise.astype(np.uint8)):
+        data = encode_png(gray)
+        picture = Image.open(io.BytesIO(data))
+        assert picture.format == "PNG" and picture.mode == "L"
+        assert np.array_equal(np.asarray(picture), gray)
 
 
 @pytest.mark.parametrize("source", [(224, 224), (300, 451), (100, 50), (1000, 37), (7, 500), (224, 225)])

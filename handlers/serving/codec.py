@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from isal import isal_zlib
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from handlers.serving.errors import RequestError
@@ -74,23 +75,24 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
 def encode_png(gray: np.ndarray) -> bytes:
     """uint8 ``[h, w]`` -> 8-bit grayscale PNG bytes.
 
-    Written directly with zlib: every row uses the PNG "Up" filter (row minus the row above, one NumPy
-    subtraction), which suits smooth heatmaps, and zlib level 1: at 451x300 this takes ~1.0 ms and ~27 KB
-    against ~1.9 ms and ~23 KB for Pillow at level 1 (~3-5x faster than Pillow's default level 6 at
-    ~1.4x its 19 KB). Above 16 MP level 6 keeps large heatmaps far from the response limit.
+    Written directly: every row uses the PNG "Sub" filter (each byte minus its left neighbour, one NumPy
+    subtraction), and the IDAT stream is deflated by ISA-L (``isal``, zlib-compatible output) at level 1.
+    A heatmap is a smooth map resized to the photo, so its left differences are short runs of a few
+    values. On 451x300 CAMs of four skimage photos (mean): 0.13 ms and 18 KB, against 0.96 ms and 27 KB
+    for zlib level 1 on "Up"-filtered rows (this encoder's previous form) and ~1.9 ms for Pillow at
+    level 1; a 4000x3000 heatmap takes ~7-12 ms and ~0.7 MB.
     """
     gray = np.ascontiguousarray(gray, dtype=np.uint8)
     height, width = gray.shape
     rows = np.empty((height, width + 1), np.uint8)
-    rows[:, 0] = 2  # filter type Up
-    rows[:1, 1:] = gray[:1]
-    np.subtract(gray[1:], gray[:-1], out=rows[1:, 1:])  # modulo 256, as the filter defines
-    level = 1 if gray.size <= 16_000_000 else 6
+    rows[:, 0] = 1  # filter type Sub
+    rows[:, 1] = gray[:, 0]
+    np.subtract(gray[:, 1:], gray[:, :-1], out=rows[:, 2:])  # modulo 256, as the filter defines
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale, no interlace
     return (
         b"\x89PNG\r\n\x1a\n"
         + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
+        + _chunk(b"IDAT", isal_zlib.compress(rows.data, 1))
         + _chunk(b"IEND", b"")
     )
 
