@@ -466,6 +466,8 @@ class BaseCAM(GradCamExtension):
         depth = max((len(t) for t in targets), default=0)
         image_sets = [[i for i in range(batch) if len(targets[i]) > d] for d in range(depth)]
         losses = [sum(targets[i][d](per_image(scores, i)).sum() for i in image_sets[d]) for d in range(depth)]
+        if depth == 1 and len(image_sets[0]) == batch:  # one target per image: the rows are already in order
+            return depth_cams(0, image_sets[0], losses).float()
         row_of = {pair: row for row, pair in enumerate((i, t) for i in range(batch) for t in range(len(targets[i])))}
         cams = torch.empty((len(row_of), *size), device=device, dtype=torch.float32)
         for depth_index, images in enumerate(image_sets):

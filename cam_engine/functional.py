@@ -187,9 +187,8 @@ def fem(activations: torch.Tensor, k: float = 2.0) -> torch.Tensor:
 def scale_per_image(cam: torch.Tensor) -> torch.Tensor:
     """Min-max scale each image of ``[B, *S]`` to [0, 1]: ``(x - min) / (max(x - min) + 1e-7)``."""
     flat = cam.reshape(cam.shape[0], -1)
-    flat = flat - flat.amin(dim=1, keepdim=True)
-    flat = flat / (flat.amax(dim=1, keepdim=True) + 1e-7)
-    return flat.reshape(cam.shape)
+    flat = flat - flat.amin(dim=1, keepdim=True)  # a new tensor: the division below may work in place
+    return flat.div_(flat.amax(dim=1, keepdim=True) + 1e-7).reshape(cam.shape)
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, ...], volume: str = "zoom") -> torch.Tensor:

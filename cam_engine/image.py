@@ -95,7 +95,7 @@ def colormap_table(colormap: str | int, device: torch.device | str = "cpu") -> t
 
 def to_uint8(cam: torch.Tensor) -> torch.Tensor:
     """[0, 1] floats -> uint8 (rounded)."""
-    return (cam.clamp(0, 1) * 255).round().to(torch.uint8)
+    return cam.clamp(0, 1).mul_(255).round_().to(torch.uint8)  # clamp's copy is the only float temporary
 
 
 def _colours(cam: torch.Tensor, colormap: str | int) -> torch.Tensor:
