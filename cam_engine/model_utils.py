@@ -89,27 +89,36 @@ def map_structure(structure: Any, fn: Callable[[torch.Tensor], torch.Tensor]) ->
 
 # Module lists of the models eval_mode has seen, kept while no submodule is registered anywhere (a walk of
 # EfficientNet-Lite0's 273 modules costs about 0.3 ms per call; the cached list a few microseconds).
-_MODULES: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[nn.Module, ...]]] = weakref.WeakKeyDictionary()
+# The cache holds weak references only: a model's list must not keep the model (its first module) or any
+# submodule alive, or every model a process ever explained would stay in memory.
+_MODULES: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[weakref.ref[nn.Module], ...]]] = (
+    weakref.WeakKeyDictionary()
+)
 _GENERATION = [0]
+_HOOK: list[Any] = []  # the registration hook's handle, installed by the first all_modules call
 
 
 def _registered(module: nn.Module, name: str, submodule: Any) -> None:
     _GENERATION[0] += 1  # any module registered anywhere (add_module, attribute assignment): walk again
 
 
-register_module_module_registration_hook(_registered)
-
-
 def all_modules(model: nn.Module) -> tuple[nn.Module, ...]:
     """``tuple(model.modules())``, cached per model until a submodule is registered anywhere in the
     process (``add_module``, ``register_module``, attribute assignment of a module). A structure change
     that bypasses registration (``ModuleList.insert``, direct ``_modules`` edits) needs
-    :func:`forget_modules`."""
+    :func:`forget_modules`.
+
+    The cache keeps no model alive (weak references only). The process-wide module-registration hook
+    that invalidates it is installed by the first call, not at import."""
+    if not _HOOK:
+        _HOOK.append(register_module_module_registration_hook(_registered))
     cached = _MODULES.get(model)
     if cached is not None and cached[0] == _GENERATION[0]:
-        return cached[1]
+        modules = tuple(ref() for ref in cached[1])
+        if all(module is not None for module in modules):
+            return modules  # type: ignore[return-value]
     modules = tuple(model.modules())
-    _MODULES[model] = (_GENERATION[0], modules)
+    _MODULES[model] = (_GENERATION[0], tuple(weakref.ref(module) for module in modules))
     return modules
 
 
