@@ -571,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             build_archive(spec, args.output, log=lambda line: print("    " + line, flush=True))
         except (BuildError, ValueError, OSError) as error:
-            print(f"    error: {str(error).strip().splitlines()[0] if str(error).strip() else error!r}", file=sys.stderr, flush=True)
+            line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            print(f"    error: {line}", file=sys.stderr, flush=True)
             failed += 1
     return 1 if failed else 0
 

@@ -54,6 +54,7 @@ def trace_outputs(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[s
     how often each name was called. The root module is left out."""
     finished: list[tuple[str, nn.Module, torch.Tensor]] = []
     calls: Counter = Counter()
+    wrapped: set[str] = set()  # modules returning a tuple or a model output: a CNN layer must return a tensor
     handles = []
     for name, module in model.named_modules():
         if not name:
@@ -64,6 +65,8 @@ def trace_outputs(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[s
             tensor = _tensor(output)
             if tensor is not None:
                 finished.append((name, module, tensor))
+                if not isinstance(output, torch.Tensor):
+                    wrapped.add(name)
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -72,6 +75,8 @@ def trace_outputs(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[s
     finally:
         for handle in handles:
             handle.remove()
+    for name in wrapped:
+        calls[name] += 1000  # never chosen: cam_engine would need a reshape for it
     return finished, calls
 
 
@@ -104,10 +109,7 @@ def _cnn_layer(finished: list[tuple[str, nn.Module, torch.Tensor]], calls: Count
             continue
         if calls[name] != 1:
             continue
-        if chosen is None or output.data_ptr() != chosen[2].data_ptr() or output.shape != chosen[2].shape:
-            chosen = (name, position, output)
-        else:  # the same map returned by an enclosing module: take the outer one
-            chosen = (name, position, output)
+        chosen = (name, position, output)  # the last one; an enclosing module returning the same map comes later
     if chosen is None:
         return None
     name, position, output = chosen
@@ -122,11 +124,9 @@ def find_target_layer(model: nn.Module, input_size: tuple[int, int], device: tor
     example = torch.zeros((1, 3, *input_size), device=device)
     finished, calls = trace_outputs(model, example)
     transformer = _transformer_layer(finished, calls)
+    if transformer is not None:  # transformer blocks win: their attention maps are 4-D too, but not spatial
+        return transformer
     cnn = _cnn_layer(finished, calls)
-    if transformer is not None:
-        last_norm = max(i for i, (n, _, _) in enumerate(finished) if n == transformer.path)
-        if cnn is None or cnn[1] < last_norm:
-            return transformer
     if cnn is not None:
         return cnn[0]
     raise ValueError("no spatial feature map or transformer block found in a forward pass: give target_layers")

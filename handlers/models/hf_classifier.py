@@ -81,7 +81,9 @@ def preprocessing_from_processor(directory: Path) -> dict[str, Any]:
 def load_classifier(directory: Path) -> tuple[nn.Module, list[str], str]:
     """``(model in eval mode, labels from id2label, reshape)`` from a ``save_pretrained`` directory."""
     from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no progress bars in build output or worker logs
     model = AutoModelForImageClassification.from_pretrained(str(directory), local_files_only=True)
     id2label = getattr(model.config, "id2label", None) or {}
     labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(int(model.config.num_labels))]
