@@ -16,7 +16,10 @@ from typing import Any
 
 from handlers.tasks.registry import TASKS
 
-__all__ = ["CheckContext", "check_archive", "check_image"]
+__all__ = ["CheckContext", "check_archive", "check_image", "NO_PLAIN_REQUEST"]
+
+#: tasks with no plain request (an embedding request names a concept or sends reference images)
+NO_PLAIN_REQUEST = ("embedding",)
 
 
 class CheckContext:
@@ -67,6 +70,8 @@ def check_archive(
     handler = TASKS[task].handler_class()()
     handler.initialize(context)
     image = check_image()
+    if task in NO_PLAIN_REQUEST:
+        return handler.describe()
     for endpoint, explain in (("/predictions", False), ("/explanations", True)):
         context.explain, context.status = explain, {}
         answer = handler.handle([{"body": bytearray(image)}], context)[0]

@@ -173,3 +173,13 @@ def test_hf_conv_classifier_defaults_top_k_to_its_classes(server) -> None:
     assert len(body["predictions"]) == 4 and {p["label"] for p in body["predictions"]} == set(own_models.RESNET_LABELS)
     assert [(e["target"], e["label"]) for e in body["explanations"]] == [(1, "square"), (3, "star")]
     assert heatmap(body["explanations"][0]).shape == (80, 96)
+
+
+def test_cli_follows_inference_port(monkeypatch) -> None:
+    from torchserve_cam_cli.main import build_parser
+
+    monkeypatch.delenv("TORCHSERVE_CAM_URL", raising=False)
+    monkeypatch.setenv("INFERENCE_PORT", "18123")
+    assert build_parser().parse_args(["predict", "x.png", "--model", "m"]).url == "http://127.0.0.1:18123"
+    monkeypatch.setenv("TORCHSERVE_CAM_URL", "http://127.0.0.1:9")
+    assert build_parser().parse_args(["predict", "x.png", "--model", "m"]).url == "http://127.0.0.1:9"
