@@ -48,9 +48,11 @@ install: $(STAMP)
 test: $(STAMP) chromium
 	$(PY) -m pytest
 
-# grad-cam 1.5.7's own test suite (from its sdist, cached under ~/.cache/torchserve-cam) against cam_engine:
-# the whole grid (`make test` runs a representative subset), then against grad-cam itself for the baseline.
+# The heavy agreement grids that `make test` samples (tests marked peer: aug_smooth for every method, ...),
+# then grad-cam 1.5.7's own test suite (from its sdist, cached under ~/.cache/torchserve-cam) against
+# cam_engine: the whole grid, then against grad-cam itself for the baseline.
 test-peer: $(STAMP)
+	$(PY) -m pytest -q --peer -m peer
 	GRADCAM_SUITE=full $(PY) -m pytest -q tests/test_gradcam_suite.py -s
 	$(PY) -m tests.helpers.gradcam_suite pytorch_grad_cam
 
