@@ -167,6 +167,10 @@ report: $(VENV)/.installed-extra-load $(VENV)/.installed-extra-bench
 	$(PY) load_tests/report.py $(REPORT_ARGS)
 
 # The docs site (docs/, mkdocs.yml): built strictly (a broken link, anchor or docstring fails) into site/.
-.PHONY: docs
-docs: $(STAMP)
+# Only the docs extra on top of the serving install: building the site never changes what the server runs with.
+# make docs-serve: the same site, live-reloaded, on http://127.0.0.1:8000 (loopback only).
+.PHONY: docs docs-serve
+docs: $(VENV)/.installed-extra-docs
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+docs-serve: $(VENV)/.installed-extra-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict --dev-addr 127.0.0.1:8000
