@@ -48,9 +48,11 @@ install: $(STAMP)
 test: $(STAMP) chromium
 	$(PY) -m pytest
 
-# grad-cam 1.5.7's own test suite (from its sdist, cached under ~/.cache/torchserve-cam) against cam_engine:
-# the whole grid (`make test` runs a representative subset), then against grad-cam itself for the baseline.
+# The heavy agreement grids that `make test` samples (tests marked peer: aug_smooth for every method, ...),
+# then grad-cam 1.5.7's own test suite (from its sdist, cached under ~/.cache/torchserve-cam) against
+# cam_engine: the whole grid, then against grad-cam itself for the baseline.
 test-peer: $(STAMP)
+	$(PY) -m pytest -q --peer -m peer
 	GRADCAM_SUITE=full $(PY) -m pytest -q tests/test_gradcam_suite.py -s
 	$(PY) -m tests.helpers.gradcam_suite pytorch_grad_cam
 
@@ -165,6 +167,10 @@ report: $(VENV)/.installed-extra-load $(VENV)/.installed-extra-bench
 	$(PY) load_tests/report.py $(REPORT_ARGS)
 
 # The docs site (docs/, mkdocs.yml): built strictly (a broken link, anchor or docstring fails) into site/.
-.PHONY: docs
-docs: $(STAMP)
+# Only the docs extra on top of the serving install: building the site never changes what the server runs with.
+# make docs-serve: the same site, live-reloaded, on http://127.0.0.1:8000 (loopback only).
+.PHONY: docs docs-serve
+docs: $(VENV)/.installed-extra-docs
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+docs-serve: $(VENV)/.installed-extra-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict --dev-addr 127.0.0.1:8000
