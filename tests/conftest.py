@@ -60,15 +60,12 @@ def trained_cnn():
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A TorchServe started once per session (token auth on, model API off), stopped at the end."""
     from model_store import serve
-    from model_store.build import build_archive
+    from tests.helpers.archive_cache import build_cached
     from tests.helpers.serving import TEST_ARCHIVES
 
     workdir = tmp_path_factory.mktemp("torchserve")
     store = workdir / "model_store"
-    names = []
-    for spec in TEST_ARCHIVES:
-        archive = build_archive(spec, store, log=lambda line: None)
-        names.append(archive.stem)
+    names = build_cached(TEST_ARCHIVES, store)  # built once per machine and set of inputs
     ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
     try:
         running = serve.start(workdir, store, names, ports=ports, timeout=240)

@@ -32,11 +32,33 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_pss_bytes(root: int) -> int:
-    """PSS of ``root`` and all its descendants, in bytes (0 where /proc has no smaps_rollup)."""
-    tree, total, stack = _children(), 0, [root]
+def _started_in(directory: str) -> list[int]:
+    """Processes whose working directory or command line is inside ``directory``: the servers a test
+    started that detached from pytest (TorchServe's frontend daemonises; pg_ctl and nginx fork away)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cwd.startswith(directory) or directory in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def tree_pss_bytes(root: int, directory: str | None = None) -> int:
+    """PSS of ``root``, of the processes started inside ``directory`` and of all their descendants, in bytes
+    (0 where /proc has no smaps_rollup); each process counted once."""
+    tree, total, seen = _children(), 0, set()
+    stack = [root, *(_started_in(directory) if directory else [])]
     while stack:
         pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
         stack.extend(tree.get(pid, ()))
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
@@ -49,7 +71,8 @@ def tree_pss_bytes(root: int) -> int:
 
 
 class Budget:
-    def __init__(self) -> None:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
         self.started = time.monotonic()
         self.per_file: dict[str, float] = defaultdict(float)
         self.peak = (0, "")
@@ -59,8 +82,11 @@ class Budget:
         self._thread.start()
 
     def _sample(self) -> None:
+        factory = None
         while not self._stop.wait(0.5):
-            pss = tree_pss_bytes(os.getpid())
+            factory = factory or getattr(self.config, "_tmp_path_factory", None)  # pytest's, set at configure
+            basetemp = str(factory.getbasetemp()) if factory is not None else None
+            pss = tree_pss_bytes(os.getpid(), basetemp)
             if pss > self.peak[0]:
                 self.peak = (pss, self.current)
 
@@ -86,4 +112,4 @@ class Budget:
 
 def pytest_configure(config: pytest.Config) -> None:
     if Path("/proc/self/smaps_rollup").exists() and not hasattr(config, "workerinput"):
-        config.pluginmanager.register(Budget(), "budget-report")
+        config.pluginmanager.register(Budget(config), "budget-report")
