@@ -447,7 +447,7 @@ def write_readiness(settings: Settings, ready: bool, message: str) -> None:
 class Watcher:
     """Runs nginx and keeps its tokens and readiness current (see the module docstring)."""
 
-    def __init__(self, settings: Settings, poll: float = 1.0, settle: float = 1.0) -> None:
+    def __init__(self, settings: Settings, poll: float = 0.25, settle: float = 1.0) -> None:
         self.settings = settings
         self.poll = poll
         self.settle = settle  # seconds the rotating marker stands before and after a rotation
