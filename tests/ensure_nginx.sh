@@ -12,5 +12,5 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # policy-rc.d keeps the package's service from starting (the tests start their own nginx on loopback ports)
-apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
+apt-get install -y -qq --no-install-recommends nginx >/dev/null
 test -x /usr/sbin/nginx
