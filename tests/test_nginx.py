@@ -5,7 +5,7 @@ renders, on loopback. Each attack on the former hand-written gate is pinned here
 request smuggling (Content-Length / Transfer-Encoding), bad lengths, short bodies, slow connections; then
 rotations under load, readiness and the drain.
 
-``NGINX_SLOW_SECONDS`` (default 12) sets how long the slow-connection attack lasts; the issue's full
+``NGINX_SLOW_SECONDS`` (default 10) sets how long the slow-connection attack lasts; the issue's full
 variant is ``NGINX_SLOW_SECONDS=60``.
 """
 
@@ -32,7 +32,7 @@ if nginx_binary() is None:
     pytest.fail("nginx is missing: run tests/ensure_nginx.sh (make test does)", pytrace=False)
 
 PREDICT = f"/predictions/{DEFAULT_MODEL}"
-SLOW_SECONDS = float(os.environ.get("NGINX_SLOW_SECONDS", "12"))
+SLOW_SECONDS = float(os.environ.get("NGINX_SLOW_SECONDS", "10"))
 CAT = encode(data.chelsea()[::4, ::4], "JPEG", quality=85)  # 75x113: a cheap, real prediction
 
 
@@ -190,7 +190,14 @@ def test_nginx_own_errors_are_json(front):
     assert front.request("GET", "/healthz", token=None)[::2] == (200, b'{"status": "ok"}')
 
 
-def test_describe_header_and_client_authorization_never_reach_torchserve(front):
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "OPTIONS"])
+def test_inference_routes_take_post_only(front, method):
+    status, headers, body = front.request(method, PREDICT, body=CAT if method == "PUT" else None)
+    assert status == 405 and headers["allow"] == "POST"
+    _json_error(body, 405)
+
+
+def test_describe_header_never_reaches_torchserve(front):
     """Only whitelisted headers are forwarded: ``describe: True`` would turn a prediction into a describe call."""
     status, _, body = front.request("POST", PREDICT, body=CAT, headers={"Content-Type": "image/jpeg", "describe": "True"})
     assert status == 200 and "predictions" in json.loads(body)
@@ -285,6 +292,8 @@ def test_slow_connections_do_not_slow_legitimate_requests(front):
         for thread in threads:
             thread.join(10)
     assert failures == []
+    print(f"p95 quiet {_p95(quiet) * 1000:.0f} ms, under 200 slow connections {_p95(attacked) * 1000:.0f} ms "
+          f"({len(attacked)} requests; closed by nginx: {counters})")  # fmt: skip
     assert _p95(attacked) <= 2 * _p95(quiet), (f"p95 quiet {_p95(quiet) * 1000:.0f} ms, "
                                                f"under attack {_p95(attacked) * 1000:.0f} ms")  # fmt: skip
     assert counters["header"] >= 50, counters  # header timeout (3 s here) closed the slow-header ones
@@ -338,7 +347,7 @@ def test_rotations_under_load_lose_nothing(front, server, tmp_path):
 
         secret = threading.Thread(target=rotate_secret)
         secret.start()
-        outcomes = _load(rotating.port, 14, token)
+        outcomes = _load(rotating.port, 10, token)
         secret.join()
         rotating.wait_until(lambda: rotating.request("POST", PREDICT, CLIENT_TOKENS[0], CAT,
                                                      {"Content-Type": "image/jpeg"})[0] == 401, 10, "old token refused")  # fmt: skip
@@ -396,5 +405,6 @@ def test_readiness_is_false_within_10s_of_a_worker_death_and_true_after_recovery
     os.kill(pid, signal.SIGKILL)
     took = front.wait_until(lambda: _readyz(front)[0] == 503, 10, "/readyz 503 after the worker died")
     assert took <= 10
-    front.wait_until(lambda: _readyz(front)[0] == 200, 120, "/readyz 200 after TorchServe restarted the worker")
+    back = front.wait_until(lambda: _readyz(front)[0] == 200, 120, "/readyz 200 after TorchServe restarted the worker")
+    print(f"/readyz 503 {took:.1f} s after the worker's death, 200 again {back:.1f} s later")
     assert _worker_pids(server, BATCH_MODEL) != [pid]

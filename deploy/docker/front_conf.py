@@ -41,7 +41,7 @@ ERRORS = {
     401: ("Unauthorized", "missing or invalid bearer token"),
     403: ("Forbidden", "forbidden"),
     404: ("NotFound", "only inference routes are served here"),
-    405: ("MethodNotAllowed", "method not allowed"),
+    405: ("MethodNotAllowed", "inference routes take POST"),
     408: ("RequestTimeout", "the request was not received in time"),
     411: ("LengthRequired", "a Content-Length is required"),
     413: ("RequestTooLarge", "request body too large"),
@@ -184,7 +184,8 @@ def _error_locations() -> str:
     blocks = []
     for code, (kind, message) in ERRORS.items():
         body = json.dumps({"code": code, "type": kind, "message": message}).replace("'", "\\'")
-        extra = "        add_header WWW-Authenticate 'Bearer' always;\n" if code == 401 else ""
+        extra = {401: "        add_header WWW-Authenticate 'Bearer' always;\n",
+                 405: "        add_header Allow 'POST' always;\n"}.get(code, "")  # fmt: skip
         blocks.append(f"    location = /_front/{code} {{\n        internal;\n{extra}        return {code} '{body}';\n    }}")
     return "\n".join(blocks)
 
@@ -206,6 +207,9 @@ def _routes(state: Path) -> str:
     guard = f"""        root {state}/ts-key;
         if ($gate_client = 0) {{
             return 401;
+        }}
+        if ($request_method != POST) {{
+            return 405;
         }}
         if ($ts_authorization = "") {{
             return 503;

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import signal
 import socket
@@ -157,11 +158,6 @@ def raw_exchange(port: int, data: bytes, *, timeout: float = 10.0, shutdown: boo
 
 
 def statuses(data: bytes) -> list[int]:
-    """The status codes of every HTTP response in ``data`` (several if a request was smuggled)."""
-    found = []
-    for line in data.split(b"\r\n"):
-        if line.startswith(b"HTTP/1."):
-            parts = line.split()
-            if len(parts) >= 2 and parts[1].isdigit():
-                found.append(int(parts[1]))
-    return found
+    """The status codes of every HTTP response in ``data`` (several if a request was smuggled; a second
+    status line may follow the first body without a line break)."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.[01] (\d{3})", data)]
