@@ -45,7 +45,7 @@ EXTRA_STAMPS := $(foreach e,$(subst $(comma), ,$(EXTRAS)),$(VENV)/.installed-ext
 install-serve: $(SERVE_STAMP) $(EXTRA_STAMPS)
 install: $(STAMP)
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium nginx
 	$(PY) -m pytest
 
 # The heavy agreement grids that `make test` samples (tests marked peer: aug_smooth for every method, ...),
@@ -60,6 +60,11 @@ test-peer: $(STAMP)
 .PHONY: chromium
 chromium:
 	@tests/ensure_chromium.sh
+
+# Debian's nginx for the front-door tests (tests/test_nginx*.py) and make deploy-check (nginx -t), when missing.
+.PHONY: nginx
+nginx:
+	@tests/ensure_nginx.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench torchserve_cam_cli load_tests deploy
@@ -104,13 +109,14 @@ push: image
 
 # The manifests with your image: make deploy-render REGISTRY=ghcr.io/acme [VERSION=...] writes, under DEPLOY_OUT,
 # kustomize/<overlay>/ (kubectl apply -k), kubernetes/<overlay>.yaml (rendered) and kserve/*.yaml (needs kubectl).
-# make deploy-check: the offline checks (kubectl kustomize + kubernetes-validate 1.30 --strict, hadolint), also on
+# make deploy-check: the offline checks (kubectl kustomize + kubernetes-validate 1.30 --strict, hadolint, nginx -t on
+# the front's config rendered from each manifest), also on
 # what deploy-render wrote when DEPLOY_OUT exists. No cluster, no Docker engine.
 DEPLOY_OUT ?= build/deploy
 .PHONY: deploy-render deploy-check
 deploy-render:
 	$(PYTHON) deploy/deploy_render.py --registry $(REGISTRY) --version $(VERSION) --out $(DEPLOY_OUT)
-deploy-check: $(VENV)/.installed-extra-deploy
+deploy-check: $(VENV)/.installed-extra-deploy nginx
 	$(PY) deploy/deploy_check.py $(if $(wildcard $(DEPLOY_OUT)/kubernetes),--rendered $(DEPLOY_OUT)/kubernetes)
 
 # The README's method gallery (docs/gallery_*.jpg): every cam_engine method, real EfficientNet-Lite0, CPU.
