@@ -45,12 +45,14 @@ EXTRA_STAMPS := $(foreach e,$(subst $(comma), ,$(EXTRAS)),$(VENV)/.installed-ext
 install-serve: $(SERVE_STAMP) $(EXTRA_STAMPS)
 install: $(STAMP)
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium nginx
 	$(PY) -m pytest
 
-# grad-cam 1.5.7's own test suite (from its sdist, cached under ~/.cache/torchserve-cam) against cam_engine:
-# the whole grid (`make test` runs a representative subset), then against grad-cam itself for the baseline.
+# The heavy agreement grids that `make test` samples (tests marked peer: aug_smooth for every method, ...),
+# then grad-cam 1.5.7's own test suite (from its sdist, cached under ~/.cache/torchserve-cam) against
+# cam_engine: the whole grid, then against grad-cam itself for the baseline.
 test-peer: $(STAMP)
+	$(PY) -m pytest -q --peer -m peer
 	GRADCAM_SUITE=full $(PY) -m pytest -q tests/test_gradcam_suite.py -s
 	$(PY) -m tests.helpers.gradcam_suite pytorch_grad_cam
 
@@ -58,6 +60,11 @@ test-peer: $(STAMP)
 .PHONY: chromium
 chromium:
 	@tests/ensure_chromium.sh
+
+# Debian's nginx for the front-door tests (tests/test_nginx*.py) and make deploy-check (nginx -t), when missing.
+.PHONY: nginx
+nginx:
+	@tests/ensure_nginx.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench torchserve_cam_cli load_tests deploy
@@ -102,13 +109,14 @@ push: image
 
 # The manifests with your image: make deploy-render REGISTRY=ghcr.io/acme [VERSION=...] writes, under DEPLOY_OUT,
 # kustomize/<overlay>/ (kubectl apply -k), kubernetes/<overlay>.yaml (rendered) and kserve/*.yaml (needs kubectl).
-# make deploy-check: the offline checks (kubectl kustomize + kubernetes-validate 1.30 --strict, hadolint), also on
+# make deploy-check: the offline checks (kubectl kustomize + kubernetes-validate 1.30 --strict, hadolint, nginx -t on
+# the front's config rendered from each manifest), also on
 # what deploy-render wrote when DEPLOY_OUT exists. No cluster, no Docker engine.
 DEPLOY_OUT ?= build/deploy
 .PHONY: deploy-render deploy-check
 deploy-render:
 	$(PYTHON) deploy/deploy_render.py --registry $(REGISTRY) --version $(VERSION) --out $(DEPLOY_OUT)
-deploy-check: $(VENV)/.installed-extra-deploy
+deploy-check: $(VENV)/.installed-extra-deploy nginx
 	$(PY) deploy/deploy_check.py $(if $(wildcard $(DEPLOY_OUT)/kubernetes),--rendered $(DEPLOY_OUT)/kubernetes)
 
 # The README's method gallery (docs/gallery_*.jpg): every cam_engine method, real EfficientNet-Lite0, CPU.
@@ -165,6 +173,10 @@ report: $(VENV)/.installed-extra-load $(VENV)/.installed-extra-bench
 	$(PY) load_tests/report.py $(REPORT_ARGS)
 
 # The docs site (docs/, mkdocs.yml): built strictly (a broken link, anchor or docstring fails) into site/.
-.PHONY: docs
-docs: $(STAMP)
+# Only the docs extra on top of the serving install: building the site never changes what the server runs with.
+# make docs-serve: the same site, live-reloaded, on http://127.0.0.1:8000 (loopback only).
+.PHONY: docs docs-serve
+docs: $(VENV)/.installed-extra-docs
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+docs-serve: $(VENV)/.installed-extra-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict --dev-addr 127.0.0.1:8000

@@ -9,7 +9,7 @@ Drop-in for pytorch-grad-cam users::
 
 Torch-native entry used by servers: ``cam_engine.create("gradcam", model, ["layer4.-1"]).explain(x)``
 returns a tensor on the model's device; ``cam_engine.methods()`` lists the registered names.
-A server may cut the model at the target layer (:mod:`cam_engine.split`) and run the part before it on an
+A server may cut the model at the target layer ([`cam_engine.split`][cam_engine.split]) and run the part before it on an
 optimised copy (``cam.forward_split``); only the part after it then runs with autograd.
 """
 

@@ -1,7 +1,7 @@
 """pytorch-grad-cam's module path ``ablation_cam_multilayer``: its experimental multi-layer AblationCAM.
 
-:class:`cam_engine.AblationCAM` already ablates every target layer (each layer's channels, with the
-others intact), so this path re-exports it, with the reference's wrapping :class:`AblationLayer` and
+[`cam_engine.AblationCAM`][cam_engine.AblationCAM] already ablates every target layer (each layer's channels, with the
+others intact), so this path re-exports it, with the reference's wrapping `AblationLayer` and
 layer-replacement helper.
 """
 

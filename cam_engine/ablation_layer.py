@@ -1,7 +1,7 @@
-"""pytorch-grad-cam's ablation layers, and the contract :class:`cam_engine.AblationCAM` honours.
+"""pytorch-grad-cam's ablation layers, and the contract [`cam_engine.AblationCAM`][cam_engine.AblationCAM] honours.
 
-``AblationCAM(..., ablation_layer=layer)``: the built-in layers (:class:`AblationLayer`,
-:class:`AblationLayerVit`, :class:`AblationLayerFasterRCNN`) select the engine's batched ablation
+``AblationCAM(..., ablation_layer=layer)``: the built-in layers (`AblationLayer`,
+`AblationLayerVit`, `AblationLayerFasterRCNN`) select the engine's batched ablation
 (same values: a tensor channel is set to 0, or to ``min - 1e7`` offsets when the layer's minimum is
 not 0; a ViT's channel axis is its last; an FPN dict's channel is set to -1000). Any other object
 with grad-cam's interface is used as the reference uses it: per image, ``activations_to_be_ablated

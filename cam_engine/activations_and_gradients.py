@@ -4,9 +4,9 @@
 hooks on ``target_layers`` when it is built (as grad-cam's does); calling it runs the model and
 records each target layer's output in ``activations`` (reshaped, detached and on the host when
 ``detach``); a later ``loss.backward()`` fills ``gradients`` in the same order. ``release()`` removes
-the hooks. The CAM classes of :mod:`cam_engine` do not leave hooks on a model: their
+the hooks. The CAM classes of [`cam_engine`][cam_engine] do not leave hooks on a model: their
 ``activations_and_grads`` is built with ``persistent=False`` and hooks only for the duration of a
-call on the extension path (see :class:`cam_engine.extension.GradCamExtension`).
+call on the extension path (see `cam_engine.extension.GradCamExtension`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""pytorch-grad-cam"s module path ``base_cam``: re-exports :mod:`cam_engine.core`."""
+"""pytorch-grad-cam's module path ``base_cam``: re-exports `cam_engine.core`."""
 
 from .core import BaseCAM
 

@@ -78,7 +78,7 @@ class PassContext:
     """What a method that runs extra forward passes (ScoreCAM, AblationCAM) needs from the engine.
 
     ``input``: the batch ``[B, C, *S]`` on the model's device in the model's dtype. ``scores``: the
-    capture pass's :func:`model_scores`. ``capture``: the raw target-layer outputs. ``targets[i]``:
+    capture pass's `model_scores`. ``capture``: the raw target-layer outputs. ``targets[i]``:
     the targets of image ``i``; ``pairs``: the (image, target index) rows of the result, image-major.
     """
 
@@ -91,7 +91,7 @@ class PassContext:
 
 @dataclass
 class CAMResult:
-    """The result of :meth:`BaseCAM.run`.
+    """The result of [`BaseCAM.run`][cam_engine.core.BaseCAM.run].
 
     ``cams``: float32 ``[N, H, W]`` in [0, 1] on the model's device, one row per (image, target) pair
     in ``pairs`` (image-major). ``outputs``: the model's output for the batch, detached.
@@ -110,36 +110,36 @@ class BaseCAM(GradCamExtension):
     The engine's extension points, for methods written against cam_engine (public, documented,
     and what the built-in methods override):
 
-    * :meth:`cam_image` - one layer's CAM from activations and gradients (most methods);
-    * :meth:`pass_cam` - for gradient-free methods that run extra forward passes (ScoreCAM);
-    * :meth:`target_gradients` / :meth:`batched_target_gradients` - how gradients at the target
+    * [`cam_image`][cam_engine.core.BaseCAM.cam_image] - one layer's CAM from activations and gradients (most methods);
+    * [`pass_cam`][cam_engine.core.BaseCAM.pass_cam] - for gradient-free methods that run extra forward passes (ScoreCAM);
+    * [`target_gradients`][cam_engine.core.BaseCAM.target_gradients] / [`batched_target_gradients`][cam_engine.core.BaseCAM.batched_target_gradients] - how gradients at the target
       layers are taken (ShapleyCAM adds a Hessian-vector product);
-    * :meth:`forward_context` - a context the forward pass runs in;
-    * :meth:`resolve_targets` - the targets when the caller gives none (FinerCAM);
-    * :meth:`aggregate_layers` - how per-layer CAMs combine (RefineCAM multiplies them);
-    * :meth:`explain_batch` - the whole computation for a batch (FullGrad).
+    * [`forward_context`][cam_engine.core.BaseCAM.forward_context] - a context the forward pass runs in;
+    * [`resolve_targets`][cam_engine.core.BaseCAM.resolve_targets] - the targets when the caller gives none (FinerCAM);
+    * [`aggregate_layers`][cam_engine.core.BaseCAM.aggregate_layers] - how per-layer CAMs combine (RefineCAM multiplies them);
+    * [`explain_batch`][cam_engine.core.BaseCAM.explain_batch] - the whole computation for a batch (FullGrad).
 
     pytorch-grad-cam's extension points (``get_cam_weights``, ``get_cam_image``, ...) work too, on
-    the extension path described in :mod:`cam_engine.extension`.
+    the extension path described in `cam_engine.extension`.
 
-    The drop-in call ``cam(input_tensor, targets)`` returns NumPy ``[B, H, W]``; :meth:`explain`
-    returns the same as a tensor on the model's device; :meth:`run` also returns the model's
+    The drop-in call ``cam(input_tensor, targets)`` returns NumPy ``[B, H, W]``; [`explain`][cam_engine.core.BaseCAM.explain]
+    returns the same as a tensor on the model's device; [`run`][cam_engine.core.BaseCAM.run] also returns the model's
     outputs from the same forward pass and accepts several targets per image.
 
     ``volume_resize``: how 3-D CAMs are resized to the input (``"zoom"``, grad-cam's
     ``scipy.ndimage.zoom``, by default; ``"trilinear"`` on the device).
 
-    ``forward_split``: an optional :class:`cam_engine.split.ForwardSplit` at the one target layer (see
-    :func:`cam_engine.split.split_at`). With it the forward pass is ``tail(prefix(x))``: ``prefix`` runs
+    ``forward_split``: an optional [`cam_engine.split.ForwardSplit`][cam_engine.split.ForwardSplit] at the one target layer (see
+    [`cam_engine.split.split_at`][cam_engine.split.split_at]). With it the forward pass is ``tail(prefix(x))``: ``prefix`` runs
     without gradients (it may be a frozen or otherwise optimised copy), only ``tail`` with autograd; the
     CAMs are the same. Ignored when the target layers are not exactly ``[forward_split.layer]``.
     """
 
-    #: registry name, set by :func:`cam_engine.registry.register`
+    #: registry name, set by [`cam_engine.registry.register`][cam_engine.registry.register]
     name: str = ""
     uses_gradients: bool = True
     #: gradient-free methods whose CAM depends on the target through extra forward passes; they
-    #: implement :meth:`pass_cam` instead of :meth:`cam_image`
+    #: implement [`pass_cam`][cam_engine.core.BaseCAM.pass_cam] instead of [`cam_image`][cam_engine.core.BaseCAM.cam_image]
     uses_extra_passes: bool = False
     #: several targets per image: one vmapped backward pass instead of one pass per target
     batch_target_gradients: bool = True

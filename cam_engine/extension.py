@@ -1,4 +1,4 @@
-"""pytorch-grad-cam's ``BaseCAM`` extension points, for classes that subclass :class:`cam_engine.BaseCAM`.
+"""pytorch-grad-cam's ``BaseCAM`` extension points, for classes that subclass [`cam_engine.BaseCAM`][cam_engine.BaseCAM].
 
 A grad-cam user writes a method by overriding one of these; they work the same here::
 
@@ -9,7 +9,7 @@ A grad-cam user writes a method by overriding one of these; they work the same h
 ``get_cam_weights``, ``get_cam_image``, ``compute_cam_per_layer``, ``aggregate_multi_layers``,
 ``forward_augmentation_smoothing``, ``get_target_width_height`` and ``forward`` keep grad-cam's
 signatures and NumPy types. A class that overrides any of them below the engine's own hook
-(:meth:`BaseCAM.cam_image`), or an instance built with ``compute_input_gradient=True``,
+([`BaseCAM.cam_image`][cam_engine.BaseCAM.cam_image]), or an instance built with ``compute_input_gradient=True``,
 ``detach=False`` or ``tta_transforms``, runs on the **extension path**: grad-cam's algorithm step
 for step (a forward pass with hooks on the target layers, ``activations_and_grads.activations`` and
 ``.gradients`` as host NumPy arrays, per-layer CAMs in NumPy), with three of the engine's
@@ -70,7 +70,7 @@ def _defining_index(cls: type, name: str) -> int | None:
 
 
 class GradCamExtension:
-    """The extension points of pytorch-grad-cam's ``BaseCAM`` (mixed into :class:`cam_engine.BaseCAM`)."""
+    """The extension points of pytorch-grad-cam's ``BaseCAM`` (mixed into [`cam_engine.BaseCAM`][cam_engine.BaseCAM])."""
 
     compute_input_gradient: bool = False
     detach: bool = True
@@ -117,7 +117,7 @@ class GradCamExtension:
         eigen_smooth: bool = False,
     ) -> np.ndarray:
         """One layer's CAM ``[B, *S]`` (NumPy, before ReLU and scaling): ``sum_c w_c A_c`` with the
-        weights of :meth:`get_cam_weights`, or the engine's :meth:`cam_image` for a method without them."""
+        weights of `get_cam_weights`, or the engine's `cam_image` for a method without them."""
         try:
             weights = self.get_cam_weights(input_tensor, target_layer, targets, activations, grads)
         except NotImplementedError:

@@ -1,4 +1,4 @@
-"""pytorch-grad-cam"s module path ``fullgrad_cam``: re-exports :mod:`cam_engine.fullgrad`."""
+"""pytorch-grad-cam's module path ``fullgrad_cam``: re-exports [`cam_engine.fullgrad`][cam_engine.fullgrad]."""
 
 from .fullgrad import FullGrad
 

@@ -50,7 +50,7 @@ class GuidedBackpropReLU(torch.autograd.Function):
 
 
 class GuidedBackpropReLUasModule(nn.Module):
-    """:class:`GuidedBackpropReLU` as a module (to swap into a model by hand, as grad-cam does)."""
+    """`GuidedBackpropReLU` as a module (to swap into a model by hand, as grad-cam does)."""
 
     def forward(self, input_img: torch.Tensor) -> torch.Tensor:
         return GuidedBackpropReLU.apply(input_img)

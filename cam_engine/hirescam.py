@@ -1,4 +1,4 @@
-"""pytorch-grad-cam"s module path ``hirescam``: re-exports :mod:`cam_engine.methods`."""
+"""pytorch-grad-cam's module path ``hirescam``: re-exports [`cam_engine.methods`][cam_engine.methods]."""
 
 from .methods import HiResCAM
 

@@ -1,6 +1,6 @@
 """Image helpers: pytorch-grad-cam's NumPy helpers, plus torch-native colour maps and overlays.
 
-The torch-native functions (:func:`colorize`, :func:`overlay`, :func:`to_uint8`) keep work on the
+The torch-native functions ([`colorize`][cam_engine.image.colorize], [`overlay`][cam_engine.image.overlay], [`to_uint8`][cam_engine.image.to_uint8]) keep work on the
 tensor's device, so a server copies only the final uint8 image to the host.
 """
 
@@ -118,7 +118,7 @@ def overlay(
     """Blend a uint8 RGB image ``[H, W, 3]`` with a CAM ``[h, w]`` (resized to the image): uint8 RGB.
 
     ``image_weight * image + (1 - image_weight) * colormap(cam)``, rescaled so its maximum is 255,
-    as pytorch-grad-cam's ``show_cam_on_image`` does. ``colormap``: a name of :data:`COLORMAPS`
+    as pytorch-grad-cam's ``show_cam_on_image`` does. ``colormap``: a name of `COLORMAPS`
     (``jet``, ``viridis``, ``inferno``, ``turbo``, ...) or its ``cv2.COLORMAP_*`` id.
     """
     if not 0 <= image_weight <= 1:
@@ -138,7 +138,7 @@ def show_cam_on_image(
     """Overlay ``mask`` ``[H, W]`` in [0, 1] on ``img`` ``[H, W, 3]`` float in [0, 1]; uint8 result.
 
     ``colormap``: an OpenCV colour map id (``cv2.COLORMAP_JET``, the default, ``cv2.COLORMAP_VIRIDIS``,
-    ...) or its name (``"viridis"``, see :data:`COLORMAPS`) looked up with ``cv2.applyColorMap`` as
+    ...) or its name (``"viridis"``, see `COLORMAPS`) looked up with ``cv2.applyColorMap`` as
     pytorch-grad-cam does, or a callable mapping ``[H, W]`` values to ``[H, W, 3]`` RGB floats in
     [0, 1]. The result is BGR unless ``use_rgb`` (grad-cam's convention).
     ``image_weight * img + (1 - image_weight) * heatmap``, divided by its maximum.
@@ -237,7 +237,7 @@ def scale_cam_image(cam: np.ndarray, target_size: tuple[int, ...] | None = None)
 
 
 def scale_accross_batch_and_channels(tensor: np.ndarray, target_size: tuple[int, int]) -> np.ndarray:
-    """:func:`scale_cam_image` of every ``[h, w]`` map of ``[B, C, h, w]``: ``[B, C, H, W]``."""
+    """[`scale_cam_image`][cam_engine.image.scale_cam_image] of every ``[h, w]`` map of ``[B, C, h, w]``: ``[B, C, H, W]``."""
     batch, channels = tensor.shape[:2]
     scaled = scale_cam_image(np.asarray(tensor).reshape(batch * channels, *tensor.shape[2:]), target_size)
     return scaled.reshape(batch, channels, target_size[1], target_size[0])

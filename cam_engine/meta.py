@@ -35,7 +35,7 @@ class RefineCAM:
     CAMs, min-max scaled; denoises early-layer maps.
 
     The layers share one forward (and backward) pass: ``base_method`` is built once for all
-    ``target_layers`` with its layer aggregation (:meth:`BaseCAM.aggregate_layers`) replaced by the
+    ``target_layers`` with its layer aggregation ([`BaseCAM.aggregate_layers`][cam_engine.BaseCAM.aggregate_layers]) replaced by the
     product. A base method on grad-cam's extension path runs once per layer, as the reference does.
     ``kwargs`` go to ``base_method``.
     """
@@ -54,7 +54,7 @@ class RefineCAM:
 
     def run(self, input_tensor: torch.Tensor, targets: Sequence[Sequence[Any]] | None = None,
             aug_smooth: bool = False, eigen_smooth: bool = False) -> CAMResult:
-        """As :meth:`BaseCAM.run` (fast-path base methods only)."""
+        """As [`BaseCAM.run`][cam_engine.BaseCAM.run] (fast-path base methods only)."""
         if self.per_layer is not None:
             raise TypeError("RefineCAM.run needs a base method on the engine's fast path")
         return self.base_cam.run(input_tensor, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)

@@ -1,7 +1,7 @@
 """The CAM methods that need one forward pass (and, for gradient methods, one truncated backward).
 
-Each class overrides one function, :meth:`~cam_engine.core.BaseCAM.cam_image`, with the maths from
-:mod:`cam_engine.functional`; the engine does the rest.
+Each class overrides one function, [`cam_image`][cam_engine.core.BaseCAM.cam_image], with the maths from
+[`cam_engine.functional`][cam_engine.functional]; the engine does the rest.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class ShapleyCAM(BaseCAM):
 class FinerCAM(BaseCAM):
     """Finer-CAM (arXiv:2501.11309): explain what separates a class from its closest rivals.
 
-    With ``targets=None`` each image's target is a :class:`FinerWeightedTarget` comparing its top
+    With ``targets=None`` each image's target is a [`FinerWeightedTarget`][cam_engine.methods.FinerWeightedTarget] comparing its top
     class (or ``target_idx``) with the classes whose scores are nearest to it (``comparison_categories``
     are ranks in that order, 1..3 by default). The CAM itself comes from ``base_method``.
     """

@@ -54,7 +54,7 @@ def per_image(scores: Any, index: int) -> Any:
 
 
 def default_targets(scores: Any, batch: int) -> list[ClassifierOutputTarget]:
-    """Each image's top class as a :class:`ClassifierOutputTarget` (scores ``[B, K]`` or ``[B, ...]``)."""
+    """Each image's top class as a [`ClassifierOutputTarget`][cam_engine.model_utils.ClassifierOutputTarget] (scores ``[B, K]`` or ``[B, ...]``)."""
     if not isinstance(scores, torch.Tensor):
         raise ValueError(
             "targets=None needs a model that returns class scores; pass explicit targets for this model"
@@ -106,7 +106,7 @@ def all_modules(model: nn.Module) -> tuple[nn.Module, ...]:
     """``tuple(model.modules())``, cached per model until a submodule is registered anywhere in the
     process (``add_module``, ``register_module``, attribute assignment of a module). A structure change
     that bypasses registration (``ModuleList.insert``, direct ``_modules`` edits) needs
-    :func:`forget_modules`.
+    `forget_modules`.
 
     The cache keeps no model alive (weak references only). The process-wide module-registration hook
     that invalidates it is installed by the first call, not at import."""
@@ -135,7 +135,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     """Every module in eval mode inside the block; the modules that were training are restored.
 
     Reads each module's ``training`` flag on every call (``train()`` / ``eval()`` between calls are
-    honoured); the list of modules comes from :func:`all_modules`."""
+    honoured); the list of modules comes from `all_modules`."""
     training = [m for m in all_modules(model) if m.training]
     for module in training:
         module.training = False

@@ -2,7 +2,7 @@
 
 Both are gradient-free and target-dependent: the engine's capture pass records the target layer's
 activations ``A`` (``[B, C, *S]`` after the reshape transform) and the model's scores, then
-:meth:`pass_cam` runs the extra forward passes under ``torch.inference_mode`` and returns
+`pass_cam` runs the extra forward passes under ``torch.inference_mode`` and returns
 ``sum_c w_c A_c`` for every (image, target) row. Peak memory of the extra passes is bounded by
 ``batch_size`` rows at a time, batched across channels *and* images.
 """
@@ -39,7 +39,7 @@ def row_target_scores(scores: Any, images: Sequence[int], targets: list[list[Any
     ``scores``: the model's scores for ``R`` rows (``[R, ...]``); ``images[r]`` is the image row ``r``
     belongs to; ``targets[i]`` the targets of image ``i``. Returns float32 ``[R, D]`` with
     ``D = max_i len(targets[i])`` (NaN where image ``i`` has fewer targets). Plain
-    :class:`ClassifierOutputTarget` columns are gathered in one indexing op; other targets are
+    [`ClassifierOutputTarget`][cam_engine.perturbation.ClassifierOutputTarget] columns are gathered in one indexing op; other targets are
     called per row, as the reference does (``target(output_row)``, summed to a scalar).
     """
     rows = len(images)
@@ -310,7 +310,7 @@ class AblationCAM(BaseCAM):
     fails the probe falls back to the next one. ``mode`` forces one. The caller's model is never
     modified (no layer is swapped); the hook lives only during a pass.
 
-    ``ratio_channels_to_ablate < 1`` ablates only the channels chosen by :func:`ablation_order`;
+    ``ratio_channels_to_ablate < 1`` ablates only the channels chosen by [`ablation_order`][cam_engine.perturbation.ablation_order];
     the others keep the original score (weight 0).
     """
 
@@ -463,7 +463,7 @@ class AblationCAM(BaseCAM):
         return self.ablation_layer is not None and not vars(type(self.ablation_layer)).get("engine_native", False)
 
     def layer_channel_scores(self, context: PassContext, index: int, activations: torch.Tensor):
-        """:meth:`channel_scores` with a user's ``ablation_layer`` driven as grad-cam 1.5.7 drives it: per
+        """[`channel_scores`][cam_engine.perturbation.ScoreCAM.channel_scores] with a user's ``ablation_layer`` driven as grad-cam 1.5.7 drives it: per
         image and chunk, ``set_next_batch`` then ``layer(output)`` replaces the target layer's output."""
         layer, raw = self.ablation_layer, context.capture.outputs[index]
         batch, channels = activations.shape[:2]

@@ -1,4 +1,4 @@
-"""pytorch-grad-cam"s module path ``random_cam``: re-exports :mod:`cam_engine.baselines`."""
+"""pytorch-grad-cam's module path ``random_cam``: re-exports `cam_engine.baselines`."""
 
 from .baselines import RandomCAM
 

@@ -1,4 +1,4 @@
-"""pytorch-grad-cam"s module path ``refine_cam``: re-exports :mod:`cam_engine.meta`."""
+"""pytorch-grad-cam's module path ``refine_cam``: re-exports [`cam_engine.meta`][cam_engine.meta]."""
 
 from .meta import RefineCAM
 

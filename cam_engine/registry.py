@@ -43,6 +43,6 @@ def create(name: str, model, target_layers, **options: Any):
     """Build the CAM method ``name`` for ``model`` at ``target_layers`` (modules or dotted paths).
 
     ``options`` go to the method's constructor (``reshape_transform``, ``batch_size``, ``k``, ...).
-    The object's :meth:`explain`/:meth:`run` keep results as tensors on the model's device.
+    The object's `explain`/`run` keep results as tensors on the model's device.
     """
     return get_method(name)(model, target_layers, **options)

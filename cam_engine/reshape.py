@@ -117,7 +117,7 @@ def swin_reshape_transform(output: Any, height: int | None = None, width: int | 
 
 
 def swinT_reshape_transform(output: Any, height: int | None = None, width: int | None = None) -> torch.Tensor:
-    """pytorch-grad-cam's name for :func:`swin_reshape_transform` (there ``height=width=7`` by
+    """pytorch-grad-cam's name for [`swin_reshape_transform`][cam_engine.reshape.swin_reshape_transform] (there ``height=width=7`` by
     default; here the grid is inferred unless given)."""
     return swin_reshape_transform(output, height, width)
 

@@ -1,4 +1,4 @@
-"""pytorch-grad-cam"s module path ``score_cam``: re-exports :mod:`cam_engine.perturbation`."""
+"""pytorch-grad-cam's module path ``score_cam``: re-exports [`cam_engine.perturbation`][cam_engine.perturbation]."""
 
 from .perturbation import ScoreCAM
 

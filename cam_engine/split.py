@@ -1,13 +1,13 @@
 """A model cut in two at a target layer, so that the part before it can run on a faster copy.
 
 A gradient CAM needs autograd only after the target layer: everything before it runs without a graph.
-:class:`ForwardSplit` hands the engine that cut explicitly, ``prefix(x)`` (the target layer's output) and
+[`ForwardSplit`][cam_engine.split.ForwardSplit] hands the engine that cut explicitly, ``prefix(x)`` (the target layer's output) and
 ``tail(activation)`` (the model's output from there); give it to a CAM as ``cam.forward_split`` and the
 engine runs ``prefix`` under ``torch.no_grad`` (``inference_mode`` for gradient-free methods) and only
 ``tail`` with autograd. ``prefix`` may be any callable computing the same values, e.g. a frozen
 TorchScript copy of the prefix (``handlers.fast_forward`` serves explanations that way).
 
-:func:`split_at` builds the cut with ``torch.fx`` for models that trace symbolically (torchvision and
+[`split_at`][cam_engine.split.split_at] builds the cut with ``torch.fx`` for models that trace symbolically (torchvision and
 timm CNNs do) when the cut is clean: the target layer is called exactly once and the part after it reads
 nothing computed before it except the layer's output (no skip connection across the cut, no use of the
 input). Otherwise it returns None and the engine's ordinary hooked forward pass is the way.

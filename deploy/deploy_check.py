@@ -5,10 +5,12 @@
 
 - each kustomize overlay renders (``kubectl kustomize``) and validates against the Kubernetes 1.30 schemas
   (``kubernetes-validate --strict``; CRDs such as ServiceMonitor are skipped by the validator);
-- each Dockerfile is hadolint-clean.
+- each Dockerfile is hadolint-clean;
+- the front's nginx config, rendered (``docker/front.py``) from the environment of every front container in
+  the overlays and KServe specs, passes ``nginx -t``.
 
-Needs kubectl (with kustomize) on PATH and kubernetes-validate and hadolint (the ``deploy`` extra; tools
-next to this interpreter are found first). Exit code 0 when everything passes, 1 when a check fails,
+Needs kubectl (with kustomize) on PATH, nginx (``tests/ensure_nginx.sh`` installs Debian's), and
+kubernetes-validate and hadolint (the ``deploy`` extra; tools next to this interpreter are found first). Exit code 0 when everything passes, 1 when a check fails,
 2 when a tool is missing. No cluster, Docker engine or network is used.
 """
 
@@ -16,18 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["OVERLAYS", "DOCKERFILES", "ToolMissing", "find_tool", "render_overlay", "validate_manifest",
-           "hadolint", "main"]
+__all__ = ["OVERLAYS", "DOCKERFILES", "KSERVE_SPECS", "ToolMissing", "find_tool", "render_overlay",
+           "validate_manifest", "hadolint", "front_environments", "check_front", "main"]
 
 DEPLOY = Path(__file__).resolve().parent
 OVERLAYS = ["cpu", "gpu", "gpu-prometheus"]
 DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile*"))
+KSERVE_SPECS = sorted((DEPLOY / "kserve").glob("inferenceservice*.yaml"))
 KUBERNETES_VERSION = "1.30.0"
 
 
@@ -38,7 +42,7 @@ class ToolMissing(RuntimeError):
 def find_tool(name: str) -> str:
     """Path of a CLI tool: next to this interpreter (a venv) first, then PATH."""
     local = Path(sys.executable).with_name(name)
-    found = str(local) if local.exists() else shutil.which(name)
+    found = str(local) if local.exists() else shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
     if not found:
         raise ToolMissing(f"{name} is required for the deployment checks but was not found (venv or PATH); "
                           "install it (kubectl from your distribution, the others: pip install -e '.[deploy]')")
@@ -73,6 +77,32 @@ def hadolint(dockerfile: Path) -> tuple[int, list[dict]]:
     return result.returncode, json.loads(result.stdout or "[]")
 
 
+def front_environments(manifest: str) -> list[dict[str, str]]:
+    """The environment of every container that runs ``front.py`` in a manifest (YAML text, several documents)."""
+    import yaml
+
+    found = []
+    for doc in yaml.safe_load_all(manifest):
+        spec = (doc or {}).get("spec", {})
+        pods = [spec.get("template", {}).get("spec", {}), spec.get("predictor", {})]
+        for pod in pods:
+            for container in pod.get("containers", []) or []:
+                if any("front.py" in part for part in container.get("command", [])):
+                    found.append({e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e})
+    return found
+
+
+def check_front(env: dict[str, str]) -> tuple[bool, str]:
+    """Render the front's nginx config from a container's environment and run ``nginx -t`` on it."""
+    sys.path.insert(0, str(DEPLOY / "docker"))
+    import front
+
+    with tempfile.TemporaryDirectory(prefix="deploy-check-front-") as folder:
+        settings = front.Settings.from_env({**env, "GATE_STATE_DIR": folder, "GATE_NGINX": find_tool("nginx")})
+        front.render_all(settings)
+        return front.check_config(settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python deploy/deploy_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rendered", type=Path, default=None,
@@ -91,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             if not passed:
                 failures += 1
                 print("     " + "\n     ".join(output.strip().splitlines()[-15:]))
+        fronts = [(f"{where} front", env) for where, text in manifests for env in front_environments(text)]
+        fronts += [(f"{p.relative_to(DEPLOY.parent)} front", env) for p in KSERVE_SPECS
+                   for env in front_environments(p.read_text())]  # fmt: skip
+        for where, env in fronts:
+            passed, output = check_front(env)
+            print(f"{'ok  ' if passed else 'FAIL'} {where}: nginx -t on the rendered config")
+            if not passed:
+                failures += 1
+                print("     " + "\n     ".join(output.strip().splitlines()[-10:]))
         for dockerfile in DOCKERFILES:
             code, findings = hadolint(dockerfile)
             clean = code == 0 and not findings

@@ -84,6 +84,14 @@ class Server:
 
 def _environment(workdir: Path) -> dict[str, str]:
     env = dict(os.environ)
+    # Archives are self-contained: a PYTHONPATH entry holding a checkout of this project (its handlers or
+    # cam_engine) would come before the archive's own copy in the workers and run other code than was archived.
+    kept = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep)
+            if entry and not any((Path(entry) / package).is_dir() for package in ("handlers", "cam_engine"))]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    else:
+        env.pop("PYTHONPATH", None)
     tmp = workdir / "logs" / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     env["TMPDIR"] = env["TEMP"] = str(tmp)  # TorchServe's pid file lives in $TMPDIR

@@ -1,5 +1,10 @@
 """Shared fixtures: the oracle, and one real TorchServe on free loopback ports serving every archive
-in ``serving.py`` (started once per session, stopped at the end)."""
+in ``serving.py`` (started once per session, stopped at the end).
+
+Markers (``docs/contributing.md``): ``server`` is set here on every test that needs the session TorchServe
+(``pytest -m "not server"`` is the quick inner loop); ``peer`` marks the heavy agreement grids, which run
+only with ``--peer`` (``make test-peer``); ``slow`` and ``cuda`` are set by the modules themselves.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,26 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers.oracle import oracle_module  # noqa: E402
+
+pytest_plugins = ["tests.helpers.budget"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--peer", action="store_true", help="also run the tests marked peer (make test-peer)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept, deselected = [], []
+    for item in items:
+        if "server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
+        if item.get_closest_marker("peer") and not config.getoption("--peer"):
+            deselected.append(item)
+        else:
+            kept.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
 
 
 @pytest.fixture
@@ -18,11 +43,15 @@ def oracle(monkeypatch):
 
 @pytest.fixture(scope="session")
 def trained_cnn():
-    """The localisation CNN of tests/helpers/synthetic.py, trained once per session (seconds, no downloads)."""
-    from tests.helpers.synthetic import SmallCNN, train
+    """The localisation CNN of tests/helpers/synthetic.py, trained once per machine (seconds, no downloads;
+    the weights are cached, keyed by the training code)."""
+    import torch
 
+    from tests.helpers.synthetic import SmallCNN, trained
+
+    torch.manual_seed(0)  # the initial weights too: the suite passes in any order
     model = SmallCNN()
-    accuracy = train(model, steps=80, size=64)
+    accuracy = trained(model, steps=80, size=64)
     assert accuracy >= 0.95, f"the CNN did not learn the task (accuracy {accuracy:.2f})"
     return model
 
@@ -31,16 +60,12 @@ def trained_cnn():
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A TorchServe started once per session (token auth on, model API off), stopped at the end."""
     from model_store import serve
-    from model_store.build import build_archive
+    from tests.helpers.archive_cache import build_cached
     from tests.helpers.serving import TEST_ARCHIVES
 
     workdir = tmp_path_factory.mktemp("torchserve")
     store = workdir / "model_store"
-    names = []
-    for spec in TEST_ARCHIVES:
-        # an ArchiveSpec, or a callable that writes an archive into the store its own way (torch-model-archiver)
-        archive = spec(store) if callable(spec) else build_archive(spec, store, log=lambda line: None)
-        names.append(archive.stem)
+    names = build_cached(TEST_ARCHIVES, store)  # built once per machine and set of inputs
     ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
     try:
         running = serve.start(workdir, store, names, ports=ports, timeout=240)

@@ -1,5 +1,6 @@
 """Deployment checks: rendered Kubernetes manifests, KServe specs, Dockerfiles, TorchServe configs, and the
-in-pod token probe and gate (against a loopback stand-in for TorchServe).
+in-pod token probe (against a loopback stand-in for TorchServe). The front (nginx) itself is tested against a
+real TorchServe in tests/test_nginx.py and tests/test_nginx_drain.py.
 
 Needs kubectl (with kustomize), kubernetes-validate and hadolint (the latter two from the `test` extra).
 A missing tool fails the test with a message; nothing is skipped silently.
@@ -8,12 +9,14 @@ A missing tool fails the test with a message; nothing is skipped silently.
 from __future__ import annotations
 
 import datetime as dt
-import http.client
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -29,8 +32,8 @@ KSERVE_FILES = sorted((DEPLOY / "kserve").glob("inferenceservice*.yaml"))
 import config_check  # noqa: E402 - deploy/docker is on pytest's pythonpath (pyproject.toml)
 import deploy_check  # noqa: E402  (make deploy-check: the same render / validate / lint functions)
 import deploy_render  # noqa: E402  (make deploy-render)
+import front  # noqa: E402
 import probe  # noqa: E402
-import token_gate  # noqa: E402
 import ts_tokens  # noqa: E402
 
 OVERLAYS = deploy_check.OVERLAYS
@@ -94,7 +97,7 @@ def test_every_container_has_three_probes_and_locked_down_security_context(rende
     assert pod["securityContext"]["runAsUser"] != 0
     assert pod.get("automountServiceAccountToken") is False
     names = {c["name"] for c in pod["containers"]}
-    assert names == {"torchserve", "token-gate"}
+    assert names == {"torchserve", "front"}
     for container in pod["containers"]:
         for probe_kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert probe_kind in container, f"{container['name']} lacks {probe_kind}"
@@ -125,9 +128,14 @@ def test_writable_paths_are_emptydirs_and_key_file_is_shared(rendered):
     for path in ("/home/model-server/run", "/tmp"):
         volume = volumes[mounts["torchserve"][path]["name"]]
         assert "emptyDir" in volume, path
-    # The gate reads the same key file (and writes the rotation lock next to it).
-    assert mounts["token-gate"]["/home/model-server/run"]["name"] == mounts["torchserve"]["/home/model-server/run"]["name"]
-    secret = volumes[mounts["token-gate"]["/var/run/secrets/torchserve-cam"]["name"]]["secret"]
+    # The front reads the same key file (and writes the rotation lock and reads the drain and audit markers there).
+    assert mounts["front"]["/home/model-server/run"]["name"] == mounts["torchserve"]["/home/model-server/run"]["name"]
+    # Its nginx config, temp files and readiness files: a writable emptyDir of its own, where GATE_STATE_DIR is.
+    front_container = next(c for c in pod["containers"] if c["name"] == "front")
+    state = {e["name"]: e["value"] for e in front_container["env"]}["GATE_STATE_DIR"]
+    assert state.startswith("/tmp/") and "emptyDir" in volumes[mounts["front"]["/tmp"]["name"]]
+    assert front_container["command"] == ["python", "/opt/torchserve-cam/deploy/front.py", "run"]
+    secret = volumes[mounts["front"]["/var/run/secrets/torchserve-cam"]["name"]]["secret"]
     assert secret["secretName"] == "torchserve-cam-client-tokens"
     assert secret["defaultMode"] & 0o040, "fsGroup must be able to read the client token file"
     # No Secret with token material is committed to the manifests.
@@ -191,7 +199,7 @@ def test_service_pdb_and_networkpolicy_select_the_pods(rendered):
     assert set(netpol["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     rules = {rule["ports"][0]["port"]: rule["from"] for rule in netpol["spec"]["ingress"]}
     assert set(rules) == {8090, 8082}
-    # Only the namespace's gateway pods (no namespaceSelector = this namespace) reach the gate.
+    # Only the namespace's gateway pods (no namespaceSelector = this namespace) reach the front (nginx).
     assert rules[8090] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}]
 
 
@@ -233,13 +241,15 @@ def test_kserve_inferenceservice_fields(path):
     assert model["modelFormat"]["name"] == "pytorch"
     assert model["protocolVersion"] == "v1"
     assert model["args"] == ["/opt/torchserve-cam/deploy/start.sh"]
+    assert model["command"] == ["/usr/bin/tini", "--"]  # not -g: SIGTERM reaches start.sh only, which drains
     env = {e["name"]: e["value"] for e in model["env"]}
     assert env["TS_CONFIG"] == "/mnt/models/config/config.properties"
     (gate,) = predictor["containers"]
     assert gate["name"] == "transformer-container"
+    assert gate["command"] == ["python", "/opt/torchserve-cam/deploy/front.py", "run"]
     gate_env = {e["name"]: e["value"] for e in gate["env"]}
     assert gate_env["GATE_LISTEN"] == "0.0.0.0:8080"
-    # The gate forwards to the port TorchServe listens on according to the KServe config.
+    # The front forwards to the port TorchServe listens on according to the KServe config.
     kserve_props = config_check.parse_properties((DEPLOY / "kserve" / "config" / "config.properties").read_text())
     assert gate_env["TS_INFERENCE_URL"] == env["TS_INFERENCE_URL"] == kserve_props["inference_address"].replace("0.0.0.0", "127.0.0.1")
     assert predictor["securityContext"]["runAsNonRoot"] is True
@@ -262,10 +272,10 @@ def test_kserve_config_routes_v1_through_torchserve():
     assert_secure_config(props, "deploy/kserve/config/config.properties")
     assert "service_envelope" not in props  # the handler reads v1/v2 per request (handlers.serving.protocols)
     assert props["model_store"] == "/mnt/models/model-store"
-    assert token_gate.FORWARDED_ROUTES.match("/v1/models/efficientnet_lite0:predict")
-    assert token_gate.FORWARDED_ROUTES.match("/v1/models/efficientnet_lite0:explain")
-    assert token_gate.FORWARDED_ROUTES.match("/v2/models/efficientnet_lite0/infer")
-    assert token_gate.FORWARDED_ROUTES.match("/v2/models/efficientnet_lite0/explain")
+    routes = [re.compile(route) for route in front.ROUTES]
+    for path in ("/v1/models/efficientnet_lite0:predict", "/v1/models/efficientnet_lite0:explain",
+                 "/v2/models/efficientnet_lite0/infer", "/v2/models/efficientnet_lite0/explain"):
+        assert any(route.match(path) for route in routes), path
 
 
 # ---------------------------------------------------------------------------------------------- Docker
@@ -314,7 +324,9 @@ def test_deploy_render_sets_the_image_everywhere_and_the_result_validates(tmp_pa
     check = subprocess.run([sys.executable, str(DEPLOY / "deploy_check.py"), "--rendered", str(tmp_path / "kubernetes")],
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
-    assert check.stdout.count("ok   ") == len(OVERLAYS) * 2 + len(DOCKERFILES), check.stdout
+    # overlays and rendered manifests (validated, and nginx -t on their front), KServe fronts, Dockerfiles
+    assert check.stdout.count("ok   ") == len(OVERLAYS) * 4 + len(KSERVE_FILES) + len(DOCKERFILES), check.stdout
+    assert check.stdout.count("nginx -t") == len(OVERLAYS) * 2 + len(KSERVE_FILES), check.stdout
     for wrong in ("", "ghcr.io/acme/torchserve-cam", "ghcr.io/a cme"):  # a registry path only, no image name
         with pytest.raises(ValueError):
             deploy_render.image_name(wrong)
@@ -390,7 +402,7 @@ def test_start_script_refuses_insecure_config(tmp_path):
     assert "refusing to start: token authorization is disabled" in result.stderr
 
 
-# ---------------------------------------------------------------------- probe and gate (loopback only)
+# ---------------------------------------------------------------------- probe (loopback only)
 
 class FakeTorchServe:
     """Loopback stand-in for TorchServe's token rules: inference on one port, management on another,
@@ -402,6 +414,8 @@ class FakeTorchServe:
         self.rotations: list[str] = []
         self.received: list[tuple[str, str, dict, bytes]] = []
         self.worker_status = "READY"
+        self.worker_pid = os.getpid()
+        self.predict_delay = 0.0
         self._write(expires_in)
         self.inference = self._serve("inference")
         self.management = self._serve("management")
@@ -447,7 +461,7 @@ class FakeTorchServe:
                 if self.path == "/models":
                     return self._send(200, {"models": [{"modelName": "efficientnet_lite0"}]})
                 if self.path == "/models/efficientnet_lite0":
-                    return self._send(200, [{"workers": [{"status": fake.worker_status}]}])
+                    return self._send(200, [{"workers": [{"status": fake.worker_status, "pid": fake.worker_pid}]}])
                 return self._send(404, {})
 
             def do_POST(self):  # noqa: N802
@@ -456,6 +470,7 @@ class FakeTorchServe:
                                       {k.lower(): v for k, v in self.headers.items()}, body))
                 if not self._authorised("inference"):
                     return self._send(400, {"code": 400, "type": "InvalidKeyException"})
+                time.sleep(fake.predict_delay)
                 return self._send(200, {"path": self.path, "bytes": len(body)})
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -504,18 +519,54 @@ def test_probe_live_and_ready_use_the_tokens(fake_ts):
     assert not ok and "HTTP 400" in message
 
 
-def test_probe_drain_turns_readiness_false_then_waits_for_a_barrier(gate, fake_ts, monkeypatch):
-    """preStop: the drain marker makes both readiness checks fail at once; the barrier goes through TorchServe."""
+def test_probe_drain_turns_readiness_false_then_waits_for_a_barrier(fake_ts, monkeypatch):
+    """preStop: the drain marker makes readiness fail at once; the barrier goes through TorchServe."""
     monkeypatch.setenv("TS_KEY_FILE", str(fake_ts.key_file))
+    monkeypatch.setenv("TS_MANAGEMENT_URL", fake_ts.url(fake_ts.management))
+    monkeypatch.setenv("TS_PID_CHECK", "0")
+    monkeypatch.setenv("TS_INFERENCE_URL", fake_ts.url(fake_ts.inference))
+    monkeypatch.setenv("TS_PROBE_PREDICT_TIMEOUT_S", "0")
     source = ts_tokens.TokenSource(fake_ts.key_file, fake_ts.url(fake_ts.management))
-    assert _call(gate, "GET", "/readyz") == (200, {"status": "ready"})
+    assert probe.main(["ready"]) == 0
     ok, message = probe.drain(source, fake_ts.url(fake_ts.inference), delay=0, grace=5)
     assert ok and message == "drained efficientnet_lite0"
     barrier = [r for r in fake_ts.received if r[0] == "/predictions/efficientnet_lite0"]
     assert len(barrier) == 1 and barrier[0][3] == b"" and barrier[0][1] == "Bearer inf-1"
-    assert _call(gate, "GET", "/readyz") == (503, {"status": "draining"})
-    monkeypatch.setenv("TS_MANAGEMENT_URL", fake_ts.url(fake_ts.management))
     assert probe.main(["ready"]) == 1
+
+
+def test_probe_ready_is_false_while_a_worker_reports_its_audit_unwritable(fake_ts, monkeypatch, tmp_path):
+    """The audit side's contract: ``audit-unavailable-<model>`` (one line: why) in $CAM_STATUS_DIR."""
+    status = tmp_path / "status"
+    status.mkdir()
+    monkeypatch.setenv("CAM_STATUS_DIR", str(status))
+    source = ts_tokens.TokenSource(fake_ts.key_file, fake_ts.url(fake_ts.management))
+    assert probe.check_ready(source, [], pid_check=False)[0] is True
+    (status / "audit-unavailable-audit_strict").write_text("database or disk is full\nmore\n")
+    assert probe.check_ready(source, [], pid_check=False) == (
+        False, "audit of model audit_strict cannot write: database or disk is full")
+    monkeypatch.delenv("CAM_STATUS_DIR")  # default: TorchServe's run directory, where key_file.json is
+    assert probe.check_ready(source, [], pid_check=False)[0] is True
+    (fake_ts.key_file.parent / "audit-unavailable-x").write_text("read-only file system\n")
+    assert probe.check_ready(source, [], pid_check=False)[0] is False
+
+
+def test_probe_ready_checks_worker_pids_and_a_real_prediction(fake_ts, monkeypatch):
+    source = ts_tokens.TokenSource(fake_ts.key_file, fake_ts.url(fake_ts.management))
+    fake_ts.worker_pid = 2**22 + 12345  # above pid_max's default: no such process
+    ok, message = probe.check_ready(source, ["efficientnet_lite0"], pid_check=True)
+    assert not ok and "no live worker process" in message
+    fake_ts.worker_pid = os.getpid()
+    assert probe.check_ready(source, ["efficientnet_lite0"], pid_check=True)[0] is True
+    ok, message = probe.check_ready(source, ["efficientnet_lite0"], pid_check=True,
+                                    inference_url=fake_ts.url(fake_ts.inference), predict_timeout=2)  # fmt: skip
+    assert ok, message
+    (path, _, headers, body) = fake_ts.received[-1]
+    assert path == "/predictions/efficientnet_lite0" and body == probe.tiny_png() and headers["content-type"] == "image/png"
+    fake_ts.predict_delay = 3  # a hung worker: no answer within the bound
+    ok, message = probe.check_ready(source, ["efficientnet_lite0"], pid_check=True,
+                                    inference_url=fake_ts.url(fake_ts.inference), predict_timeout=1)  # fmt: skip
+    assert not ok and "no answer to a prediction within 1s" in message
 
 
 def test_expiring_token_is_rotated_once_with_the_api_key(tmp_path):
@@ -529,62 +580,3 @@ def test_expiring_token_is_rotated_once_with_the_api_key(tmp_path):
         assert fake.rotations == ["inference"], "a fresh token must not be rotated again"
     finally:
         fake.close()
-
-
-@pytest.fixture
-def gate(fake_ts, tmp_path):
-    tokens_file = tmp_path / "client-tokens"
-    tokens_file.write_text("# rotation: old and new accepted\nclient-old\nclient-new\n")
-    server = token_gate.make_server("127.0.0.1:0", ts_tokens.TokenSource(fake_ts.key_file, fake_ts.url(fake_ts.management)),
-                                    fake_ts.url(fake_ts.inference), str(tokens_file), max_body=1000)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
-
-def _call(port: int, method: str, path: str, token: str | None = None, body: bytes | None = None,
-          headers: dict | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        all_headers = dict(headers or {})
-        if token:
-            all_headers["Authorization"] = f"Bearer {token}"
-        conn.request(method, path, body=body, headers=all_headers)
-        response = conn.getresponse()
-        return response.status, json.loads(response.read() or b"{}")
-    finally:
-        conn.close()
-
-
-def test_gate_swaps_client_token_for_the_pod_token(gate, fake_ts):
-    status, payload = _call(gate, "POST", "/predictions/efficientnet_lite0", "client-new", b"\x89PNG....",
-                            {"Content-Type": "image/png", "explain": "True"})
-    assert (status, payload) == (200, {"path": "/predictions/efficientnet_lite0", "bytes": 8})
-    path, authorization, headers, body = fake_ts.received[-1]
-    assert authorization == "Bearer inf-1" and body == b"\x89PNG...."
-    assert headers["content-type"] == "image/png" and headers["explain"] == "True"
-    assert _call(gate, "POST", "/v1/models/efficientnet_lite0:explain", "client-old", b"{}")[0] == 200
-
-
-@pytest.mark.parametrize("token, path, expected", [
-    (None, "/predictions/efficientnet_lite0", 401),
-    ("wrong", "/predictions/efficientnet_lite0", 401),
-    ("inf-1", "/predictions/efficientnet_lite0", 401),  # the pod's own TorchServe token is not a client token
-    ("client-new", "/models", 404),  # management routes are never forwarded
-    ("client-new", "/token?type=inference", 404),
-    ("client-new", "/predictions/../models", 404),
-    ("client-new", "/predictions/./..", 404),
-    ("client-new", "/v1/models/..:predict", 404),
-])
-def test_gate_rejects_unauthorised_or_non_inference_requests(gate, fake_ts, token, path, expected):
-    assert _call(gate, "POST", path, token, b"x")[0] == expected
-    assert fake_ts.received == []
-
-
-def test_gate_limits_body_size_and_reports_health(gate, fake_ts):
-    assert _call(gate, "POST", "/predictions/efficientnet_lite0", "client-new", b"x" * 1001)[0] == 413
-    assert _call(gate, "GET", "/healthz") == (200, {"status": "ok"})
-    assert _call(gate, "GET", "/readyz") == (200, {"status": "ready"})
-    fake_ts.keys["inference"] = "unknown-to-the-file"
-    assert _call(gate, "GET", "/readyz") == (503, {"status": "not ready"})

@@ -16,6 +16,7 @@ Blocks included into the site from deploy/README.md carry no markers; they are s
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import io
 import json
 import os
@@ -128,9 +129,9 @@ def test_site_builds_strictly_without_a_warning(tmp_path: Path) -> None:
     assert "WARNING" not in output, output
     # every page is in the nav and was built; the API reference was generated from the docstrings
     for page in PAGES:
-        built = site / ("index.html" if page.stem == "index" else f"{page.stem}/index.html")
+        built = site / f"{page.stem}.html"
         assert built.is_file(), f"{page.name} was not built"
-    api = (site / "api" / "index.html").read_text()
+    api = (site / "api.html").read_text()
     for anchor in (
         "cam_engine.create",
         "cam_engine.BaseCAM.run",
@@ -138,7 +139,7 @@ def test_site_builds_strictly_without_a_warning(tmp_path: Path) -> None:
     ):
         assert f'id="{anchor}"' in api, f"the API reference lacks {anchor}"
     # the deployment page includes deploy/README.md (one source for both)
-    deployment = (site / "deployment" / "index.html").read_text()
+    deployment = (site / "deployment.html").read_text()
     assert "Token authorization: probes and clients" in deployment
 
 
@@ -436,3 +437,84 @@ def shlex_words(command: str) -> list[str]:
         return shlex.split(command, comments=True)
     except ValueError:
         return command.split()
+
+
+def test_site_opened_from_disk_navigates_renders_references_and_scrolls_wide_tables(tmp_path: Path) -> None:
+    """`make docs`, then site/index.html opened as a file, as the README says: a navigation link leads to
+    a page (not a directory listing), the API page's cross-references are links, no page shows a raw
+    Sphinx role, and the performance page's widest table can be scrolled to its last column."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip(f"{chromium} missing: `make test` installs Debian's chromium (tests/ensure_chromium.sh)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    site = tmp_path / "site"
+    completed = subprocess.run([str(BIN / "mkdocs"), "build", "--strict", "--site-dir", str(site)], cwd=REPO,
+                               env=environment(), capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    for page in site.glob("*.html"):
+        roles = re.findall(r":(?:meth|func|class|mod|attr|data|exc):`", page.read_text())
+        assert not roles, f"{page.name} shows raw Sphinx roles: {roles[:3]}"
+    shots = Path(os.environ.get("DOCS_SCREENSHOTS", tmp_path))
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(chromium),
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                  "--disable-extensions", "--disable-sync", "--no-first-run", "--disable-default-apps"],
+        )  # fmt: skip
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto((site / "index.html").as_uri())
+            page.screenshot(path=str(shots / "docs_index.png"))
+            page.locator("nav.md-nav--primary a.md-nav__link", has_text="Performance").first.click()
+            page.wait_for_load_state()
+            assert page.url.endswith("/performance.html"), page.url
+            assert page.locator("h1").first.inner_text().strip(), "the navigation link led to no page"
+            assert "Index of" not in page.title()
+            widest = page.eval_on_selector_all(
+                "article table",
+                """tables => tables.map(t => {
+                    const wrap = t.closest('.md-typeset__scrollwrap') || t.parentElement;
+                    const last = t.querySelector('tr').lastElementChild;
+                    wrap.scrollLeft = wrap.scrollWidth;
+                    const right = last.getBoundingClientRect().right;
+                    return [t.scrollWidth, right <= window.innerWidth + 1];
+                }).sort((a, b) => b[0] - a[0])[0]""",
+            )  # fmt: skip
+            assert widest[1], f"the widest table ({widest[0]} px) cannot be scrolled to its last column"
+            page.screenshot(path=str(shots / "docs_performance.png"))
+            page.goto((site / "api.html").as_uri())
+            links = page.locator("article a.autorefs-internal")
+            assert links.count() >= 20, "the API reference's cross-references are not links"
+            href = links.first.get_attribute("href")
+            assert href and href.startswith("#"), href
+            page.screenshot(path=str(shots / "docs_api.png"))
+        finally:
+            browser.close()
+
+
+def test_make_docs_installs_only_the_docs_extra_and_changes_no_installed_package() -> None:
+    """`make docs` installs the docs extra alone; pip's resolution of it in this venv (a dry run) must not
+    upgrade, downgrade or replace any package already installed: the running server's packages stay."""
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^docs: \$\(VENV\)/\.installed-extra-docs$", makefile, re.M), "make docs must need the docs extra only"
+    completed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-", "--no-build-isolation",
+         "-e", f"{REPO}[docs]"],
+        capture_output=True, text=True, timeout=300, env=environment(),
+    )  # fmt: skip
+    if completed.returncode != 0 and "No matching distribution" in completed.stderr:
+        pytest.skip(f"no package registry here: {completed.stderr[-300:]}")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(completed.stdout)
+    changed = []
+    for item in report.get("install", []):
+        name, version = item["metadata"]["name"], item["metadata"]["version"]
+        if name.lower().replace("_", "-") == "torchserve-cam":
+            continue
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a new package only the docs need
+        if installed != version:
+            changed.append(f"{name} {installed} -> {version}")
+    assert not changed, f"make docs would change packages the server uses: {changed}"

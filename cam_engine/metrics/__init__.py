@@ -3,9 +3,9 @@
 Each returns per-image scores (float32 NumPy ``[B]``): the change of the target score when the input
 is perturbed according to the CAM.
 
-* :mod:`.cam_mult_image`: multiply the input by the CAM (CamMultImageConfidenceChange,
+* `cam_engine.cam_mult_image`: multiply the input by the CAM (CamMultImageConfidenceChange,
   DropInConfidence, IncreaseInConfidence).
-* :mod:`.road`: ROAD (Rong et al., ICML 2022), removing the most/least relevant pixels by noisy
+* `cam_engine.road`: ROAD (Rong et al., ICML 2022), removing the most/least relevant pixels by noisy
   linear imputation (ROADMostRelevantFirst, ROADLeastRelevantFirst, their averages over
   percentiles, and ROADCombined).
 """

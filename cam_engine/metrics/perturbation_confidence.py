@@ -124,7 +124,7 @@ class RemoveMostRelevantFirst:
 
 
 class RemoveLeastRelevantFirst(RemoveMostRelevantFirst):
-    """:class:`RemoveMostRelevantFirst` on ``1 - cam``: the least relevant pixels are imputed."""
+    """[`RemoveMostRelevantFirst`][cam_engine.metrics.perturbation_confidence.RemoveMostRelevantFirst] on ``1 - cam``: the least relevant pixels are imputed."""
 
     def __call__(self, input_tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return super().__call__(input_tensor, 1 - mask)

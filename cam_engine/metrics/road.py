@@ -125,14 +125,14 @@ class ROADLeastRelevantFirst(PerturbationConfidenceMetric):
 
 
 class ROADMostRelevantFirstAverage(AveragerAcrossThresholds):
-    """Mean of :class:`ROADMostRelevantFirst` over ``percentiles`` (lower is more faithful)."""
+    """Mean of [`ROADMostRelevantFirst`][cam_engine.metrics.road.ROADMostRelevantFirst] over ``percentiles`` (lower is more faithful)."""
 
     def __init__(self, percentiles: Sequence[float] = _PERCENTILES):
         super().__init__(ROADMostRelevantFirst, percentiles)
 
 
 class ROADLeastRelevantFirstAverage(AveragerAcrossThresholds):
-    """Mean of :class:`ROADLeastRelevantFirst` over ``percentiles`` (higher is more faithful)."""
+    """Mean of [`ROADLeastRelevantFirst`][cam_engine.metrics.road.ROADLeastRelevantFirst] over ``percentiles`` (higher is more faithful)."""
 
     def __init__(self, percentiles: Sequence[float] = _PERCENTILES):
         super().__init__(ROADLeastRelevantFirst, percentiles)

@@ -1,4 +1,4 @@
-"""pytorch-grad-cam's module path ``utils.image``: re-exports :mod:`cam_engine.image`."""
+"""pytorch-grad-cam's module path ``utils.image``: re-exports [`cam_engine.image`][cam_engine.image]."""
 
 from ..image import (
     create_labels_legend,

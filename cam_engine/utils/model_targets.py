@@ -1,4 +1,4 @@
-"""pytorch-grad-cam's module path ``utils.model_targets``: re-exports :mod:`cam_engine.targets`."""
+"""pytorch-grad-cam's module path ``utils.model_targets``: re-exports [`cam_engine.targets`][cam_engine.targets]."""
 
 from ..targets import (
     BinaryClassifierOutputTarget,

@@ -1,4 +1,4 @@
-"""pytorch-grad-cam's module path ``utils.reshape_transforms``: re-exports :mod:`cam_engine.reshape`."""
+"""pytorch-grad-cam's module path ``utils.reshape_transforms``: re-exports [`cam_engine.reshape`][cam_engine.reshape]."""
 
 from ..reshape import (
     fasterrcnn_reshape_transform,

@@ -1,4 +1,4 @@
-"""pytorch-grad-cam's ``utils.svd_on_activations``: NumPy wrappers of :mod:`cam_engine.functional`.
+"""pytorch-grad-cam's ``utils.svd_on_activations``: NumPy wrappers of [`cam_engine.functional`][cam_engine.functional].
 
 Each takes ``[B, C, *S]`` (NaNs count as 0; the caller's array is not modified) and returns float32
 ``[B, *S]``. The SVD's sign is fixed so that the largest-magnitude value is positive in all three
@@ -25,7 +25,7 @@ def get_2d_projection(activation_batch: np.ndarray) -> np.ndarray:
 
 
 def get_2d_projection_with_sign_correction(activation_batch: np.ndarray) -> np.ndarray:
-    """Seg-Eigen-CAM's projection: as :func:`get_2d_projection`, flipped when ``|min| > |max|``."""
+    """Seg-Eigen-CAM's projection: as `get_2d_projection`, flipped when ``|min| > |max|``."""
     return np.float32(project_2d(_tensor(activation_batch)).numpy())
 
 

@@ -9,10 +9,10 @@ TorchServe 0.12 writes ``key_file.json`` (mode 0600) into its working directory 
 The inference and management keys expire after ``token_expiration_min``; the API key does not, and
 ``GET <management>/token?type=inference|management`` with ``Authorization: Bearer <API key>`` issues a
 fresh key and rewrites the file. Nothing outside the pod ever sees these keys: the in-container probe and
-the token gate (same user, shared working directory) read them here.
+the front's watcher (same user, shared working directory) read them here.
 
 Rotation takes an exclusive ``flock`` on a lock file next to the key file and re-reads the file inside
-the lock, so concurrent probes and gate threads rotate a key at most once.
+the lock, so concurrent probes and the watcher rotate a key at most once.
 
 Stdlib only.
 """
@@ -96,15 +96,16 @@ class TokenSource:
     """Hands out a valid inference or management token, rotating it through TorchServe when it expires."""
 
     def __init__(self, key_file: str | Path = DEFAULT_KEY_FILE, management_url: str = DEFAULT_MANAGEMENT_URL,
-                 *, now=lambda: dt.datetime.now(dt.timezone.utc)) -> None:
+                 *, now=lambda: dt.datetime.now(dt.timezone.utc), margin: dt.timedelta = ROTATE_MARGIN) -> None:
         self.key_file = Path(key_file)
         self.management_url = management_url
+        self.margin = margin
         self._now = now
 
     def get(self, kind: str) -> str:
         """A key of ``kind`` ("inference" or "management") that is not within ROTATE_MARGIN of expiry."""
         token = read_tokens(self.key_file)[kind]
-        if not token.expiring(self._now()):
+        if not token.expiring(self._now(), self.margin):
             return token.key
         return self.rotate(kind, only_if_expiring=True)
 
@@ -114,7 +115,7 @@ class TokenSource:
         with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             tokens = read_tokens(self.key_file)  # another process may have rotated while we waited
-            if only_if_expiring and not tokens[kind].expiring(self._now()):
+            if only_if_expiring and not tokens[kind].expiring(self._now(), self.margin):
                 return tokens[kind].key
             status, body = http_request(self.management_url, f"/token?type={kind}", tokens["API"].key)
             if status != 200:

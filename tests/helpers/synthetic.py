@@ -7,9 +7,15 @@ so the only evidence for the class lies on the object: a model must look there t
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import timm
 import torch
 from torch import nn
+
+from tests.helpers.gradcam_suite import cache_dir as cache_root
 
 CLASSES = ("red", "green", "blue")
 SHAPES = ("square", "disc", "cross")
@@ -118,10 +124,37 @@ def train(
         loss.backward()
         optimiser.step()
         schedule.step()
+    return accuracy(model, size, shape_size)
+
+
+def accuracy(model: nn.Module, size: int = 64, shape_size=(14, 22)) -> float:
+    """The model's accuracy on 256 held-out images (eval mode)."""
     model.eval()
     images, labels, _ = make_shapes(256, size=size, seed=999, shape_size=shape_size)
     with torch.no_grad():
         return float((model(images).argmax(1) == labels).float().mean())
+
+
+def trained(model: nn.Module, **train_args) -> float:
+    """``train(model, **train_args)`` once per machine: the weights are kept in the test cache
+    (``$TORCHSERVE_CAM_CACHE`` or ``~/.cache/torchserve-cam``, outside the clone, so CI's fresh clones
+    reuse them) under a hash of this file, the model's class, the arguments and torch's version, and
+    reloaded on the next run. Returns the held-out accuracy, measured on every call, cached or not."""
+    cache_dir = cache_root() / "trained-models"
+    cache_dir.mkdir(exist_ok=True)
+    key = hashlib.sha256(
+        "\n".join([Path(__file__).read_text(), type(model).__qualname__, repr(sorted(train_args.items())),
+                   torch.__version__]).encode()
+    ).hexdigest()[:20]
+    path = cache_dir / f"{type(model).__name__}-{key}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return accuracy(model, train_args.get("size", 64), train_args.get("shape_size", (14, 22)))
+    result = train(model, **train_args)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(model.state_dict(), partial)
+    os.replace(partial, path)  # whole or absent, whichever run finishes first
+    return result
 
 
 def peak_in_box(cams: torch.Tensor, boxes: torch.Tensor, margin: int = 0) -> torch.Tensor:
