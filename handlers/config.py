@@ -63,7 +63,6 @@ __all__ = [
     "AuditConfig",
     "ClipConfig",
     "AUDIT_SINKS",
-    "RESPONSE_FORMATS",
     "RESIZE_MODES",
     "RESHAPES",
     "INTERPOLATIONS",
@@ -80,7 +79,6 @@ RESHAPES = ("auto", "vit", "swin", "fasterrcnn", "none")
 TASKS = tuple(name for name, task in registry.TASKS.items() if task.config_task)  # handler.task values
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 AUDIT_SINKS = ("sqlite", "stdout")
-RESPONSE_FORMATS = ("cam", "torchserve")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -287,8 +285,7 @@ class HandlerConfig:
     - ``model_file``: a Python file in the archive defining the one ``nn.Module`` class of
       ``architecture: model_file`` (TorchServe's ``--model-file``, :mod:`handlers.models.model_file`).
     - ``top_k``: predictions returned by default (None: ``min(5, classes)``, set when the model loads);
-      ``response_format``: ``cam`` (our response) or ``torchserve`` (the stock ``image_classifier``'s
-      ``[{"label": probability}, ...]`` on /predictions); ``max_image_pixels``: decoded images larger than this
+      ``max_image_pixels``: decoded images larger than this
       are refused before decoding (decompression bombs); ``max_heatmap_pixels``: heatmaps and overlays
       larger than this are encoded at a reduced size (same aspect); ``max_response_size``: overrides the
       response limit read from TorchServe's config (:mod:`handlers.serving.limits`).
@@ -303,7 +300,6 @@ class HandlerConfig:
     labels: str | tuple[str, ...] | None = setting(None, file_or_names)
     num_classes: int | None = setting(None, optional(integer(1)))
     top_k: int | None = setting(None, optional(integer(1)))
-    response_format: str = setting("cam", choice(*RESPONSE_FORMATS))
     model_file: str | None = setting(None, optional(text("a Python file name")))
     max_image_pixels: int = setting(40_000_000, integer(1))
     max_heatmap_pixels: int = setting(4_194_304, integer(1))
