@@ -140,7 +140,8 @@ class PreprocessingConfig:
 class ExplanationConfig:
     """Which CAMs a model may compute and how they are returned (flat keys of ``handler:``).
 
-    - ``target_layers``: dotted layer paths (``layer4.-1``, ``blocks.-1.norm1``), resolved at load.
+    - ``target_layers``: dotted layer paths (``layer4.-1``, ``blocks.-1.norm1``), resolved at load;
+      ``auto`` (the default) is found by tracing one forward (:mod:`handlers.models.auto_layers`).
     - ``reshape``: ``auto`` (from the architecture), ``vit``, ``swin``, ``fasterrcnn`` or ``none``.
     - ``methods``: the cam_engine method names a request may ask for; ``default_method`` among them
       (default: the first).
@@ -153,7 +154,7 @@ class ExplanationConfig:
     - ``attributions``: Captum method defaults and limits (:mod:`handlers.serving.attributions`).
     """
 
-    target_layers: tuple[str, ...] = setting((), names("dotted layer paths"))
+    target_layers: tuple[str, ...] = setting(("auto",), names("dotted layer paths (or auto)"))
     reshape: str = setting("auto", choice(*RESHAPES))
     methods: tuple[str, ...] = setting(("gradcam",), names("method names", lower=True))
     default_method: str = setting("gradcam", text("a method name"))
@@ -281,7 +282,10 @@ class HandlerConfig:
       for its builder (``min_size``, ``box_score_thresh``, ...).
     - ``weights``: the state-dict file inside the archive; ``labels``: a JSON list file inside the
       archive (or an inline list); ``num_classes`` defaults to the number of labels.
-    - ``top_k``: predictions returned by default; ``max_image_pixels``: decoded images larger than this
+    - ``model_file``: a Python file in the archive defining the one ``nn.Module`` class of
+      ``architecture: model_file`` (TorchServe's ``--model-file``, :mod:`handlers.models.model_file`).
+    - ``top_k``: predictions returned by default (None: ``min(5, classes)``, set when the model loads);
+      ``max_image_pixels``: decoded images larger than this
       are refused before decoding (decompression bombs); ``max_heatmap_pixels``: heatmaps and overlays
       larger than this are encoded at a reduced size (same aspect); ``max_response_size``: overrides the
       response limit read from TorchServe's config (:mod:`handlers.serving.limits`).
@@ -295,7 +299,8 @@ class HandlerConfig:
     weights: str | None = setting(None, optional(text("a file name")))
     labels: str | tuple[str, ...] | None = setting(None, file_or_names)
     num_classes: int | None = setting(None, optional(integer(1)))
-    top_k: int = setting(5, integer(1))
+    top_k: int | None = setting(None, optional(integer(1)))
+    model_file: str | None = setting(None, optional(text("a Python file name")))
     max_image_pixels: int = setting(40_000_000, integer(1))
     max_heatmap_pixels: int = setting(4_194_304, integer(1))
     max_response_size: int | None = setting(None, optional(integer(1024)))

@@ -27,12 +27,23 @@ __all__ = [
     "KEY_FILE_ENV",
     "URL_ENV",
     "DEFAULT_URL",
+    "PORT_ENV",
+    "default_url",
 ]
 
 TOKEN_ENV = "TORCHSERVE_CAM_TOKEN"
 KEY_FILE_ENV = "TORCHSERVE_CAM_KEY_FILE"
 URL_ENV = "TORCHSERVE_CAM_URL"
 DEFAULT_URL = "http://127.0.0.1:8080"
+PORT_ENV = "INFERENCE_PORT"  # the port `make serve` (model_store.serve) binds the inference API to
+
+
+def default_url() -> str:
+    """``$TORCHSERVE_CAM_URL``, else ``http://127.0.0.1:$INFERENCE_PORT`` when that is set, else :data:`DEFAULT_URL`."""
+    if os.environ.get(URL_ENV):
+        return os.environ[URL_ENV]
+    port = os.environ.get(PORT_ENV, "").strip()
+    return f"http://127.0.0.1:{port}" if port.isdigit() else DEFAULT_URL
 DEFAULT_KEY_FILE = "key_file.json"
 
 

@@ -87,11 +87,9 @@ def load_model_spec(
     is given; a config without weights needs ``weights`` or ``random_weights``. Raises
     :class:`CliError` with the names to choose from for an unknown name.
     """
-    import cam_engine
-    from handlers.config import ConfigError, PreprocessingConfig
-    from handlers.models import architectures
+    from handlers.config import ConfigError
+    from handlers.models import architectures, loading
     from model_store.build import CONFIG_DIR, BuildError, load_config, load_weights
-    from model_store.labels import resolve_labels
 
     configs = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     handler: dict[str, Any] = {}
@@ -108,8 +106,6 @@ def load_model_spec(
                 handler = candidate
                 break
         handler = {**handler, "architecture": name}
-        if not handler.get("target_layers") and not layers:
-            raise CliError(f"{name} has no model config: give the CAM layer with --layer PATH")
     task = handler.get("task") or ("CLIP" if handler.get("architecture") == "clip" else "classifier")
     reshape = handler.get("reshape", "auto")
     if reshape == "auto" and task == "classifier":
@@ -121,33 +117,30 @@ def load_model_spec(
             "serve it and use `torchserve-cam explain` (with -o for its options)"
         )
     if num_classes is not None:
-        labels = [str(i) for i in range(num_classes)]
-    else:
-        labels = resolve_labels(handler) or resolve_labels({"labels": "imagenet"})
-    try:
-        preprocessing = PreprocessingConfig.from_dict(handler.get("preprocessing"))
-    except ConfigError as error:
-        raise CliError(str(error)) from None
+        handler = {**handler, "labels": [str(i) for i in range(num_classes)]}
+    elif handler.get("labels") is None:
+        handler = {**handler, "labels": "imagenet"}
     source = weights if weights is not None else handler.get("weights")
     if num_classes is not None and weights is None:
         source = None  # a config's weights have that config's classes
     if source is None and not random_weights:
         raise CliError(f"{name}: no weights: give --weights PATH (a state dict); --random-weights for a layout check")
-    model = architectures.build(handler["architecture"], len(labels))
-    try:
-        described = load_weights(model, source, allow_random=random_weights).replace("--allow-", "--")
+    section = {**handler, "weights": None, "task": "classifier", "reshape": reshape, "audit": {}}
+    if layers:
+        section["target_layers"] = list(layers)
+    try:  # the one loader the handler and the builder use (handlers.models.loading)
+        config = loading.read_config({"handler": section}, CONFIG_DIR)
+        loaded = loading.load_model(config, CONFIG_DIR, weights=lambda model: load_weights(model, source, random_weights))
     except BuildError as error:
-        raise CliError(f"{name}: {error}".replace("--allow-random-weights", "--random-weights")) from None
-    model = model.to(device).eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    target_layers = list(layers or handler["target_layers"])
-    for path in target_layers:
-        try:
-            cam_engine.resolve_layer(model, path)
-        except cam_engine.LayerNotFoundError as error:
-            raise CliError(f"--layer: {error}") from None
-    transform = architectures.reshape_transform(reshape)
+        if error.reason == "no_weights":
+            raise CliError(f"{name}: no weights: give --weights PATH (a state dict); --random-weights for a layout check") from None
+        raise CliError(f"{name}: {error}") from None
+    except ConfigError as error:
+        key = "--layer" if str(error).startswith("handler.target_layers") else name
+        raise CliError(f"{key}: {error}") from None
+    model = loaded.model.to(device).eval()
+    described, labels, preprocessing = loaded.weights_source or "", list(loaded.labels), loaded.preprocessing
+    target_layers, transform = list(loaded.target_layers), loaded.reshape_transform
     return ModelSpec(name, model, labels, preprocessing, target_layers, transform, described)
 
 

@@ -16,7 +16,6 @@ import argparse
 import base64
 import io
 import json
-import os
 import re
 import sys
 import threading
@@ -36,6 +35,7 @@ from .client import (
     CliError,
     Outcome,
     ServerError,
+    default_url,
     parse_target,
     resolve_token,
 )
@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     def server_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="JPEG/PNG/WebP files")
         sub.add_argument("--model", required=True, help="the served model name (e.g. efficientnet_lite0)")
-        sub.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL),
-                         help=f"inference address (default ${URL_ENV} or {DEFAULT_URL})")
+        sub.add_argument("--url", default=default_url(),
+                         help=f"inference address (default ${URL_ENV}, else 127.0.0.1:$INFERENCE_PORT, else {DEFAULT_URL})")
         sub.add_argument("--token", help=f"inference token (default ${TOKEN_ENV}, else the key file)")
         sub.add_argument("--key-file", help=f"TorchServe's key_file.json (default ${KEY_FILE_ENV} or ./key_file.json)")
         sub.add_argument("--no-token", action="store_true", help="send no token (a server with token auth off)")

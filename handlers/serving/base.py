@@ -34,7 +34,8 @@ from torch import nn
 import cam_engine
 from handlers.audit import Auditor
 from handlers.config import ConfigError, HandlerConfig
-from handlers.models import architectures
+from handlers.models import architectures, loading
+from handlers.models.labels import read_labels
 from handlers.serving import attributions, fast_forward, limits, protocols, render, threads
 from handlers.serving import batch as serving
 from handlers.serving.codec import decode_image, encode_jpeg, encode_png
@@ -137,10 +138,11 @@ class CamHandler:
         self.threads = threads.configure(yaml_config, self.config.threads)
         info_path = model_dir / "build_info.json"
         self.build_info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        self.labels = self._load_labels(model_dir)
-        self.model = self.load_model(model_dir).to(self.device).eval()
-        for parameter in self.model.parameters():  # serving never needs parameter gradients
-            parameter.requires_grad_(False)
+        loaded = self.load_model(model_dir)  # handlers.models.loading: weights, labels, layers, top_k resolved once
+        if not isinstance(loaded, loading.LoadedModel):  # a task that builds its own module (CLIP)
+            loaded = loading.adopt(loaded, self.config, self._load_labels(model_dir))
+        self.config, self.labels = loaded.config, list(loaded.labels)
+        self.model = loaded.model.to(self.device).eval()
         self.predict, self.channels_last = fast_forward.prepare(self)  # see handlers.serving.fast_forward
         self.cams = self._build_cams()
         fast_forward.split_explanations(self)  # the frozen copy up to the target layer for explanations
@@ -158,48 +160,27 @@ class CamHandler:
         )
 
     def load_config(self, yaml_config: Mapping[str, Any] | None, model_dir: Path) -> HandlerConfig:
-        """The validated handler config; a task with keys of its own parses them here first."""
-        return load_handler_config(yaml_config)
+        """The validated handler config; a task with keys of its own parses them here first. A
+        ``--model-file`` archive without one gets TorchServe's defaults (:func:`handlers.models.loading.read_config`)."""
+        task = getattr(getattr(self, "task", None), "name", None)
+        return loading.read_config(yaml_config, model_dir, getattr(self.context, "manifest", None), task)
 
     @property
     def weights_source(self) -> str:
         return str(self.build_info.get("weights_source", "unknown"))
 
     def _load_labels(self, model_dir: Path) -> list[str]:
-        labels = self.config.labels
-        if isinstance(labels, str):
-            path = model_dir / labels
-            if not path.exists():
-                raise ConfigError(f"handler.labels: file {labels!r} is not in the archive")
-            loaded = json.loads(path.read_text())
-            if isinstance(loaded, Mapping):  # TorchServe's index_to_name.json
-                loaded = [loaded[str(i)] if not isinstance(loaded[str(i)], list) else loaded[str(i)][-1] for i in range(len(loaded))]
-            labels = loaded
-        labels = list(labels or [])
+        """The configured labels (:func:`handlers.models.labels.read_labels`), or ``num_classes`` indices."""
+        labels = read_labels(self.config.labels, model_dir) or []
         if self.config.num_classes is not None and labels and len(labels) != self.config.num_classes:
             raise ConfigError(f"handler.labels: {len(labels)} labels for num_classes {self.config.num_classes}")
-        if not labels:
-            if self.config.num_classes is None:
-                raise ConfigError("handler.labels: give labels or num_classes")
-            labels = [str(i) for i in range(self.config.num_classes)]
-        return labels
+        if not labels and self.config.num_classes is None:
+            raise ConfigError("handler.labels: give labels or num_classes")
+        return labels or [str(i) for i in range(self.config.num_classes)]
 
-    def load_model(self, model_dir: Path) -> nn.Module:
-        """Build the configured architecture and load the archived state dict into it (strict)."""
-        try:
-            architecture = architectures.get_architecture(self.config.architecture)
-        except KeyError as error:
-            raise ConfigError(f"handler.architecture: {error.args[0]}") from None
-        model = architecture.builder(len(self.labels), **dict(self.config.model_options))
-        if self.config.weights:
-            path = model_dir / self.config.weights
-            if not path.exists():
-                raise ConfigError(f"handler.weights: file {self.config.weights!r} is not in the archive")
-            try:
-                architectures.load_state(model, path)
-            except RuntimeError as error:
-                raise ConfigError(f"handler.weights: does not fit {self.config.architecture}: {error}") from None
-        return model
+    def load_model(self, model_dir: Path) -> loading.LoadedModel | nn.Module:
+        """The configured model with its weights, labels and CAM layers (:func:`handlers.models.loading.load_model`)."""
+        return loading.load_model(self.config, model_dir, needs_labels=self.config.task != "embedding")
 
     def reshape_transform(self) -> Any:
         """The reshape transform for the configured ``reshape`` (``auto`` asks the architecture)."""

@@ -41,6 +41,7 @@ from typing import Any
 from torch import nn
 
 from handlers.config import ConfigError
+from handlers.models.loading import LoadedModel
 from handlers.serving.base import CamHandler, ParsedRequest, RequestError
 from handlers.tasks.registry import TaskResult, get_task
 from handlers.tasks.targets import RankedBoxTarget, ranked_detections
@@ -54,7 +55,7 @@ class DetectionHandler(CamHandler):
     task = get_task("detection")
     task_options = task.options
 
-    def load_model(self, model_dir: Path) -> nn.Module:
+    def load_model(self, model_dir: Path) -> LoadedModel | nn.Module:
         """The detector, its internal transform pinned to the configured input size (no rescaling)."""
         preprocessing = self.config.preprocessing
         if preprocessing.mean != (0.0, 0.0, 0.0) or preprocessing.std != (1.0, 1.0, 1.0):
@@ -62,7 +63,8 @@ class DetectionHandler(CamHandler):
                 "handler.preprocessing.mean / std: a torchvision detector normalises inside; "
                 "set mean: [0, 0, 0] and std: [1, 1, 1]"
             )
-        model = super().load_model(model_dir)
+        loaded = super().load_model(model_dir)
+        model = loaded.model if isinstance(loaded, LoadedModel) else loaded
         height, width = preprocessing.input_size
         stride = getattr(model, "stride", None)
         if isinstance(stride, int):  # a YOLO detector (handlers.models.yolo.YoloDetector)
@@ -71,7 +73,7 @@ class DetectionHandler(CamHandler):
                     f"handler.preprocessing.input_size: {[height, width]} must be divisible by {stride}, "
                     "the detector's largest stride"
                 )
-            return model
+            return loaded
         transform = getattr(model, "transform", None)
         if transform is None or not hasattr(transform, "min_size"):
             raise ConfigError(f"handler.architecture: {self.config.architecture} is not a torchvision or YOLO detector")
@@ -83,7 +85,7 @@ class DetectionHandler(CamHandler):
             )
         transform.min_size = (min(height, width),)
         transform.max_size = max(height, width)
-        return model
+        return loaded
 
     def warm_up_targets(self) -> list[Any]:
         return [RankedBoxTarget(0)]

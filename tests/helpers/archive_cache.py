@@ -65,6 +65,9 @@ def build_cached(specs: list[ArchiveSpec], store: Path, log: Callable[[str], Non
     store.mkdir(parents=True, exist_ok=True)
     code, names = _code_digest(), []
     for spec in specs:
+        if not isinstance(spec, ArchiveSpec):  # a callable(store) -> .mar that archives its own way (seconds)
+            names.append(spec(store).stem)
+            continue
         name = spec.archive_name or (spec.config if isinstance(spec.config, str) else "model")
         cached = root / f"{name}-{archive_key(spec, code)}.mar"
         if not cached.exists():

