@@ -8,9 +8,11 @@ __all__ = ["RequestError", "error_body", "quote", "QUOTE_LIMIT", "MAX_MESSAGE"]
 
 #: the most characters of a client's own input an error message quotes
 QUOTE_LIMIT = 200
-#: the longest error message (our words plus quoted input); a longer one is cut, so a request never gets a
-#: megabyte echo of itself (which TorchServe's frontend resets or truncates)
-MAX_MESSAGE = 1000
+#: the longest error message (our words plus quoted input): a longer one keeps its first 250 and last 200
+#: characters (where our words are: what was wrong, what is allowed) and says how much was cut from the middle
+#: (where a message built with ``{value!r}`` holds the client's value), so a request never gets a megabyte
+#: echo of itself, which TorchServe's frontend resets or truncates
+MAX_MESSAGE = 500
 
 
 class RequestError(Exception):
@@ -18,7 +20,7 @@ class RequestError(Exception):
 
     def __init__(self, message: str, code: int = 400, kind: str = "InvalidInput") -> None:
         if len(message) > MAX_MESSAGE:
-            message = f"{message[:MAX_MESSAGE]}... ({len(message)} characters)"
+            message = f"{message[:250]} ... ({len(message) - 450} characters cut) ... {message[-200:]}"
         super().__init__(message)
         self.code = code
         self.kind = kind
