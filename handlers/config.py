@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cam_engine.image import COLORMAPS
+from handlers.serving.codec import IMAGE_FORMATS, MULTI_FRAME, openable_formats
 from handlers.settings import (
     ConfigError,
     boolean,
@@ -88,6 +89,19 @@ def faithfulness_mode(value: Any, key: str) -> str | bool:
     if isinstance(value, bool):
         return "remove_top" if value else False
     return choice("remove_top", "road")(value, f"{key} (or true/false)")
+
+
+FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF"}
+
+
+def image_formats(value: Any, key: str) -> tuple[str, ...]:
+    """Pillow format names (``JPEG``, ``PNG``, ``WEBP``, ...; case-insensitive, ``jpg``/``tif`` too) Pillow can open."""
+    wanted = tuple(dict.fromkeys(FORMAT_ALIASES.get(v.upper(), v.upper()) for v in names("image format names")(value, key)))
+    known = openable_formats()
+    unknown = [v for v in wanted if v not in known]
+    if unknown:
+        raise ConfigError(f"{key}: {', '.join(unknown)} cannot be opened here; Pillow opens {', '.join(known)}")
+    return wanted
 
 
 # --- the sections -------------------------------------------------------------------------------------------
@@ -286,7 +300,11 @@ class HandlerConfig:
       ``architecture: model_file`` (TorchServe's ``--model-file``, :mod:`handlers.models.model_file`).
     - ``top_k``: predictions returned by default (None: ``min(5, classes)``, set when the model loads);
       ``max_image_pixels``: decoded images larger than this
-      are refused before decoding (decompression bombs); ``max_heatmap_pixels``: heatmaps and overlays
+      are refused before decoding (decompression bombs); ``max_request_pixels`` / ``max_batch_pixels``: the
+      most pixels one request's images / one batch's images may claim in their headers, checked before any
+      is decoded (:mod:`handlers.serving.budget`); ``image_formats``: the Pillow formats a request may send
+      (JPEG, PNG, WebP, BMP, TIFF, GIF by default; no other decoder ever sees a request's bytes);
+      ``multi_frame``: ``refuse`` (default) or ``first`` for animated / multi-page images; ``max_heatmap_pixels``: heatmaps and overlays
       larger than this are encoded at a reduced size (same aspect); ``max_response_size``: overrides the
       response limit read from TorchServe's config (:mod:`handlers.serving.limits`).
     - ``threads``: torch intra-op threads; None: sized to the CPUs (:mod:`handlers.serving.threads`).
@@ -302,6 +320,10 @@ class HandlerConfig:
     top_k: int | None = setting(None, optional(integer(1)))
     model_file: str | None = setting(None, optional(text("a Python file name")))
     max_image_pixels: int = setting(40_000_000, integer(1))
+    max_request_pixels: int = setting(64_000_000, integer(1))
+    max_batch_pixels: int = setting(160_000_000, integer(1))
+    image_formats: tuple[str, ...] = setting(IMAGE_FORMATS, image_formats)
+    multi_frame: str = setting("refuse", choice(*MULTI_FRAME))
     max_heatmap_pixels: int = setting(4_194_304, integer(1))
     max_response_size: int | None = setting(None, optional(integer(1024)))
     preprocessing: PreprocessingConfig = setting(PreprocessingConfig())

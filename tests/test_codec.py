@@ -24,8 +24,13 @@ def _picture(mode: str) -> Image.Image:
 
 
 def _reference(raw: bytes) -> np.ndarray:
-    """The earlier decoder: always EXIF-transpose, always convert to RGB."""
-    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(raw))).convert("RGB"))
+    """The earlier decoder: always EXIF-transpose, always convert to RGB; 16-bit gray scaled by 65535 -> 255
+    (Pillow's own conversion clips it at 255 instead: a 16-bit photo came out white)."""
+    picture = ImageOps.exif_transpose(Image.open(io.BytesIO(raw)))
+    if picture.mode == "I;16":
+        gray = np.rint(np.asarray(picture) / 257).astype(np.uint8)
+        return np.stack([gray] * 3, axis=2)
+    return np.asarray(picture.convert("RGB"))
 
 
 @pytest.mark.parametrize(

@@ -281,7 +281,7 @@ class CamHandler:
             raise RequestError(f"output must be 'heatmap', 'overlay', 'both' or a list of those, got {outputs!r}")
         rendering = render.parse_render_options(options, explanation)
         method_options = attributions.parse_options(self.cams[method], options, aug_smooth or eigen_smooth)
-        image = decode_image(raw, self.config.max_image_pixels)
+        image = decode_image(raw, self.config.max_image_pixels, self.config.image_formats, self.config.multi_frame)
         model_input, geometry = preprocess(image, self.config.preprocessing)
         request = ParsedRequest(
             index=index,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from handlers.serving import limits, protocols
+from handlers.serving import budget, grpc_calls, limits, protocols
 from handlers.serving.protocols import RequestError
 
 __all__ = ["handle_batch", "answer_units", "header"]
@@ -44,8 +44,11 @@ def handle_batch(handler: Any, data: Sequence[Mapping[str, Any]], context: Any) 
     if limits.is_management_describe(data, get):
         return [json.dumps(handler.describe())]
     envelopes, units = [], []
+    unanswered = grpc_calls.sequence_requests(context, len(data))  # gRPC StreamPredictions2: see grpc_calls
     for index, item in enumerate(data):
         try:
+            if index in unanswered:
+                raise RequestError("gRPC StreamPredictions2 is not supported", 501, "NotImplemented")
             envelope, found = protocols.expand(index, item, get(index, "explain") == "True", lambda key, i=index: get(i, key))
         except RequestError as error:
             envelope, found = protocols.Envelope(error=error), []
@@ -71,6 +74,7 @@ def handle_batch(handler: Any, data: Sequence[Mapping[str, Any]], context: Any) 
     for requests, batch, outputs, cams, results in audit_later:  # strict durability: committed before we return
         delivered = {p: r for p, r in results.items() if units[p].request not in undelivered}
         handler.audit.record(requests, batch, outputs, cams, delivered)
+    grpc_calls.settle(context, len(data), unanswered)
     return responses
 
 
@@ -84,10 +88,13 @@ def answer_units(
     """
     answers: list[tuple[int, dict[str, Any]] | None] = [None] * len(units)
     requests = []
+    over_budget = budget.refusals(units, handler.config)  # pixel budgets, from the headers, before any decoding
     for position, unit in enumerate(units):
         try:
             if "error" in unit.item:
                 raise unit.item["error"]
+            if position in over_budget:
+                raise over_budget[position]
             request = handler.parse_request(position, unit.item, unit.explain)
             request.request_index = unit.request
             requests.append(request)

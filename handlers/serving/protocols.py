@@ -23,13 +23,14 @@ and :func:`assemble` wraps a request's units in its protocol's envelope: one res
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from handlers.serving.codec import decode_base64
-from handlers.serving.errors import RequestError, error_body
+from handlers.serving.errors import RequestError, error_body, quote
 
 __all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "split_body", "expand", "respond", "envelope_body", "error_body", "MAX_INSTANCES", "REASONS"]
 
@@ -37,17 +38,54 @@ __all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "split_body", "e
 MAX_INSTANCES = 32
 #: KServe/Triton parameter names that describe the transport, not our options
 TRANSPORT_PARAMETERS = frozenset({"content_type", "binary_data_size", "binary_data", "binary_data_output", "headers"})
+#: keys that mark a body as KServe v2 even when its "inputs" are missing (so the answer says what is missing)
+V2_KEYS = frozenset({"inputs", "outputs", "id", "parameters"})
 FORM_URLENCODED = "application/x-www-form-urlencoded"
 REASONS = {
     400: "Bad Request",
     413: "Payload Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Entity",
+    429: "Too Many Requests",
     507: "Insufficient Storage",
 }
 
 
 ProtocolError = RequestError  # a request that cannot be read at all
+IMAGE_KEYS = ("data", "b64", "image")  # where a v1 instance holds its image
+UTF8_BOM = b"\xef\xbb\xbf"
+TRUE_WORDS, FALSE_WORDS = frozenset({"true", "1", "yes"}), frozenset({"false", "0", "no", ""})
+
+
+def _json_bytes(raw: Any) -> bytes | None:
+    """``raw`` without its UTF-8 byte order mark and leading whitespace when it is a JSON object's bytes, else None."""
+    if not isinstance(raw, (bytes, bytearray)):
+        return None
+    text = bytes(raw[:3]).removeprefix(UTF8_BOM) + bytes(raw[3:]) if raw[:3] == UTF8_BOM else bytes(raw)
+    text = text.lstrip(b" \t\r\n")
+    return text if text[:1] == b"{" else None
+
+
+def _load_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("the body starts like JSON but is not valid JSON") from None
+    except RecursionError:
+        raise ProtocolError("the JSON body is nested too deeply") from None
+
+
+def _flag(value: Any, key: str) -> bool:
+    """A gRPC input-map / multipart flag: ``true``/``1``/``yes`` or ``false``/``0``/``no``/empty (bytes or str)."""
+    if isinstance(value, bool):
+        return value
+    try:
+        word = (bytes(value).decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)).strip().lower()
+    except UnicodeDecodeError:
+        word = "?"
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise ProtocolError(f"{key} must be true or false, got {quote(value)}")
 
 
 @dataclass
@@ -90,17 +128,17 @@ def split_body(item: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
         raw, options = item["body"], {}
     else:
         raise RequestError("no image: send raw bytes, a multipart field 'data' or JSON {\"image\": ...}")
-    if isinstance(raw, (bytes, bytearray)) and raw[:1] == b"{":
-        try:
-            raw = json.loads(bytes(raw).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise RequestError("the body starts like JSON but is not valid JSON") from None
+    text = _json_bytes(raw)
+    if text is not None:
+        raw = _load_json(text)
     if isinstance(raw, str):
         raw = raw.encode("latin-1", errors="ignore")
     if isinstance(raw, Mapping):
         options = dict(raw)
         if "image" not in options:
-            raise RequestError('JSON requests need "image": "<base64 image>"')
+            raise RequestError(
+                'JSON requests need "image": "<base64 image>" (or "instances" for KServe v1, "inputs" for KServe v2)'
+            )
         raw = decode_base64(options.pop("image"), "image")
     elif not isinstance(raw, (bytes, bytearray)):
         raise RequestError(f"the JSON body must be an object, got {type(raw).__name__}")
@@ -121,15 +159,17 @@ def _v1_units(index: int, body: Mapping[str, Any], explain: bool) -> tuple[Envel
         raise ProtocolError('KServe v1: "instances" must be a non-empty list of {"data": "<base64 image>"}')
     if len(instances) > MAX_INSTANCES:
         raise ProtocolError(f"KServe v1: {len(instances)} instances, at most {MAX_INSTANCES} per request", 413, "TooManyInstances")
+    shared = _parameters(body.get("parameters"), "parameters")  # every instance's options; its own win
+    shared = {k: v for k, v in shared.items() if k not in IMAGE_KEYS}
     units = []
     for position, instance in enumerate(instances):
         where = f"instances[{position}]"
         try:
             if isinstance(instance, str):
-                options: dict[str, Any] = {"image": instance}
+                options: dict[str, Any] = {**shared, "image": instance}
             elif isinstance(instance, Mapping):
-                options = dict(instance)
-                keys = [k for k in ("data", "b64", "image") if k in options]
+                options = {**shared, **instance}
+                keys = [k for k in IMAGE_KEYS if k in options]
                 if len(keys) != 1:
                     raise ProtocolError(f'{where} needs exactly one of "data", "b64" or "image" (a base64 image)')
                 options["image"] = _b64_option(options.pop(keys[0]), f"{where}.{keys[0]}")
@@ -179,8 +219,13 @@ def _v2_units(index: int, body: Mapping[str, Any], explain: bool, binary: bytes 
     request_id = body.get("id")
     envelope = Envelope("v2", explain, request_id=str(request_id) if request_id is not None else None)
     inputs = body.get("inputs")
+    if "inputs" not in body:
+        raise ProtocolError(
+            'KServe v2: the body has no "inputs"; send "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", '
+            '"data": ["<base64 image>"]}]'
+        )
     if not isinstance(inputs, list) or not inputs:
-        raise ProtocolError('KServe v2: "inputs" must be a non-empty list of BYTES tensors')
+        raise ProtocolError(f'KServe v2: "inputs" must be a non-empty list of BYTES tensors, got {quote(inputs)}')
     shared = _parameters(body.get("parameters"), "parameters")
     units: list[Unit] = []
     offset = 0
@@ -189,19 +234,24 @@ def _v2_units(index: int, body: Mapping[str, Any], explain: bool, binary: bytes 
         if not isinstance(tensor, Mapping):
             raise ProtocolError(f"{where} must be an object")
         name = str(tensor.get("name", f"input_{position}"))
+        if len(name) > 200:
+            raise ProtocolError(f"{where}: name longer than 200 characters ({len(name)})")
         if tensor.get("datatype") != "BYTES":
-            raise ProtocolError(f"{where} ({name}): datatype must be BYTES (encoded images), got {tensor.get('datatype')!r}")
+            raise ProtocolError(f"{where} ({name}): datatype must be BYTES (encoded images), got {quote(tensor.get('datatype'))}")
+        shape = tensor.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ProtocolError(f"{where} ({name}): \"shape\" must be a list of non-negative integers, got {quote(shape)}")
         parameters = tensor.get("parameters") if isinstance(tensor.get("parameters"), Mapping) else {}
         options = {**shared, **_parameters(parameters, f"{where}.parameters")}
         wants = options.pop("explain", None)
         if wants is not None and not isinstance(wants, bool):
-            raise ProtocolError(f"parameters.explain must be true or false, got {wants!r}")
+            raise ProtocolError(f"parameters.explain must be true or false, got {quote(wants)}")
         unit_explain = explain or bool(wants)
         envelope.explain = envelope.explain or unit_explain
         size = parameters.get("binary_data_size")
         if size is not None:  # raw bytes, after the JSON header
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise ProtocolError(f"{where}: binary_data_size {size!r} does not fit the body")
+                raise ProtocolError(f"{where}: binary_data_size {quote(size)} does not fit the body")
             images: list[Any] = _bytes_elements(binary[offset : offset + size], where)
             offset += size
         else:
@@ -210,6 +260,10 @@ def _v2_units(index: int, body: Mapping[str, Any], explain: bool, binary: bytes 
                 raise ProtocolError(f'{where} ({name}): "data" must be a non-empty list of base64 images')
             if images and isinstance(images[0], list):  # shape [N, 1] sent nested
                 images = [x for row in images for x in (row if isinstance(row, list) else [row])]
+        if math.prod(shape) != len(images):
+            raise ProtocolError(
+                f"{where} ({name}): shape {shape} holds {math.prod(shape)} element(s), \"data\" has {len(images)}"
+            )
         envelope.outputs.append((name, len(images)))
         if len(units) + len(images) > MAX_INSTANCES:
             raise ProtocolError(f"KServe v2: more than {MAX_INSTANCES} images in one request", 413, "TooManyInstances")
@@ -240,6 +294,8 @@ def expand(
             415,
             "UnsupportedMediaType",
         )
+    if "explain" in item:  # gRPC input map (or a multipart field) "explain": true
+        explain = _flag(item["explain"], "explain") or explain
     body = item.get("body") if "data" not in item else None
     binary_header = header("Inference-Header-Content-Length")
     if isinstance(body, (bytes, bytearray)) and binary_header is not None:
@@ -249,15 +305,13 @@ def expand(
             raise ProtocolError("Inference-Header-Content-Length must be an integer") from None
         parsed, rest = _binary_split(bytes(body), length)
         return _v2_units(index, parsed, explain, rest)
-    if isinstance(body, (bytes, bytearray)) and body[:1] == b"{":
-        try:
-            body = json.loads(bytes(body).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise ProtocolError("the body starts like JSON but is not valid JSON") from None
-        item = {"body": body}
+    text = _json_bytes(body)
+    if text is not None:  # JSON that TorchServe did not parse (a BOM, another Content-Type)
+        body = _load_json(text)
+        item = {**item, "body": body}
     if isinstance(body, Mapping) and "instances" in body:
         return _v1_units(index, body, explain)
-    if isinstance(body, Mapping) and isinstance(body.get("inputs"), list):
+    if isinstance(body, Mapping) and "image" not in body and ("inputs" in body or V2_KEYS & set(body)):
         return _v2_units(index, body, explain)
     return Envelope("native", explain), [Unit(index, item, explain)]
 
