@@ -212,11 +212,11 @@ def test_requests_over_the_limits_are_a_400_naming_the_limit(handler, options, m
 def test_only_classifier_configs_may_list_captum_methods() -> None:
     config = HandlerConfig.from_dict({"architecture": "resnet18", "num_classes": 2, "target_layers": ["layer4"], "task": "segmentation"})
     with pytest.raises(ConfigError, match="handler.methods: occlusion is a Captum attribution, served for classifier configs only"):
-        attributions.build(SimpleNamespace(config=config, model=None), "occlusion", [torch.nn.Identity()])
+        attributions.build(config, None, "occlusion", [torch.nn.Identity()])
     config = HandlerConfig.from_dict({"architecture": "resnet18", "num_classes": 2, "target_layers": ["layer4"],
                                       "attributions": {"n_steps": 100, "max_n_steps": 50}})
     with pytest.raises(ConfigError, match="handler.attributions.n_steps: 100 is over max_n_steps 50"):
-        attributions.build(SimpleNamespace(config=config, model=None), "integrated_gradients", [torch.nn.Identity()])
+        attributions.build(config, None, "integrated_gradients", [torch.nn.Identity()])
 
 
 def test_attribution_limits_are_checked_even_without_captum_methods(tmp_path) -> None:

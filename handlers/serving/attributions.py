@@ -352,9 +352,9 @@ class CaptumMethod:
         return AttributionResult(cams, raw, pairs, outputs, targets)
 
 
-def build(handler: Any, name: str, layers: list[nn.Module]) -> CaptumMethod:
-    """The Captum method ``name`` for ``handler``'s model; :class:`ConfigError` when the config cannot serve it."""
-    config = handler.config
+def build(config: Any, model: nn.Module, name: str, layers: list[nn.Module]) -> CaptumMethod:
+    """The Captum method ``name`` for ``model`` under ``config`` (a :class:`handlers.config.HandlerConfig`);
+    :class:`ConfigError` when the config cannot serve it."""
     if config.task != "classifier" or config.architecture == "clip":
         raise ConfigError(
             f"handler.methods: {name} is a Captum attribution, served for classifier configs only "
@@ -362,7 +362,7 @@ def build(handler: Any, name: str, layers: list[nn.Module]) -> CaptumMethod:
         )
     if name in ("layer_integrated_gradients", "guided_gradcam") and len(layers) != 1:
         raise ConfigError(f"handler.target_layers: {name} explains one layer, {len(layers)} are configured")
-    return CaptumMethod(name, handler.model, layers[0], read_limits(config), config.preprocessing)
+    return CaptumMethod(name, model, layers[0], read_limits(config), config.preprocessing)
 
 
 def read_limits(config: Any) -> AttributionConfig:

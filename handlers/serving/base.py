@@ -141,9 +141,13 @@ class CamHandler:
         self.model = self.load_model(model_dir).to(self.device).eval()
         for parameter in self.model.parameters():  # serving never needs parameter gradients
             parameter.requires_grad_(False)
-        self.predict, self.channels_last = fast_forward.prepare(self)  # see handlers.serving.fast_forward
+        input_size = self.config.preprocessing.input_size
+        fast = bool(getattr(self, "fast_forward", False))  # a task class's switch (handlers.serving.fast_forward)
+        self.predict, channels_last = fast_forward.prepare(self.model, input_size, self.device, fast)
         self.cams = self._build_cams()
-        fast_forward.split_explanations(self)  # the frozen copy up to the target layer for explanations
+        # the frozen copy up to the target layer for explanations, which then take the default memory format
+        split = fast_forward.split_explanations(self.cams.values(), self.model, input_size, self.device, fast)
+        self.channels_last = channels_last and not split
         self._metrics = CamMetrics(context, self.model_name)
         self._warm_up()
         self.audit = Auditor(self, context, metrics=metrics_cache(context))
@@ -225,7 +229,7 @@ class CamHandler:
         attributions.read_limits(self.config)  # checked even where no Captum method is listed
         for name in explanation.methods:
             if attributions.is_attribution(name):
-                cams[name] = attributions.build(self, name, layers)
+                cams[name] = attributions.build(self.config, self.model, name, layers)
                 continue
             try:
                 method = cam_engine.get_method(name)
@@ -379,7 +383,10 @@ class CamHandler:
         self, requests: list[ParsedRequest], cams: list[torch.Tensor | None]
     ) -> list[list[dict[str, Any]] | None]:
         """Per request, its heatmaps/overlays (or raw maps) encoded (:func:`handlers.serving.render.encode_explanations`)."""
-        return render.encode_explanations(self, requests, cams, self._metrics)
+        explanation = self.config.explanation
+        return render.encode_explanations(
+            requests, cams, self._metrics, self.config.max_heatmap_pixels, explanation.overlay_quality
+        )
 
     def explanation_meta(self, request: ParsedRequest) -> dict[str, Any]:
         """Fields every explanation of ``request`` carries: method and layers."""

@@ -77,10 +77,10 @@ def parse_render_options(options: Mapping[str, Any], explanation: Any) -> Render
 
 
 def encode_explanations(
-    handler: Any, requests: list[Any], cams: list[torch.Tensor | None], metrics: Any
+    requests: list[Any], cams: list[torch.Tensor | None], metrics: Any, max_heatmap_pixels: int, quality: int
 ) -> list[list[dict[str, Any]] | None]:
     """Per request, its heatmaps/overlays (or raw maps) mapped onto the submitted image and encoded
-    (``metrics.encoded`` times each encode and counts its bytes).
+    (``metrics.encoded`` times each encode and counts its bytes; overlays are JPEGs of ``quality``).
 
     ``cams[i]``: request i's maps ``[T, H, W]`` in [0, 1] at the input grid (None: not explained); a
     request's ``raw_cams`` (same shape, raw values) feed the ``float16``/``npy`` formats. All pictures of
@@ -92,7 +92,7 @@ def encode_explanations(
         entries: list[tuple[int, str, tuple[int, ...], int]] = []
         render = request.render or RenderOptions()
         if request_cams is not None and request.explain:  # [T, h, w] in [0, 1], h * w <= max_heatmap_pixels
-            geometry = limits.capped_geometry(request.geometry, handler.config.max_heatmap_pixels)
+            geometry = limits.capped_geometry(request.geometry, max_heatmap_pixels)
             mapped = to_source(request_cams, geometry)
             raw = request.raw_cams if request.raw_cams is not None else request_cams
             if render.heatmap_format != "png" and "heatmap" in request.outputs:
@@ -112,7 +112,6 @@ def encode_explanations(
         layout.append(entries)
     host = torch.cat(pieces).cpu().numpy() if pieces else np.zeros(0, np.uint8)  # the one copy (bytes)
     offsets = np.cumsum([0] + [p.numel() for p in pieces])
-    quality = handler.config.explanation.overlay_quality
     encoded: list[list[dict[str, Any]] | None] = []
     for request, entries in zip(requests, layout):
         if not request.explain:
