@@ -105,12 +105,13 @@ class CamHandler:
 
     #: JSON option names the task parses in :meth:`parse_task_options`
     task_options: tuple[str, ...] = ()
+    #: set by :meth:`initialize` (read-only afterwards)
+    config: HandlerConfig
+    model: nn.Module
 
     def __init__(self) -> None:
         self.initialized = False
         self.context: Any = None
-        self.config: HandlerConfig | None = None
-        self.model: nn.Module | None = None
         self.device = torch.device("cpu")
         self.labels: list[str] = []
         self.cams: dict[str, cam_engine.BaseCAM] = {}
@@ -428,7 +429,9 @@ class CamHandler:
     def response_limit(self) -> tuple[int, str]:
         """``(bytes, source)``: the longest answer TorchServe's frontend passes on (:mod:`handlers.serving.limits`)."""
         if not hasattr(self, "_response_limit"):
-            self._response_limit = limits.max_response_size(self.config.max_response_size if self.config else None)
+            self._response_limit = limits.max_response_size(
+                self.config.max_response_size if hasattr(self, "config") else None
+            )
         return self._response_limit
 
     def class_indices(self, value: Any, option: str, noun: str) -> list[int] | None:

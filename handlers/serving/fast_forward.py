@@ -74,11 +74,11 @@ def build_predictor(
         logger.info("no frozen predictor: the model does not return one tensor; predictions use the eager model")
         return None
     scale = float(expected.abs().max()) or 1.0
-    error = float((got - expected).abs().max()) / scale
-    if not error <= TOLERANCE:
-        logger.warning("frozen predictor differs from the eager model by %.2g (relative); not used", error)
+    difference = float((got - expected).abs().max()) / scale
+    if not difference <= TOLERANCE:
+        logger.warning("frozen predictor differs from the eager model by %.2g (relative); not used", difference)
         return None
-    logger.info("predictions use a frozen TorchScript copy (relative difference %.2g)", error)
+    logger.info("predictions use a frozen TorchScript copy (relative difference %.2g)", difference)
     return frozen
 
 
@@ -148,14 +148,14 @@ def fold_batch_norms(model: nn.Module, input_size: tuple[int, ...]) -> int:
         expected, got = model(check), folded(check)
     if not isinstance(expected, torch.Tensor) or not isinstance(got, torch.Tensor) or got.shape != expected.shape:
         return 0
-    error = float((got - expected).abs().max()) / (float(expected.abs().max()) or 1.0)
-    if not error <= TOLERANCE:
-        logger.warning("folding %d batch norms changes the outputs by %.2g (relative); not folded", len(pairs), error)
+    difference = float((got - expected).abs().max()) / (float(expected.abs().max()) or 1.0)
+    if not difference <= TOLERANCE:
+        logger.warning("folding %d batch norms changes the outputs by %.2g (relative); not folded", len(pairs), difference)
         return 0
     for conv_name, norm_name in pairs:
         _set(model, conv_name, folded.get_submodule(conv_name))
         _set(model, norm_name, folded.get_submodule(norm_name))
-    logger.info("folded %d batch norms into their convolutions (relative difference %.2g)", len(pairs), error)
+    logger.info("folded %d batch norms into their convolutions (relative difference %.2g)", len(pairs), difference)
     return len(pairs)
 
 

@@ -106,10 +106,10 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/s
                 if quota == "max":
                     return None
                 return int(quota) / int(period or 100000)
-            quota = int((directory / "cpu.cfs_quota_us").read_text())
-            if quota <= 0:
+            cfs_quota = int((directory / "cpu.cfs_quota_us").read_text())
+            if cfs_quota <= 0:
                 return None
-            return quota / int((directory / "cpu.cfs_period_us").read_text())
+            return cfs_quota / int((directory / "cpu.cfs_period_us").read_text())
         except (OSError, ValueError):
             continue
     return None
