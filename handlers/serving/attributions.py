@@ -403,6 +403,10 @@ def parse_options(method: Any, options: Mapping[str, Any], smoothing: bool) -> A
     if not isinstance(noise_tunnel, bool):
         raise RequestError(f"noise_tunnel must be true or false, got {noise_tunnel!r}")
     side = min(method.input_size)
+    window = _bounded(options, "window", c.window, 1, side, f"the input side ({side})")
+    stride = _bounded(options, "stride", min(c.stride, window), 1, side, f"the input side ({side})")
+    if stride > window:  # Captum's Occlusion asserts it; windows would skip pixels
+        raise RequestError(f"stride {stride} is over window {window}: occlusion windows must cover every pixel")
     parsed = AttributionOptions(
         n_steps=_bounded(options, "n_steps", c.n_steps, 1, c.max_n_steps, "handler.attributions.max_n_steps"),
         baselines=baselines.lower(),
@@ -410,8 +414,8 @@ def parse_options(method: Any, options: Mapping[str, Any], smoothing: bool) -> A
             options, "internal_batch_size", c.internal_batch_size, 1, c.max_internal_batch_size,
             "handler.attributions.max_internal_batch_size",
         ),
-        window=_bounded(options, "window", c.window, 1, side, f"the input side ({side})"),
-        stride=_bounded(options, "stride", c.stride, 1, side, f"the input side ({side})"),
+        window=window,
+        stride=stride,
         noise_tunnel=noise_tunnel,
         nt_samples=_bounded(options, "nt_samples", c.nt_samples, 1, c.max_nt_samples, "handler.attributions.max_nt_samples"),
     )
