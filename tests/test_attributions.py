@@ -157,6 +157,29 @@ def test_noise_tunnel_is_captums_smoothgrad(handler) -> None:
     assert np.abs(raw_maps(answer)[0] - plain).max() > 1e-3 * np.abs(plain).max()  # the noise did something
 
 
+@pytest.mark.parametrize("window", [2, 8])
+def test_an_occlusion_window_under_the_configured_stride_slides_by_its_own_size(handler, window) -> None:
+    """Stride 8 is configured; a smaller window without a stride slides by the window (Captum refuses
+    a stride over the window, which used to fail the whole batch), and a batch-mate is answered."""
+    good = {"image": b64(encode(PHOTO)), "method": "integrated_gradients", "targets": [4]}
+    body = {"image": b64(encode(PHOTO)), "method": "occlusion", "window": window, "targets": [4],
+            "heatmap_format": "npy", "heatmap_size": "input"}
+    answers = call(handler, body, good)
+    [(status, answer), (mate_status, _)] = answers
+    assert mate_status == 200
+    if window == 2:  # 32 x 32 positions, over max_windows 100: refused before any compute
+        assert status == 400 and "1024 occlusion positions" in answer["message"], answer
+        return
+    assert status == 200, answer
+    x = model_input(handler)
+    expected = attr.Occlusion(handler.model).attribute(
+        x, sliding_window_shapes=(3, window, window), strides=(3, window, window), baselines=black(handler, x),
+        target=4, perturbations_per_eval=8).sum(1)[0]  # fmt: skip
+    np.testing.assert_allclose(raw_maps(answer)[0], expected.numpy(), rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    [(status, answer)] = call(handler, {**body, "stride": window + 1})
+    assert status == 400 and f"stride {window + 1} is over window {window}" in answer["message"], answer
+
+
 def test_a_batch_mixing_methods_and_options_answers_each_as_if_alone(handler) -> None:
     image = b64(encode(PHOTO))
     bodies = [{"image": image, "method": "integrated_gradients", "targets": [1], "heatmap_format": "npy", "heatmap_size": "input"},
@@ -212,11 +235,11 @@ def test_requests_over_the_limits_are_a_400_naming_the_limit(handler, options, m
 def test_only_classifier_configs_may_list_captum_methods() -> None:
     config = HandlerConfig.from_dict({"architecture": "resnet18", "num_classes": 2, "target_layers": ["layer4"], "task": "segmentation"})
     with pytest.raises(ConfigError, match="handler.methods: occlusion is a Captum attribution, served for classifier configs only"):
-        attributions.build(SimpleNamespace(config=config, model=None), "occlusion", [torch.nn.Identity()])
+        attributions.build(config, None, "occlusion", [torch.nn.Identity()])
     config = HandlerConfig.from_dict({"architecture": "resnet18", "num_classes": 2, "target_layers": ["layer4"],
                                       "attributions": {"n_steps": 100, "max_n_steps": 50}})
     with pytest.raises(ConfigError, match="handler.attributions.n_steps: 100 is over max_n_steps 50"):
-        attributions.build(SimpleNamespace(config=config, model=None), "integrated_gradients", [torch.nn.Identity()])
+        attributions.build(config, None, "integrated_gradients", [torch.nn.Identity()])
 
 
 def test_attribution_limits_are_checked_even_without_captum_methods(tmp_path) -> None:

@@ -13,14 +13,14 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from cam_engine.core import model_scores
 from cam_engine.image import to_uint8
 from cam_engine.targets import ClassifierOutputTarget
-from handlers.config import AuditConfig
+from handlers.config import AuditConfig, HandlerConfig
 from handlers.serving.batch import header
 from handlers.serving.preprocess import to_source
 from handlers.tasks.registry import TaskResult
@@ -30,7 +30,7 @@ from .sinks import PendingRecord, SqliteSink, StdoutSink, resolve_directory
 from .summary import REMOVED_FRACTION, confidence, heatmap_summary, remove_top_pixels
 from .writer import SHUTDOWN_FLUSH_S, AuditWriter
 
-__all__ = ["Auditor", "TOP_CLASS"]
+__all__ = ["AuditedHandler", "Auditor", "TOP_CLASS"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,24 @@ class _Pair:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class AuditedHandler(Protocol):
+    """What the :class:`Auditor` reads of the handler it observes (all fixed at load)."""
+
+    config: HandlerConfig
+    model_name: str
+    version: str
+    labels: list[str]
+    model: Any  # torch.nn.Module
+    context: Any
+
+    @property
+    def weights_source(self) -> str: ...
+
+    def targets_for(self, request: Any) -> list[Any]: ...
+
+    def explanation_meta(self, request: Any) -> dict[str, Any]: ...
+
+
 class Auditor:
     """The audit observer a handler is given (see :mod:`handlers.audit`).
 
@@ -80,7 +98,7 @@ class Auditor:
 
     def __init__(
         self,
-        handler: Any,
+        handler: AuditedHandler,
         context: Any = None,
         rng: random.Random | None = None,
         metrics: tuple[Any, Any] | None = None,

@@ -352,9 +352,9 @@ class CaptumMethod:
         return AttributionResult(cams, raw, pairs, outputs, targets)
 
 
-def build(handler: Any, name: str, layers: list[nn.Module]) -> CaptumMethod:
-    """The Captum method ``name`` for ``handler``'s model; :class:`ConfigError` when the config cannot serve it."""
-    config = handler.config
+def build(config: Any, model: nn.Module, name: str, layers: list[nn.Module]) -> CaptumMethod:
+    """The Captum method ``name`` for ``model`` under ``config`` (a :class:`handlers.config.HandlerConfig`);
+    :class:`ConfigError` when the config cannot serve it."""
     if config.task != "classifier" or config.architecture == "clip":
         raise ConfigError(
             f"handler.methods: {name} is a Captum attribution, served for classifier configs only "
@@ -362,7 +362,7 @@ def build(handler: Any, name: str, layers: list[nn.Module]) -> CaptumMethod:
         )
     if name in ("layer_integrated_gradients", "guided_gradcam") and len(layers) != 1:
         raise ConfigError(f"handler.target_layers: {name} explains one layer, {len(layers)} are configured")
-    return CaptumMethod(name, handler.model, layers[0], read_limits(config), config.preprocessing)
+    return CaptumMethod(name, model, layers[0], read_limits(config), config.preprocessing)
 
 
 def read_limits(config: Any) -> AttributionConfig:
@@ -403,6 +403,10 @@ def parse_options(method: Any, options: Mapping[str, Any], smoothing: bool) -> A
     if not isinstance(noise_tunnel, bool):
         raise RequestError(f"noise_tunnel must be true or false, got {noise_tunnel!r}")
     side = min(method.input_size)
+    window = _bounded(options, "window", c.window, 1, side, f"the input side ({side})")
+    stride = _bounded(options, "stride", min(c.stride, window), 1, side, f"the input side ({side})")
+    if stride > window:  # Captum's Occlusion asserts it; windows would skip pixels
+        raise RequestError(f"stride {stride} is over window {window}: occlusion windows must cover every pixel")
     parsed = AttributionOptions(
         n_steps=_bounded(options, "n_steps", c.n_steps, 1, c.max_n_steps, "handler.attributions.max_n_steps"),
         baselines=baselines.lower(),
@@ -410,8 +414,8 @@ def parse_options(method: Any, options: Mapping[str, Any], smoothing: bool) -> A
             options, "internal_batch_size", c.internal_batch_size, 1, c.max_internal_batch_size,
             "handler.attributions.max_internal_batch_size",
         ),
-        window=_bounded(options, "window", c.window, 1, side, f"the input side ({side})"),
-        stride=_bounded(options, "stride", c.stride, 1, side, f"the input side ({side})"),
+        window=window,
+        stride=stride,
         noise_tunnel=noise_tunnel,
         nt_samples=_bounded(options, "nt_samples", c.nt_samples, 1, c.max_nt_samples, "handler.attributions.max_nt_samples"),
     )

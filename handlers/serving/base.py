@@ -106,12 +106,13 @@ class CamHandler:
 
     #: JSON option names the task parses in :meth:`parse_task_options`
     task_options: tuple[str, ...] = ()
+    #: set by :meth:`initialize` (read-only afterwards)
+    config: HandlerConfig
+    model: nn.Module
 
     def __init__(self) -> None:
         self.initialized = False
         self.context: Any = None
-        self.config: HandlerConfig | None = None
-        self.model: nn.Module | None = None
         self.device = torch.device("cpu")
         self.labels: list[str] = []
         self.cams: dict[str, cam_engine.BaseCAM] = {}
@@ -143,9 +144,13 @@ class CamHandler:
             loaded = loading.adopt(loaded, self.config, self._load_labels(model_dir))
         self.config, self.labels = loaded.config, list(loaded.labels)
         self.model = loaded.model.to(self.device).eval()
-        self.predict, self.channels_last = fast_forward.prepare(self)  # see handlers.serving.fast_forward
+        input_size = self.config.preprocessing.input_size
+        fast = bool(getattr(self, "fast_forward", False))  # a task class's switch (handlers.serving.fast_forward)
+        self.predict, channels_last = fast_forward.prepare(self.model, input_size, self.device, fast)
         self.cams = self._build_cams()
-        fast_forward.split_explanations(self)  # the frozen copy up to the target layer for explanations
+        # the frozen copy up to the target layer for explanations, which then take the default memory format
+        split = fast_forward.split_explanations(self.cams.values(), self.model, input_size, self.device, fast)
+        self.channels_last = channels_last and not split
         self._metrics = CamMetrics(context, self.model_name)
         self._warm_up()
         self.audit = Auditor(self, context, metrics=metrics_cache(context))
@@ -176,7 +181,7 @@ class CamHandler:
             raise ConfigError(f"handler.labels: {len(labels)} labels for num_classes {self.config.num_classes}")
         if not labels and self.config.num_classes is None:
             raise ConfigError("handler.labels: give labels or num_classes")
-        return labels or [str(i) for i in range(self.config.num_classes)]
+        return labels or [str(i) for i in range(self.config.num_classes or 0)]
 
     def load_model(self, model_dir: Path) -> loading.LoadedModel | nn.Module:
         """The configured model with its weights, labels and CAM layers (:func:`handlers.models.loading.load_model`)."""
@@ -206,7 +211,7 @@ class CamHandler:
         attributions.read_limits(self.config)  # checked even where no Captum method is listed
         for name in explanation.methods:
             if attributions.is_attribution(name):
-                cams[name] = attributions.build(self, name, layers)
+                cams[name] = attributions.build(self.config, self.model, name, layers)
                 continue
             try:
                 method = cam_engine.get_method(name)
@@ -360,7 +365,10 @@ class CamHandler:
         self, requests: list[ParsedRequest], cams: list[torch.Tensor | None]
     ) -> list[list[dict[str, Any]] | None]:
         """Per request, its heatmaps/overlays (or raw maps) encoded (:func:`handlers.serving.render.encode_explanations`)."""
-        return render.encode_explanations(self, requests, cams, self._metrics)
+        explanation = self.config.explanation
+        return render.encode_explanations(
+            requests, cams, self._metrics, self.config.max_heatmap_pixels, explanation.overlay_quality
+        )
 
     def explanation_meta(self, request: ParsedRequest) -> dict[str, Any]:
         """Fields every explanation of ``request`` carries: method and layers."""
@@ -402,7 +410,9 @@ class CamHandler:
     def response_limit(self) -> tuple[int, str]:
         """``(bytes, source)``: the longest answer TorchServe's frontend passes on (:mod:`handlers.serving.limits`)."""
         if not hasattr(self, "_response_limit"):
-            self._response_limit = limits.max_response_size(self.config.max_response_size if self.config else None)
+            self._response_limit = limits.max_response_size(
+                self.config.max_response_size if hasattr(self, "config") else None
+            )
         return self._response_limit
 
     def class_indices(self, value: Any, option: str, noun: str) -> list[int] | None:

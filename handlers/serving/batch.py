@@ -11,16 +11,46 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from handlers.serving import budget, grpc_calls, limits, protocols
 from handlers.serving.protocols import RequestError
 
-__all__ = ["handle_batch", "answer_units", "header"]
+__all__ = ["BatchHandler", "handle_batch", "answer_units", "header"]
 
 logger = logging.getLogger(__name__)
+
+
+class BatchHandler(Protocol):
+    """What the request path needs of a loaded handler (:class:`handlers.serving.base.CamHandler` is one):
+    read-only attributes fixed at load, the per-request stages, and the auditor it was given."""
+
+    model_name: str
+    version: str
+    device: torch.device
+    config: Any  # handlers.config.HandlerConfig: the pixel budgets (handlers.serving.budget)
+    audit: Any  # handlers.audit.Auditor: sample(requests), record(requests, batch, outputs, cams, results)
+
+    @property
+    def response_limit(self) -> tuple[int, str]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def response_header(self) -> dict[str, Any]: ...
+
+    def parse_request(self, index: int, item: Mapping[str, Any], explain_header: bool) -> Any: ...
+
+    def explain_batch(self, batch: torch.Tensor, requests: list[Any]) -> tuple[Any, list[torch.Tensor | None]]: ...
+
+    def encode_explanations(
+        self, requests: list[Any], cams: list[torch.Tensor | None]
+    ) -> list[list[dict[str, Any]] | None]: ...
+
+    def build_response(
+        self, request: Any, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
+    ) -> Any: ...
 
 
 def header(context: Any, index: int, key: str) -> str | None:
@@ -38,7 +68,7 @@ def _content_type(context: Any, index: int) -> None:
         context.set_response_content_type(index, "application/json")
 
 
-def handle_batch(handler: Any, data: Sequence[Mapping[str, Any]], context: Any) -> list[str]:
+def handle_batch(handler: BatchHandler, data: Sequence[Mapping[str, Any]], context: Any) -> list[str]:
     """One JSON string per request of ``data`` (TorchServe's batch), statuses set on ``context``."""
     get = lambda index, key: header(context, index, key)  # noqa: E731
     if limits.is_management_describe(data, get):
@@ -79,7 +109,7 @@ def handle_batch(handler: Any, data: Sequence[Mapping[str, Any]], context: Any) 
 
 
 def answer_units(
-    handler: Any, units: Sequence[protocols.Unit], audit_later: list[tuple[Any, ...]] | None = None
+    handler: BatchHandler, units: Sequence[protocols.Unit], audit_later: list[tuple[Any, ...]] | None = None
 ) -> list[tuple[int, dict[str, Any]]]:
     """``(status, answer)`` per unit (one image each): parsed, run as one batch, audited.
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -74,11 +74,11 @@ def build_predictor(
         logger.info("no frozen predictor: the model does not return one tensor; predictions use the eager model")
         return None
     scale = float(expected.abs().max()) or 1.0
-    error = float((got - expected).abs().max()) / scale
-    if not error <= TOLERANCE:
-        logger.warning("frozen predictor differs from the eager model by %.2g (relative); not used", error)
+    difference = float((got - expected).abs().max()) / scale
+    if not difference <= TOLERANCE:
+        logger.warning("frozen predictor differs from the eager model by %.2g (relative); not used", difference)
         return None
-    logger.info("predictions use a frozen TorchScript copy (relative difference %.2g)", error)
+    logger.info("predictions use a frozen TorchScript copy (relative difference %.2g)", difference)
     return frozen
 
 
@@ -148,14 +148,14 @@ def fold_batch_norms(model: nn.Module, input_size: tuple[int, ...]) -> int:
         expected, got = model(check), folded(check)
     if not isinstance(expected, torch.Tensor) or not isinstance(got, torch.Tensor) or got.shape != expected.shape:
         return 0
-    error = float((got - expected).abs().max()) / (float(expected.abs().max()) or 1.0)
-    if not error <= TOLERANCE:
-        logger.warning("folding %d batch norms changes the outputs by %.2g (relative); not folded", len(pairs), error)
+    difference = float((got - expected).abs().max()) / (float(expected.abs().max()) or 1.0)
+    if not difference <= TOLERANCE:
+        logger.warning("folding %d batch norms changes the outputs by %.2g (relative); not folded", len(pairs), difference)
         return 0
     for conv_name, norm_name in pairs:
         _set(model, conv_name, folded.get_submodule(conv_name))
         _set(model, norm_name, folded.get_submodule(norm_name))
-    logger.info("folded %d batch norms into their convolutions (relative difference %.2g)", len(pairs), error)
+    logger.info("folded %d batch norms into their convolutions (relative difference %.2g)", len(pairs), difference)
     return len(pairs)
 
 
@@ -167,50 +167,53 @@ def to_channels_last(model: nn.Module) -> bool:
     return True
 
 
-def prepare(handler: Any) -> tuple[Callable[[torch.Tensor], Any], bool]:
-    """``(predict, channels_last)`` for a loaded handler: ``predict`` answers unexplained batches under
-    ``torch.inference_mode`` (the frozen copy when the handler's class sets ``fast_forward = True`` and
-    one can be built, else the eager model); the eager model gets its batch norms folded (CPU) and
-    channels-last weights, and ``channels_last`` tells whether it did (explained batches should match)."""
-    model = handler.model
-    if not getattr(handler, "fast_forward", False):
+def prepare(
+    model: nn.Module, input_size: tuple[int, int], device: torch.device, fast_forward: bool
+) -> tuple[Callable[[torch.Tensor], Any], bool]:
+    """``(predict, channels_last)`` for a loaded ``model`` on ``device``: ``predict`` answers unexplained
+    batches under ``torch.inference_mode`` (the frozen copy when ``fast_forward`` (the handler class's
+    attribute) and one can be built for ``[N, 3, *input_size]``, else the eager model); the eager model gets
+    its batch norms folded (CPU) and channels-last weights, and ``channels_last`` tells whether it did
+    (explained batches should match)."""
+    if not fast_forward:
         return torch.inference_mode()(model), False
-    size = tuple(handler.config.preprocessing.input_size)
-    predictor = build_predictor(model, size, handler.device) or model
-    if handler.device.type == "cpu" and not model.training:
+    size = tuple(input_size)
+    predictor = build_predictor(model, size, device) or model
+    if device.type == "cpu" and not model.training:
         fold_batch_norms(model, size)
     return torch.inference_mode()(predictor), to_channels_last(model)
 
 
-def split_explanations(handler: Any) -> bool:
-    """Explained batches run the model up to the target layer on a frozen copy too: every CAM of ``handler``
+def split_explanations(
+    cams: Iterable[Any], model: nn.Module, input_size: tuple[int, int], device: torch.device, fast_forward: bool
+) -> bool:
+    """Explained batches run the model up to the target layer on a frozen copy too: every cam_engine CAM of ``cams``
     gets a :class:`cam_engine.split.ForwardSplit` whose prefix is a frozen TorchScript copy of the model up
     to its one target layer (:func:`build_predictor` on :func:`cam_engine.split.split_at`'s prefix, checked
     against the eager one), so only the tail after that layer runs eagerly with autograd.
 
-    Only for handlers with ``fast_forward`` on a CPU, and only when all cam_engine CAMs share one target
+    Only with ``fast_forward`` on a CPU, and only when all cam_engine CAMs share one target
     layer that cuts the model cleanly (Captum's attributions keep the eager model); returns True when the CAMs got the split. Explained batches then stay in the
-    default memory format (the frozen prefix takes it), so ``handler.channels_last`` is turned off.
+    default memory format (the frozen prefix takes it): the caller turns channels-last batches off.
     """
-    cams = [cam for cam in handler.cams.values() if isinstance(cam, BaseCAM)]  # Captum's methods run eagerly
-    if not getattr(handler, "fast_forward", False) or handler.device.type != "cpu" or not cams:
+    cams = [cam for cam in cams if isinstance(cam, BaseCAM)]  # Captum's methods run eagerly
+    if not fast_forward or device.type != "cpu" or not cams:
         return False
     layers = {id(layer): layer for cam in cams for layer in cam.target_layers}
     if len(layers) != 1 or any(len(cam.target_layers) != 1 for cam in cams):
         return False
     layer = next(iter(layers.values()))
-    size = tuple(handler.config.preprocessing.input_size)
+    size = tuple(input_size)
     with torch.no_grad():
-        split = split_at(handler.model, layer, torch.rand((2, 3, *size)))
+        split = split_at(model, layer, torch.rand((2, 3, *size)))
     if split is None:
         logger.info("the model does not cut cleanly at its target layer; explanations run the eager model")
         return False
-    prefix = build_predictor(split.prefix, size, handler.device)
+    prefix = build_predictor(split.prefix, size, device)
     if prefix is None:
         return False
     frozen = ForwardSplit(layer, prefix, split.tail)
     for cam in cams:
         cam.forward_split = frozen
-    handler.channels_last = False
     logger.info("explanations run a frozen copy up to the target layer and the eager tail after it")
     return True

@@ -3,7 +3,7 @@
 - **Response size.** TorchServe's frontend refuses a worker message whose response is longer than
   ``max_response_size`` (6,553,500 B by default) and restarts the worker, failing every request of the
   batch. The worker is told nothing about that limit, so :func:`max_response_size` reads it from the
-  config the server runs with: the frontend (this worker's parent process) is started as
+  config the server runs with (:mod:`handlers.serving.frontend`): the frontend (this worker's parent process) is started as
   ``java ... org.pytorch.serve.ModelServer ... -f <config.properties>``; ``TS_MAX_RESPONSE_SIZE`` wins
   when the config enables ``enable_envvars_config``; the handler config key ``max_response_size``
   overrides both. An answer over the limit is replaced by a 4xx JSON error naming the limit.
@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from handlers.serving.frontend import DEFAULT_MAX_RESPONSE_SIZE, frontend_config, max_response_size
 from handlers.serving.preprocess import Geometry
 
 __all__ = [
@@ -41,65 +40,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_RESPONSE_SIZE = 6_553_500
-
-
-def _properties(path: Path) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "!")) and "=" in line:
-            key, value = line.split("=", 1)
-            values[key.strip()] = value.strip()
-    return values
-
-
-def frontend_config(pid: int | None = None) -> Path | None:
-    """The config.properties the TorchServe frontend (process ``pid``, default: our parent) runs with."""
-    pid = os.getppid() if pid is None else pid
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
-    except OSError:
-        return None
-    words = [w.decode(errors="replace") for w in argv]
-    if not any("org.pytorch.serve.ModelServer" in w for w in words):
-        return None
-    for flag, value in zip(words, words[1:]):
-        if flag in ("-f", "--ts-config-file"):
-            path = Path(value)
-            return path if path.is_absolute() else cwd / path
-    for candidate in (os.environ.get("TS_CONFIG_FILE"), cwd / "config.properties"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
-
-
-def max_response_size(override: int | None = None, pid: int | None = None) -> tuple[int, str]:
-    """``(bytes, where it came from)``: the longest response TorchServe passes on (see the module doc)."""
-    if override is not None:
-        return override, "handler.max_response_size"
-    path = frontend_config(pid)
-    properties: Mapping[str, str] = {}
-    if path is not None:
-        try:
-            properties = _properties(path)
-        except OSError as error:
-            logger.warning("cannot read TorchServe's config %s: %s", path, error)
-    env = os.environ.get("TS_MAX_RESPONSE_SIZE")
-    if env and properties.get("enable_envvars_config", "false").lower() == "true":
-        try:
-            return int(env), "TS_MAX_RESPONSE_SIZE"
-        except ValueError:
-            pass
-    if "max_response_size" in properties:
-        try:
-            return int(properties["max_response_size"]), f"max_response_size in {path}"
-        except ValueError:
-            logger.warning("max_response_size in %s is not an integer", path)
-    return DEFAULT_MAX_RESPONSE_SIZE, "TorchServe's default max_response_size"
-
 
 def is_management_describe(data: Sequence[Mapping[str, Any]], header: Callable[[int, str], Any]) -> bool:
     """Whether this call is TorchServe's management describe (never an inference request)."""

@@ -76,65 +76,82 @@ def parse_render_options(options: Mapping[str, Any], explanation: Any) -> Render
     )
 
 
+Entry = tuple[int, str, tuple[int, ...], int]  # (target row, "heatmap"/"overlay", picture shape, piece index)
+
+
+def _pictures(request: Any, request_cams: torch.Tensor, max_heatmap_pixels: int, pieces: list[torch.Tensor]) -> list[Entry]:
+    """Append ``request``'s pictures (flat uint8 views, on the model's device) to ``pieces``; their layout.
+
+    ``request_cams``: ``[T, h, w]`` in [0, 1]; mapped onto a grid of at most ``max_heatmap_pixels``."""
+    entries: list[Entry] = []
+    render = request.render or RenderOptions()
+    geometry = limits.capped_geometry(request.geometry, max_heatmap_pixels)
+    mapped = to_source(request_cams, geometry)
+    raw = request.raw_cams if request.raw_cams is not None else request_cams
+    if render.heatmap_format != "png" and "heatmap" in request.outputs:
+        raw = (raw if render.heatmap_size == "input" else to_source(raw, geometry)).float()
+    image = None
+    if "overlay" in request.outputs:
+        size = (int(mapped.shape[-2]), int(mapped.shape[-1]))
+        image = limits.capped_image(request.image, size).to(mapped.device).permute(1, 2, 0)
+    for target_row in range(mapped.shape[0]):
+        if "heatmap" in request.outputs:
+            picture = cam_image.to_uint8(mapped[target_row]) if render.heatmap_format == "png" else raw[target_row]
+            entries.append((target_row, "heatmap", tuple(picture.shape), len(pieces)))
+            pieces.append(picture.reshape(-1).contiguous().view(torch.uint8))
+        if image is not None:
+            picture = cam_image.overlay(image, mapped[target_row], 1 - render.alpha, render.colormap)
+            entries.append((target_row, "overlay", tuple(picture.shape), len(pieces)))
+            pieces.append(picture.reshape(-1))
+    return entries
+
+
+def _encode_one(
+    request: Any, kind: str, shape: tuple[int, ...], chunk: np.ndarray, metrics: Any, quality: int
+) -> dict[str, Any]:
+    """One picture's answer entry (``format``, ``width``, ``height``, ``data`` ...) from its host bytes."""
+    render = request.render or RenderOptions()
+    extra: dict[str, Any] = {}
+    if kind == "heatmap" and render.heatmap_format != "png":
+        fmt = render.heatmap_format
+        data, extra = metrics.encoded(fmt, encode_raw, chunk.view(np.float32).reshape(shape), fmt)
+    elif kind == "heatmap":
+        data, fmt = metrics.encoded("png", encode_png, chunk.reshape(shape)), "png"
+    else:
+        data, fmt = metrics.encoded("jpeg", encode_jpeg, chunk.reshape(shape), quality), "jpeg"
+    entry = {"format": fmt, "width": int(shape[1]), "height": int(shape[0]), **extra}
+    if kind == "heatmap" and render.heatmap_size == "input" and render.heatmap_format != "png":
+        entry["grid"] = "input"
+    elif tuple(shape[:2]) != tuple(request.image.shape[-2:]):  # capped by max_heatmap_pixels
+        entry["scaled_from"] = {"width": int(request.image.shape[-1]), "height": int(request.image.shape[-2])}
+    return {**entry, "data": base64.b64encode(data).decode("ascii")}
+
+
 def encode_explanations(
-    handler: Any, requests: list[Any], cams: list[torch.Tensor | None], metrics: Any
+    requests: list[Any], cams: list[torch.Tensor | None], metrics: Any, max_heatmap_pixels: int, quality: int
 ) -> list[list[dict[str, Any]] | None]:
     """Per request, its heatmaps/overlays (or raw maps) mapped onto the submitted image and encoded
-    (``metrics.encoded`` times each encode and counts its bytes).
+    (``metrics.encoded`` times each encode and counts its bytes; overlays are JPEGs of ``quality``).
 
     ``cams[i]``: request i's maps ``[T, H, W]`` in [0, 1] at the input grid (None: not explained); a
     request's ``raw_cams`` (same shape, raw values) feed the ``float16``/``npy`` formats. All pictures of
     the batch are built on the model's device and copied to the host once.
     """
     pieces: list[torch.Tensor] = []
-    layout: list[list[tuple[int, str, tuple[int, ...], int]]] = []
+    layout: list[list[Entry]] = []
     for request, request_cams in zip(requests, cams):
-        entries: list[tuple[int, str, tuple[int, ...], int]] = []
-        render = request.render or RenderOptions()
-        if request_cams is not None and request.explain:  # [T, h, w] in [0, 1], h * w <= max_heatmap_pixels
-            geometry = limits.capped_geometry(request.geometry, handler.config.max_heatmap_pixels)
-            mapped = to_source(request_cams, geometry)
-            raw = request.raw_cams if request.raw_cams is not None else request_cams
-            if render.heatmap_format != "png" and "heatmap" in request.outputs:
-                raw = (raw if render.heatmap_size == "input" else to_source(raw, geometry)).float()
-            image = None
-            if "overlay" in request.outputs:
-                image = limits.capped_image(request.image, tuple(mapped.shape[-2:])).to(mapped.device).permute(1, 2, 0)
-            for target_row in range(mapped.shape[0]):
-                if "heatmap" in request.outputs:
-                    picture = cam_image.to_uint8(mapped[target_row]) if render.heatmap_format == "png" else raw[target_row]
-                    entries.append((target_row, "heatmap", tuple(picture.shape), len(pieces)))
-                    pieces.append(picture.reshape(-1).contiguous().view(torch.uint8))
-                if image is not None:
-                    picture = cam_image.overlay(image, mapped[target_row], 1 - render.alpha, render.colormap)
-                    entries.append((target_row, "overlay", tuple(picture.shape), len(pieces)))
-                    pieces.append(picture.reshape(-1))
-        layout.append(entries)
+        explained = request_cams is not None and request.explain  # h * w <= max_heatmap_pixels
+        layout.append(_pictures(request, request_cams, max_heatmap_pixels, pieces) if request_cams is not None and explained else [])
     host = torch.cat(pieces).cpu().numpy() if pieces else np.zeros(0, np.uint8)  # the one copy (bytes)
     offsets = np.cumsum([0] + [p.numel() for p in pieces])
-    quality = handler.config.explanation.overlay_quality
     encoded: list[list[dict[str, Any]] | None] = []
     for request, entries in zip(requests, layout):
         if not request.explain:
             encoded.append(None)
             continue
-        render = request.render or RenderOptions()
         per_target: dict[int, dict[str, Any]] = {}
         for target_row, kind, shape, piece in entries:
             chunk = host[offsets[piece] : offsets[piece + 1]]
-            extra: dict[str, Any] = {}
-            if kind == "heatmap" and render.heatmap_format != "png":
-                fmt = render.heatmap_format
-                data, extra = metrics.encoded(fmt, encode_raw, chunk.view(np.float32).reshape(shape), fmt)
-            elif kind == "heatmap":
-                data, fmt = metrics.encoded("png", encode_png, chunk.reshape(shape)), "png"
-            else:
-                data, fmt = metrics.encoded("jpeg", encode_jpeg, chunk.reshape(shape), quality), "jpeg"
-            entry = {"format": fmt, "width": int(shape[1]), "height": int(shape[0]), **extra}
-            if kind == "heatmap" and render.heatmap_size == "input" and render.heatmap_format != "png":
-                entry["grid"] = "input"
-            elif tuple(shape[:2]) != tuple(request.image.shape[-2:]):  # capped by max_heatmap_pixels
-                entry["scaled_from"] = {"width": int(request.image.shape[-1]), "height": int(request.image.shape[-2])}
-            per_target.setdefault(target_row, {})[kind] = {**entry, "data": base64.b64encode(data).decode("ascii")}
+            per_target.setdefault(target_row, {})[kind] = _encode_one(request, kind, shape, chunk, metrics, quality)
         encoded.append([per_target[row] for row in sorted(per_target)])
     return encoded

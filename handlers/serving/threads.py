@@ -28,12 +28,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from handlers.serving.frontend import models_served
 
 __all__ = [
     "ThreadPlan",
@@ -104,10 +106,10 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/s
                 if quota == "max":
                     return None
                 return int(quota) / int(period or 100000)
-            quota = int((directory / "cpu.cfs_quota_us").read_text())
-            if quota <= 0:
+            cfs_quota = int((directory / "cpu.cfs_quota_us").read_text())
+            if cfs_quota <= 0:
                 return None
-            return quota / int((directory / "cpu.cfs_period_us").read_text())
+            return cfs_quota / int((directory / "cpu.cfs_period_us").read_text())
         except (OSError, ValueError):
             continue
     return None
@@ -133,43 +135,6 @@ def workers_per_model(model_yaml_config: Mapping[str, Any] | None) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return 1
-
-
-def models_served(cmdline: Sequence[str] | None = None) -> int:
-    """How many models the TorchServe frontend loads at start-up (1 when that cannot be told).
-
-    ``cmdline``: the frontend's arguments; by default the worker's parent process
-    (``org.pytorch.serve.ModelServer ... -s <store> -m a=a.mar b=b.mar``). ``-m all`` counts the model
-    store's ``.mar`` files and directories.
-    """
-    if cmdline is None:
-        try:
-            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-        except OSError:
-            return 1
-        cmdline = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-    if "org.pytorch.serve.ModelServer" not in cmdline and "-m" not in cmdline:
-        return 1
-    args = list(cmdline)
-    models: list[str] = []
-    store: str | None = None
-    for position, arg in enumerate(args):
-        if arg in ("-s", "--model-store") and position + 1 < len(args):
-            store = args[position + 1]
-        if arg in ("-m", "--models"):
-            for value in args[position + 1 :]:
-                if value.startswith("-"):
-                    break
-                models.append(value)
-    if [m.lower() for m in models] == ["all"]:
-        if store is None:
-            return 1
-        try:
-            entries = [p for p in Path(store).iterdir() if p.suffix == ".mar" or p.is_dir()]
-        except OSError:
-            return 1
-        return max(1, len(entries))
-    return max(1, len(models))
 
 
 def _explicit(value: Any) -> int | None:

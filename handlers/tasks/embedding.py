@@ -37,6 +37,7 @@ from PIL import Image
 from cam_engine.targets import DifferenceFromConceptTarget, SimilarityToConceptTarget
 from handlers.config import ConfigError, HandlerConfig
 from handlers.models.clip import ClipImageEncoder, clip_reshape, clip_section, load_clip
+from handlers.models.loading import LoadedModel
 from handlers.serving.base import CamHandler, ParsedRequest, RequestError
 from handlers.serving.codec import decode_base64, decode_image
 from handlers.serving.preprocess import preprocess
@@ -70,7 +71,7 @@ class EmbeddingHandler(CamHandler):
         _, self.clip_dir = clip_section(handler, model_dir)
         return HandlerConfig.from_dict(handler)
 
-    def load_model(self, model_dir: Path) -> torch.nn.Module:
+    def load_model(self, model_dir: Path) -> LoadedModel | torch.nn.Module:
         """A CLIP image tower (unit image embeddings) from the directory, else the registered architecture."""
         if self.clip_dir is None:
             return super().load_model(model_dir)
