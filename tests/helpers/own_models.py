@@ -63,14 +63,13 @@ def save_model_file_project(directory: Path) -> Path:
 
 def archive_model_file_project(project: Path, store: Path, name: str = "tinynet", handler: str = "classifier") -> Path:
     """The command of docs/own_models.md (``torch-model-archiver --model-file ... --handler
-    handlers/tasks/<handler>.py``), with the ``handlers`` and ``cam_engine`` packages added to the extra files."""
+    handlers/tasks/<handler>.py``), exactly as a user runs it: the worker imports the installed
+    torchserve-cam package (here the venv's editable install of this checkout)."""
     store.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1.0",
         "--model-file", str(project / "model.py"), "--serialized-file", str(project / "tinynet.pth"),
-        # the docs' command, plus our packages: the archive then runs this checkout's code whichever
-        # torchserve-cam is installed (model_store.serve keeps a checkout off the workers' PYTHONPATH)
-        "--extra-files", ",".join([str(project / "index_to_name.json"), str(REPO_ROOT / "handlers"), str(REPO_ROOT / "cam_engine")]),
+        "--extra-files", str(project / "index_to_name.json"),
         "--handler", str(REPO_ROOT / "handlers" / "tasks" / f"{handler}.py"),
         "--export-path", str(store), "--force",
     ]  # fmt: skip
