@@ -151,7 +151,7 @@ class PostgresSink:
             check=ConnectionPool.check_connection, name="cam-audit",
         )  # fmt: skip
         try:
-            pool.open(wait=True, timeout=max(timeout, 2.0))
+            pool.open(wait=True, timeout=timeout)
             with pool.connection(timeout=timeout) as connection:
                 migrate_postgres(connection)
         except BaseException:

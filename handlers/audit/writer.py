@@ -188,12 +188,12 @@ class AuditWriter:
         if self._sink_open:
             return True
         now = time.monotonic()
-        if now - self._last_open_try < REOPEN_INTERVAL_S:
+        if now - self._last_open_try < REOPEN_INTERVAL_S:  # the last open failed: wait a little
             return False
-        self._last_open_try = now
         try:
             self.sink.open()
         except self._errors as error:
+            self._last_open_try = now
             self._open_error = error
             self._unavailable(f"audit sink {self.sink!r} cannot be opened: {error}")
             self._log_error(f"audit sink {self.sink!r} cannot be opened: {error}; records are dropped and counted")
@@ -225,7 +225,6 @@ class AuditWriter:
                 check()
         except self._errors as error:
             self._sink_open = False
-            self._last_open_try = time.monotonic()
             self._unavailable(f"audit sink {self.sink!r} health check failed: {error}")
             return
         self.marker.clear()
@@ -243,8 +242,7 @@ class AuditWriter:
                     return True
                 except self._errors as caught:
                     error = self._open_error = caught
-                    self._sink_open = False
-                    self._last_open_try = time.monotonic()
+                    self._sink_open = False  # reopened by the next attempt (only failed opens wait)
                     self._unavailable(f"audit sink {self.sink!r} failed to write: {caught}")
                     self._log_error(f"audit sink {self.sink!r} failed to write {len(records)} record(s): {caught}")
             transient = error is not None and bool(getattr(self.sink, "transient", lambda e: False)(error))
@@ -305,7 +303,9 @@ class AuditWriter:
                     self.max_commit_latency_ms = max(self.max_commit_latency_ms, self.last_commit_latency_ms)
                 else:
                     self.write_errors += len(records)
-                self._pending -= len(records)
-                self._lock.notify_all()
+                self._lock.notify_all()  # strict answers go now; a prune below holds only flush()
             if ok:
                 self._prune()
+            with self._lock:
+                self._pending -= len(records)
+                self._lock.notify_all()
