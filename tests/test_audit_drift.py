@@ -103,6 +103,9 @@ def test_shipped_alert_rules_fire_on_drift_and_stay_quiet_without(tmp_path: Path
         {"series": 'AuditTopClass{ModelName="m",Class="class_1"}', "values": f"0+0x{day} 0+10x120"},
         {"series": 'AuditTopClass{ModelName="steady",Class="a"}', "values": f"0+7x{day + 121}"},
         {"series": 'AuditTopClass{ModelName="steady",Class="b"}', "values": f"0+3x{day + 121}"},
+        # model fresh: deployed at the shift, no day before to compare with: no alert
+        {"series": 'AuditTopClass{ModelName="fresh",Class="a"}', "values": f"_x{day} 0+10x120"},
+        {"series": 'AuditDriftShareShift{ModelName="fresh"}', "values": f"0.2x{day + 121}"},
         {"series": 'AuditDriftShareShift{ModelName="m"}', "values": f"0.2x{day + 121}"},
         {"series": 'AuditDriftShareShift{ModelName="steady"}', "values": f"0.2x{day + 121}"},
         {"series": 'AuditDriftFaithfulnessFloor{ModelName="m"}', "values": f"0.05x{day + 121}"},

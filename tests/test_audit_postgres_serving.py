@@ -151,3 +151,143 @@ def test_report_rendered_from_postgres_in_headless_chromium(pg_server, tmp_path:
             assert page.locator("circle.faithfulness-point").count() == held
         finally:
             browser.close()
+
+
+# ------------------------------------------------------------------------------------------------ drift
+def solid(colour: tuple[int, int, int], seed: int) -> bytes:
+    """A 48x64 image of one colour (+-2 noise, so that each is a new input). The archive's random-init model
+    (seed 0) calls red class_6 and blue class_1."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    picture = np.clip(np.array(colour, dtype=np.int16) + rng.integers(-2, 3, (48, 64, 3)), 0, 255)
+    return encode(picture.astype(np.uint8))
+
+
+def scraped(server: serve.Server) -> dict[tuple[str, tuple], float]:
+    from test_prometheus import parse_scrape
+
+    text = requests.get(f"{server.url('metrics')}/metrics", timeout=30).text
+    _, samples = parse_scrape(text)
+    return {(name, tuple(sorted((k, v) for k, v in labels.items() if k != "Hostname"))): value
+            for name, labels, value in samples if labels.get("ModelName") == MODEL}  # fmt: skip
+
+
+def test_drift_metrics_count_what_was_audited(pg_server) -> None:
+    server, dsn = pg_server
+    red = ("AuditTopClass", (("Class", "class_6"), ("ModelName", MODEL)))
+    faith = ("AuditFaithfulness_count", (("ModelName", MODEL),))
+    mass = ("AuditTop10Mass_count", (("ModelName", MODEL),))
+    before = scraped(server)
+    images = [solid((255, 0, 0), seed=i) for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda b: requests.post(f"{server.url()}/predictions/{MODEL}", data=b,
+                                                        headers=server.headers(), timeout=120), images))  # fmt: skip
+    assert all(a.status_code == 200 and a.json()["predictions"][0]["label"] == "class_6" for a in answers)
+    deadline = time.monotonic() + 20  # the frontend reads the workers' metric lines asynchronously
+    while True:
+        after = scraped(server)
+        grown = {key: after.get(key, 0) - before.get(key, 0) for key in (red, faith, mass)}
+        if all(v >= 8 for v in grown.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert grown == {red: 8, faith: 8, mass: 8}
+    with psycopg.connect(dsn) as connection:  # the histogram's sum is the records' faithfulness, summed
+        (total,) = connection.execute("SELECT sum(faithfulness) FROM audit_records WHERE request_id = ANY(%s)",
+                                      ([a.headers["x-request-id"] for a in answers],)).fetchone()  # fmt: skip
+    faith_sum = ("AuditFaithfulness_sum", (("ModelName", MODEL),))
+    assert after[faith_sum] - before.get(faith_sum, 0) == pytest.approx(total, abs=1e-4)
+    assert after[("AuditDriftFaithfulnessFloor", (("ModelName", MODEL),))] == 0.05  # the config's defaults
+    assert after[("AuditDriftShareShift", (("ModelName", MODEL),))] == 0.2
+
+
+@pytest.mark.skipif(not os.environ.get("CAM_DRIFT_DEMO"), reason="the live drift demo (~2 min): CAM_DRIFT_DEMO=1")
+def test_drift_demo_alert_fires_on_scraped_metrics(postgres, tmp_path: Path) -> None:
+    """The real EfficientNet-Lite0 behind its own TorchServe, auditing into PostgreSQL; a real Prometheus scrapes
+    it every second and evaluates the shipped class-share rule, its windows scaled down (1 h -> 30 s, 1 d offset
+    1 h -> 60 s offset 30 s): skimage's cat photo for 70 s, then its coffee photo; the expression goes from no
+    sample (0) to 1."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+    from skimage import data
+    from test_audit_drift import RULES, _promtool
+
+    _promtool()
+    prometheus = shutil.which("prometheus")
+    dsn = postgres.database("drift")
+    name = "drift_lite0"
+    spec = ArchiveSpec(config="efficientnet_lite0", archive_name=name,
+                       overrides={"handler": {"audit": {"enabled": True, "sink": "postgres", "dsn": dsn,
+                                                        "faithfulness": True}}})  # fmt: skip
+    workdir = tmp_path / "ts"
+    build_archive(spec, workdir / "model_store", log=lambda line: None)
+    ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
+    server = serve.start(workdir, workdir / "model_store", [name], ports=ports, timeout=240)
+    rules = yaml.safe_load(RULES.read_text())["spec"]
+    scale = [("[1h]", "[30s]"), ("[1d] offset 1h", "[60s] offset 30s"), ("for: 15m", "for: 0s")]
+    text = yaml.safe_dump(rules)
+    for old, new in scale:
+        text = text.replace(old, new)
+    (tmp_path / "rules.yaml").write_text(text)
+    port = serve.free_port()
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(tmp_path / "rules.yaml")],
+        "scrape_configs": [{"job_name": "torchserve", "static_configs": [
+            {"targets": [f"127.0.0.1:{server.ports['metrics']}"]}]}],
+    }))  # fmt: skip
+    log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                               stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    expression = next(r for r in rules["groups"][0]["rules"] if r["alert"] == "AuditClassShareShift")["expr"]
+    for old, new in scale:
+        expression = expression.replace(old, new)
+    timeline: list[tuple[float, str, int]] = []
+
+    def fired() -> int:
+        answer = requests.get(f"http://127.0.0.1:{port}/api/v1/query",
+                              params={"query": f"count({expression}) > 0"}, timeout=10).json()  # fmt: skip
+        return int(float(answer["data"]["result"][0]["value"][1])) if answer["data"]["result"] else 0
+
+    def photo(picture: np.ndarray):
+        small = np.asarray(Image.fromarray(picture).resize((224, 150)), dtype=np.int16)
+
+        def make(seed: int) -> bytes:  # +-2 noise: every request a new input (a new sha256)
+            noise = np.random.default_rng(seed).integers(-2, 3, small.shape)
+            return encode(np.clip(small + noise, 0, 255).astype(np.uint8))
+
+        return make
+
+    started = time.monotonic()
+    labels: dict[str, set[str]] = {}
+
+    def drive(make, seconds: float, phase: str, seed: int) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            answer = requests.post(f"{server.url()}/predictions/{name}", data=make(seed), headers=server.headers(),
+                                   timeout=60)  # fmt: skip
+            answer.raise_for_status()
+            labels.setdefault(phase, set()).add(answer.json()["predictions"][0]["label"])
+            seed += 1
+            if not timeline or time.monotonic() - started - timeline[-1][0] >= 5:
+                timeline.append((time.monotonic() - started, phase, fired()))
+            time.sleep(0.2)
+
+    try:
+        drive(photo(data.chelsea()), 70, "cat photo", 10_000)
+        before = fired()
+        drive(photo(data.coffee()), 40, "coffee photo", 20_000)
+        after = fired()
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+        serve.stop(workdir)
+    print(f"\ntop-1 classes: {labels}")
+    print("\n".join(f"{t:5.1f} s  {phase:13s} alert expression {value}" for t, phase, value in timeline))
+    assert before == 0 and after >= 1, timeline  # both classes moved: the cat down, espresso up (2 series)
