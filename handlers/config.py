@@ -62,6 +62,7 @@ __all__ = [
     "ExplanationConfig",
     "HandlerConfig",
     "AuditConfig",
+    "DriftConfig",
     "ClipConfig",
     "AUDIT_SINKS",
     "RESIZE_MODES",
@@ -79,7 +80,7 @@ RESIZE_MODES = ("stretch", "letterbox", "shorter_side")
 RESHAPES = ("auto", "vit", "swin", "fasterrcnn", "none")
 TASKS = tuple(name for name, task in registry.TASKS.items() if task.config_task)  # handler.task values
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-AUDIT_SINKS = ("sqlite", "stdout")
+AUDIT_SINKS = ("sqlite", "stdout", "postgres")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -191,6 +192,23 @@ class ExplanationConfig:
 
 
 @dataclass(frozen=True)
+class DriftConfig:
+    """``handler.audit.drift``: the drift signals the audit exports as metrics, and the alert thresholds.
+
+    - ``top_classes``: the audited top-1 classes counted under their own label (``AuditTopClass``); the
+      rest count as ``other`` (at most ``2 * top_classes`` labels per worker, whatever the traffic);
+    - ``faithfulness_floor``: the alert fires when the 1 h median faithfulness falls below it;
+    - ``class_share_shift``: the alert fires when a class's share of the last hour moved by more than this
+      from its share over the day before. Both are exported as gauges the shipped alert rules compare
+      with (docs/audit.md: how to choose them).
+    """
+
+    top_classes: int = setting(10, integer(1, 100))
+    faithfulness_floor: float = setting(0.05, unit)
+    class_share_shift: float = setting(0.2, unit)
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     """The ``handler.audit`` section: which requests leave an audit record, and where it goes.
 
@@ -206,7 +224,15 @@ class AuditConfig:
     - ``top_k``: predictions kept in a record; ``queue_size``: records waiting for the writer before
       new ones are dropped (and counted) rather than slowing requests down.
     - ``durability``: ``async`` (default: records are committed by a writer thread shortly after the
-      answers leave) or ``strict`` (a batch's records are committed, fsynced, before its answers leave).
+      answers leave; never a failed prediction) or ``strict`` (a batch's records are committed, fsynced,
+      before its answers leave; an answer whose record cannot be committed becomes a 503 AuditUnavailable).
+    - ``dsn``: for ``postgres``, a libpq connection string or URI (``$VARS`` expanded); unset:
+      ``$CAM_AUDIT_DSN`` (from a Kubernetes Secret).
+    - ``busy_timeout_ms``: the longest one write may wait for a lock (SQLite) or for a connection and
+      its statement (PostgreSQL); strict answers wait at most ``2 x busy_timeout_ms + 1 s``.
+    - ``retention_days``: records (and their heatmaps and inputs) older than this are pruned by the
+      writer, at most once an hour; unset: kept for ever.
+    - ``drift``: the drift metrics and their alert thresholds (:class:`DriftConfig`).
     """
 
     enabled: bool = setting(False, boolean)
@@ -219,14 +245,20 @@ class AuditConfig:
     top_k: int = setting(5, integer(1))
     queue_size: int = setting(10_000, integer(1))
     durability: str = setting("async", choice("async", "strict"))
+    dsn: str | None = setting(None, optional(text("a libpq connection string")))
+    busy_timeout_ms: int = setting(2000, integer(1, 600_000))
+    retention_days: int | None = setting(None, optional(integer(1)))
+    drift: DriftConfig = setting(DriftConfig())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, where: str = "handler.audit") -> AuditConfig:
         return read_section(cls, data, where)
 
     def finish(self, where: str, data: Mapping[str, Any]) -> AuditConfig:
-        if self.store_inputs and self.sink != "sqlite":
-            raise ConfigError(f"{where}.store_inputs: raw images are stored only with sink: sqlite, not in log lines")
+        if self.store_inputs and self.sink == "stdout":
+            raise ConfigError(f"{where}.store_inputs: raw images are stored only with sink: sqlite or postgres, not in log lines")
+        if self.dsn and self.sink != "postgres":
+            raise ConfigError(f"{where}.dsn: only for sink: postgres (sink is {self.sink})")
         return self
 
 

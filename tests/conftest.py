@@ -76,3 +76,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         yield running
     finally:
         serve.stop(workdir)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A real PostgreSQL (Debian's server, tests/helpers/postgres.py) started once per session, stopped at the end."""
+    from tests.helpers.postgres import PostgresServer, find_postgres
+
+    pytest.importorskip("psycopg", reason="psycopg is in the audit-postgres extra")
+    bindir = find_postgres()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server (tests/ensure_postgres.sh installs Debian's postgresql as root)")
+    server = PostgresServer(bindir)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.cleanup()

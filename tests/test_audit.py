@@ -87,7 +87,7 @@ def test_audit_config_is_validated_like_the_rest() -> None:
     bad = {
         "sampel_rate": "handler.audit.sampel_rate: unknown key; did you mean 'sample_rate'?",
         "sample_rate": "handler.audit.sample_rate: must be a number in [0, 1]",
-        "sink": "handler.audit.sink: must be one of sqlite, stdout",
+        "sink": "handler.audit.sink: must be one of sqlite, stdout, postgres",
         "store_heatmaps": "handler.audit.store_heatmaps: must be true or false",
     }
     values = {"sampel_rate": 1, "sample_rate": 1.5, "sink": "kafka", "store_heatmaps": "yes"}

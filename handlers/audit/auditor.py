@@ -26,7 +26,9 @@ from handlers.serving.preprocess import to_source
 from handlers.tasks.registry import TaskResult
 
 from .metrics import FAITHFULNESS_SECONDS, OVERHEAD_SECONDS, AuditMetrics
+from .postgres import PostgresSink, resolve_dsn
 from .sinks import PendingRecord, SqliteSink, StdoutSink, resolve_directory
+from .status import UnavailableMarker
 from .summary import REMOVED_FRACTION, confidence, heatmap_summary, remove_top_pixels
 from .writer import SHUTDOWN_FLUSH_S, AuditWriter
 
@@ -111,19 +113,29 @@ class Auditor:
         self._warned: set[str] = set()
         if not self.enabled:
             return
+        self.strict = self.config.durability == "strict"
+        busy = self.config.busy_timeout_ms
         if self.config.sink == "stdout":
             sink: Any = StdoutSink()
+        elif self.config.sink == "postgres":
+            sink = PostgresSink(resolve_dsn(self.config.dsn), strict=self.strict, busy_timeout_ms=busy)
         else:
-            sink = SqliteSink(resolve_directory(self.config.directory))
-            sink.synchronous = "FULL" if self.config.durability == "strict" else "NORMAL"
-        self.metrics = AuditMetrics(metrics, handler.model_name, sink.name)
+            sink = SqliteSink(resolve_directory(self.config.directory), "FULL" if self.strict else "NORMAL", busy)
+        #: strict: how long an answer waits for its record's commit before it becomes a 503
+        self.commit_timeout = 2 * busy / 1000 + 1.0
+        self.metrics = AuditMetrics(metrics, handler.model_name, sink.name, self.config.drift)
         self.road: Any = None
         if self.config.faithfulness == "road":
             from cam_engine.metrics import ROADMostRelevantFirst
 
             # keeps the pixels below the 80th percentile of the CAM: imputes the same top 20% remove_top removes
             self.road = ROADMostRelevantFirst(percentile=100 * (1 - REMOVED_FRACTION))
-        self.writer = AuditWriter(sink, self.config.queue_size, handler.model_name)
+        retention = self.config.retention_days
+        self.writer = AuditWriter(
+            sink, self.config.queue_size, handler.model_name, retry=not self.strict,
+            marker=UnavailableMarker(handler.model_name) if self.strict else None,
+            retention_s=None if retention is None else retention * 86400.0,
+        )  # fmt: skip
         logger.info(
             "auditing %s: %.0f%% of requests to %r (heatmaps %s, faithfulness %s, inputs %s)",
             handler.model_name, 100 * self.config.sample_rate, sink, self.config.store_heatmaps,
@@ -153,24 +165,39 @@ class Auditor:
         outputs: Any,
         cams: Sequence[torch.Tensor | None],
         results: Mapping[int, TaskResult],
-    ) -> None:
+    ) -> set[int]:
         """Queue one record per audited request that got a response (the task's ``results`` by request index).
 
-        Never raises: an error is logged and counted, the responses go out unchanged.
+        Returns the indexes (``request.index``, keys of ``results``) of the answers that must not be
+        released: with ``durability: strict``, those whose record was not committed within
+        :attr:`commit_timeout` (the caller answers them 503 ``AuditUnavailable``); always empty in ``async``.
+        Never raises: an error is logged and counted.
         """
         if not self.enabled or self.writer is None:
-            return
+            return set()
         started = time.perf_counter()
+        audited = {r.index for r in requests if getattr(r, "audited", False) and r.index in results}
+        pending: list[tuple[int, PendingRecord]] = []
         try:
-            self._record(requests, batch, outputs, cams, results)
-        except Exception as error:  # noqa: BLE001 - auditing must never fail a prediction
+            pending = self._record(requests, batch, outputs, cams, results)
+        except Exception as error:  # noqa: BLE001 - auditing must never fail a prediction (strict: a 503)
             self._warn_once("record", f"audit record failed for model {self.handler.model_name}: {error!r}")
-            self.writer.count_write_errors(sum(bool(getattr(r, "audited", False)) for r in requests))
+            self.writer.count_write_errors(len(audited))
+        failed: set[int] = set()
+        try:
+            for _, record in pending:
+                self.writer.submit(record)
+            self.metrics.drift([record.fields for _, record in pending])
+            if self.strict:
+                committed = self.writer.wait([record for _, record in pending], self.commit_timeout)
+                failed = audited - {index for (index, _), ok in zip(pending, committed) if ok}
+                if failed:
+                    self._warn_once("strict", f"audit records of {self.handler.model_name} not committed: "
+                                    f"{len(failed)} answer(s) refused (503 AuditUnavailable)")  # fmt: skip
         finally:
-            if self.config.durability == "strict" and not self.writer.flush(SHUTDOWN_FLUSH_S):
-                self._warn_once("strict", f"audit records of {self.handler.model_name} not committed in time")
             self.metrics.observe(OVERHEAD_SECONDS, (time.perf_counter() - started) * 1000)
             self.metrics.publish(self.writer.counters())
+        return failed
 
     def _record(
         self,
@@ -179,14 +206,16 @@ class Auditor:
         outputs: Any,
         cams: Sequence[torch.Tensor | None],
         results: Mapping[int, TaskResult],
-    ) -> None:
+    ) -> list[tuple[int, PendingRecord]]:
+        """The records of the audited requests, with their ``request.index`` (not yet submitted)."""
         handler = self.handler
         context = handler.context
         audited = [(row, r) for row, r in enumerate(requests) if getattr(r, "audited", False) and r.index in results]
         if not audited:
-            return
+            return []
         scores = model_scores(outputs)
         records: list[PendingRecord] = []
+        owners: list[int] = []  # request.index of each record
         pairs: list[_Pair] = []
         heatmap_parts: list[torch.Tensor] = []
         heatmap_owner: list[tuple[int, tuple[int, int], int]] = []  # (record, shape, count)
@@ -245,6 +274,7 @@ class Auditor:
                     first = fields["explanations"][0]
                     fields.update({k: first[k] for k in ("peak_x", "peak_y", "top10_mass", "entropy")})
             records.append(PendingRecord(fields, bytes(request.raw), None, self.config.store_inputs))
+            owners.append(request.index)
         if self.config.faithfulness and pairs:
             self._faithfulness(batch, scores, pairs, records)
         if heatmap_parts:
@@ -254,8 +284,7 @@ class Auditor:
                 size = count * shape[0] * shape[1]
                 records[index].heatmaps = host[offset : offset + size].reshape(count, *shape)
                 offset += size
-        for record in records:
-            self.writer.submit(record)
+        return list(zip(owners, records))
 
     def _describe_target(self, target: Any, scores: Any, row: int) -> tuple[Any, dict[str, Any]]:
         """(a target fixed to a class where it named "the top class", its JSON description)."""

@@ -1,6 +1,6 @@
 """The audit report: a self-contained HTML page of audit records (``python -m handlers.audit report``).
 
-Records come from the SQLite sink or from a log holding the stdout sink's JSON lines
+Records come from the SQLite sink, the PostgreSQL sink or a log holding the stdout sink's JSON lines
 (:func:`load_records`); :func:`render_report` draws the page: the prediction mix (top-1 class per time
 bucket) and the faithfulness of each record over time as inline SVG, and a table of records with
 overlay thumbnails as data URIs, filtered by class and confidence with a few lines of inline JS.
@@ -56,8 +56,14 @@ def load_records(
     since: float = 0.0,
     model: str | None = None,
     limit: int = 2000,
+    dsn: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Records newer than ``since`` (epoch), newest first, from the SQLite sink or a JSON-lines log."""
+    """Records newer than ``since`` (epoch), newest first, from the SQLite sink, the PostgreSQL sink
+    (``dsn``) or a JSON-lines log."""
+    if dsn:
+        from .postgres import load_records_postgres
+
+        return load_records_postgres(dsn, since, model, limit)
     records: list[dict[str, Any]] = []
     if db is not None:
         connection = sqlite3.connect(f"file:{Path(db)}?mode=ro", uri=True, timeout=30)
@@ -93,8 +99,12 @@ def load_records(
     return records
 
 
-def model_counts(db: Path | None = None, jsonl: Path | None = None) -> dict[str, int]:
+def model_counts(db: Path | None = None, jsonl: Path | None = None, dsn: str | None = None) -> dict[str, int]:
     """``{model: number of records}`` over the whole database or log (any age)."""
+    if dsn:
+        from .postgres import model_counts_postgres
+
+        return model_counts_postgres(dsn)
     counts: Counter[str] = Counter()
     if db is not None:
         connection = sqlite3.connect(f"file:{Path(db)}?mode=ro", uri=True, timeout=30)
@@ -129,14 +139,17 @@ def _thumbnail(record: Mapping[str, Any], root: Path | None, size: int = 112) ->
         heatmap_png = (root / record["heatmap_path"]).read_bytes()
     if heatmap_png is None:
         return None, "none"
+    stored_input = record.get("input_data")  # PostgreSQL: the bytes themselves
+    if stored_input is None and root is not None and record.get("input_path") and (root / record["input_path"]).is_file():
+        stored_input = (root / record["input_path"]).read_bytes()
     heatmap = Image.open(io.BytesIO(heatmap_png)).convert("L")
     heatmap.thumbnail((size, size))
     cam = torch.from_numpy(np.asarray(heatmap, dtype=np.float32) / 255.0)
     kind = "heatmap"
     picture = colorize(cam).numpy()
-    if root is not None and record.get("input_path") and (root / record["input_path"]).is_file():
+    if stored_input is not None:
         try:
-            image = ImageOps.exif_transpose(Image.open(root / record["input_path"])).convert("RGB")
+            image = ImageOps.exif_transpose(Image.open(io.BytesIO(stored_input))).convert("RGB")
             image = image.resize(heatmap.size, Image.Resampling.BILINEAR)
             picture = overlay(torch.from_numpy(np.asarray(image).copy()), cam).numpy()
             kind = "overlay"

@@ -1,8 +1,11 @@
 """Where audit records go: the SQLite sink (with heatmap and input files beside it) and the stdout
-sink (JSON lines in the model log), and the records' schema (:data:`COLUMNS`, :data:`JSON_COLUMNS`).
+sink (JSON lines in the model log), and the records' columns (:data:`COLUMNS`, :data:`JSON_COLUMNS`);
+the PostgreSQL sink is :mod:`handlers.audit.postgres`, the tables' versions :mod:`handlers.audit.migrations`.
 
-Both sinks are used by the writer thread only (:mod:`handlers.audit.writer`); ``write`` takes a list
-of :class:`PendingRecord` and finishes them off (hash, PNGs, files) before storing them.
+Sinks are used by the writer thread only (:mod:`handlers.audit.writer`); ``write`` takes a list of
+:class:`PendingRecord` and finishes them off (hash, PNGs, files) before storing them. A sink may also
+offer ``check()`` (is it writable?), ``prune(cutoff_epoch)`` (delete older records with their files),
+``errors`` (the exception types its calls raise) and ``transient(error)`` (worth retrying).
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ import numpy as np
 
 from handlers.serving.codec import encode_png
 
+from .migrations import migrate_sqlite
+
 __all__ = [
-    "PendingRecord", "SqliteSink", "StdoutSink", "resolve_directory", "COLUMNS", "JSON_COLUMNS", "DB_NAME", "SCHEMA",
+    "PendingRecord", "SqliteSink", "StdoutSink", "resolve_directory", "COLUMNS", "JSON_COLUMNS", "DB_NAME",
+    "input_extension", "finish_record",
 ]  # fmt: skip
 
 DB_NAME = "audit.sqlite3"
@@ -46,44 +52,6 @@ def resolve_directory(configured: str | None) -> Path:
     return path
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit_records (
-    id INTEGER PRIMARY KEY,
-    record_id TEXT NOT NULL,
-    request_id TEXT,
-    timestamp TEXT NOT NULL,
-    epoch REAL NOT NULL,
-    model TEXT NOT NULL,
-    version TEXT,
-    weights TEXT,
-    input_sha256 TEXT NOT NULL,
-    input_bytes INTEGER,
-    image_width INTEGER,
-    image_height INTEGER,
-    explained INTEGER,
-    endpoint TEXT,
-    predictions TEXT,
-    top_index INTEGER,
-    top_label TEXT,
-    top_score REAL,
-    method TEXT,
-    layers TEXT,
-    targets TEXT,
-    peak_x INTEGER,
-    peak_y INTEGER,
-    top10_mass REAL,
-    entropy REAL,
-    faithfulness REAL,
-    faithfulness_ms REAL,
-    heatmap_path TEXT,
-    input_path TEXT,
-    explanations TEXT,
-    batch_size INTEGER,
-    worker_pid INTEGER
-);
-CREATE INDEX IF NOT EXISTS audit_records_model_epoch ON audit_records (model, epoch);
-CREATE INDEX IF NOT EXISTS audit_records_request ON audit_records (request_id);
-"""
 COLUMNS = (
     "record_id", "request_id", "timestamp", "epoch", "model", "version", "weights", "input_sha256",
     "input_bytes", "image_width", "image_height", "explained", "endpoint", "predictions", "top_index", "top_label",
@@ -91,15 +59,6 @@ COLUMNS = (
     "faithfulness", "faithfulness_ms", "heatmap_path", "input_path", "explanations", "batch_size", "worker_pid",
 )  # fmt: skip
 JSON_COLUMNS = ("predictions", "layers", "targets", "explanations")
-
-
-def _add_missing_columns(connection: sqlite3.Connection) -> None:
-    """Columns added to :data:`SCHEMA` since a database was created (``endpoint``) are added to it."""
-    existing = {row[1] for row in connection.execute("PRAGMA table_info(audit_records)")}
-    declared = dict(re.findall(r"^\s+(\w+) (\w+)", SCHEMA.split("CREATE INDEX")[0], re.MULTILINE))
-    for column in COLUMNS:
-        if column not in existing:
-            connection.execute(f"ALTER TABLE audit_records ADD COLUMN {column} {declared[column]}")
 
 
 @dataclass
@@ -111,9 +70,10 @@ class PendingRecord:
     raw: bytes
     heatmaps: np.ndarray | None = None
     store_input: bool = False
+    committed: bool | None = None  # set by the writer: True once committed, False once lost
 
 
-def _input_extension(raw: bytes) -> str:
+def input_extension(raw: bytes) -> str:
     if raw.startswith(b"\x89PNG"):
         return "png"
     if raw.startswith(b"\xff\xd8"):
@@ -123,7 +83,7 @@ def _input_extension(raw: bytes) -> str:
     return "bin"
 
 
-def _finish(record: PendingRecord) -> dict[str, Any]:
+def finish_record(record: PendingRecord) -> dict[str, Any]:
     """The writer's share of the work: hash of the input bytes."""
     fields = record.fields
     fields["input_sha256"] = hashlib.sha256(record.raw).hexdigest()
@@ -133,35 +93,55 @@ def _finish(record: PendingRecord) -> dict[str, Any]:
 
 class SqliteSink:
     """``<directory>/audit.sqlite3`` (WAL) with heatmaps and inputs as files beside it:
-    ``heatmaps/<model>/<YYYY-MM-DD>/<record_id>_<target>.png``, ``inputs/<model>/<YYYY-MM-DD>/<record_id>.<ext>``."""
+    ``heatmaps/<model>/<YYYY-MM-DD>/<record_id>_<target>.png``, ``inputs/<model>/<YYYY-MM-DD>/<record_id>.<ext>``.
+
+    ``synchronous``: ``FULL`` (strict) or ``NORMAL``; ``busy_timeout_ms``: the longest a write waits for
+    another process's lock before it fails. One machine only: every replica would write its own file."""
 
     name = "sqlite"
+    errors = (sqlite3.Error,)
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, synchronous: str = "NORMAL", busy_timeout_ms: int = 2000) -> None:
         self.directory = Path(directory)
         self.database = self.directory / DB_NAME
+        self.synchronous = synchronous
+        self.busy_timeout_ms = busy_timeout_ms
         self._connection: sqlite3.Connection | None = None
 
+    @staticmethod
+    def transient(error: BaseException) -> bool:
+        """A lock held by another process: worth another try."""
+        return isinstance(error, sqlite3.OperationalError) and ("locked" in str(error) or "busy" in str(error))
+
     def open(self) -> None:
+        if self._connection is not None:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         # Opened at load (to report a bad directory at once), then used by the writer thread only.
-        connection = sqlite3.connect(self.database, timeout=30, isolation_level=None, check_same_thread=False)
+        connection = sqlite3.connect(
+            self.database, timeout=self.busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+        )
         try:
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute(f"PRAGMA synchronous={getattr(self, 'synchronous', 'NORMAL')}")  # FULL: strict
-            connection.executescript(SCHEMA)
-            _add_missing_columns(connection)
-        except sqlite3.Error:
+            connection.execute(f"PRAGMA synchronous={self.synchronous}")  # FULL: strict
+            migrate_sqlite(connection)
+        except (sqlite3.Error, RuntimeError):
             connection.close()
             raise
         self._connection = connection
+
+    def check(self) -> None:
+        """Raise unless a write transaction can start now (the lock is free, the file writable)."""
+        self.open()
+        self._connection.execute("BEGIN IMMEDIATE")
+        self._connection.execute("ROLLBACK")
 
     def write(self, records: list[PendingRecord]) -> None:
         if self._connection is None:
             self.open()
         rows = []
         for record in records:
-            fields = _finish(record)
+            fields = finish_record(record)
             day = fields["timestamp"][:10]
             model = re.sub(r"[^A-Za-z0-9_.-]", "_", fields["model"])
             if record.heatmaps is not None:
@@ -177,7 +157,7 @@ class SqliteSink:
             if record.store_input:
                 folder = self.directory / "inputs" / model / day
                 folder.mkdir(parents=True, exist_ok=True)
-                name = f"{fields['record_id']}.{_input_extension(record.raw)}"
+                name = f"{fields['record_id']}.{input_extension(record.raw)}"
                 (folder / name).write_bytes(record.raw)
                 fields["input_path"] = f"inputs/{model}/{day}/{name}"
             rows.append(
@@ -187,12 +167,49 @@ class SqliteSink:
         try:
             connection.execute("BEGIN")
             connection.executemany(
-                f"INSERT INTO audit_records ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows
+                f"INSERT OR IGNORE INTO audit_records ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows
             )
             connection.execute("COMMIT")
         except sqlite3.Error:
             self.close()
             raise
+
+    def prune(self, cutoff: float, model: str | None = None) -> int:
+        """Delete the records older than ``cutoff`` (epoch; of ``model`` only, if given) and their heatmap
+        and input files; empty day folders go too. The number of records deleted."""
+        self.open()
+        connection = self._connection
+        where, arguments = "epoch < ?", list[Any]([cutoff])
+        if model:
+            where, arguments = where + " AND model = ?", [cutoff, model]
+        rows = connection.execute(
+            f"SELECT heatmap_path, input_path, explanations FROM audit_records WHERE {where}", arguments
+        ).fetchall()
+        files: set[str] = set()
+        for heatmap_path, input_path, explanations in rows:
+            files.update(p for p in (heatmap_path, input_path) if p)
+            for explanation in json.loads(explanations or "[]") or []:
+                if isinstance(explanation, dict) and explanation.get("heatmap_path"):
+                    files.add(explanation["heatmap_path"])
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = connection.execute(f"DELETE FROM audit_records WHERE {where}", arguments).rowcount
+            connection.execute("COMMIT")
+        except sqlite3.Error:
+            connection.execute("ROLLBACK")
+            raise
+        folders = set()
+        for relative in files:  # after the commit: a crash in between leaves files, never rows without files
+            path = self.directory / relative
+            if path.resolve().is_relative_to(self.directory.resolve()):
+                path.unlink(missing_ok=True)
+                folders.add(path.parent)
+        for folder in folders:
+            try:
+                folder.rmdir()  # only when empty: the day's other records keep theirs
+            except OSError:
+                pass
+        return deleted
 
     def close(self) -> None:
         if self._connection is not None:
@@ -227,7 +244,7 @@ class StdoutSink:
     def write(self, records: list[PendingRecord]) -> None:
         lines = []
         for record in records:
-            fields = _finish(record)
+            fields = finish_record(record)
             if record.heatmaps is not None:
                 for position, heatmap in enumerate(record.heatmaps):
                     if position < len(fields["explanations"]):

@@ -1,7 +1,16 @@
 """The audit's writer thread: records queued on the request path are committed to a sink in batches.
 
-Nothing on the request path waits for the disk (unless ``durability: strict`` flushes). At interpreter
-exit and on SIGTERM every writer's queue is drained for at most :data:`SHUTDOWN_FLUSH_S` seconds.
+Nothing on the request path waits for the disk, unless ``durability: strict`` waits for its batch's
+records (:meth:`AuditWriter.wait`). At interpreter exit and on SIGTERM every writer's queue is drained
+for at most :data:`SHUTDOWN_FLUSH_S` seconds.
+
+Failures: a batch that fails with an error the sink calls transient (a lost PostgreSQL connection) is
+retried with exponential backoff for up to :data:`RETRY_WINDOW_S` in ``async`` mode, while new records
+wait in the bounded queue (overflow is dropped and counted); other errors, and every error in ``strict``
+mode (whose answers are waiting), count the batch's records as lost at once. With a status marker
+(strict), the writer raises it on a failure and clears it on the next success; while it is raised the
+writer checks the sink's health every :data:`HEALTH_INTERVAL_S` even without traffic, so readiness
+comes back without a request having to fail first.
 """
 
 from __future__ import annotations
@@ -12,7 +21,6 @@ import math
 import os
 import queue
 import signal
-import sqlite3
 import threading
 import time
 import weakref
@@ -26,8 +34,12 @@ logger = logging.getLogger(__name__)
 
 SHUTDOWN_FLUSH_S = 10.0
 ERROR_LOG_INTERVAL_S = 30.0
-REOPEN_INTERVAL_S = 5.0
+REOPEN_INTERVAL_S = 1.0
+HEALTH_INTERVAL_S = 2.0
+RETRY_WINDOW_S = 60.0
+RETRY_MAX_DELAY_S = 5.0
 WRITE_BATCH = 256
+PRUNE_INTERVAL_S = 3600.0
 
 _WRITERS: weakref.WeakSet[AuditWriter] = weakref.WeakSet()
 _HOOKS_LOCK = threading.Lock()
@@ -70,35 +82,53 @@ class AuditWriter:
     """A background thread that commits queued records to a sink in batches, off the request path.
 
     :meth:`submit` never blocks: when ``queue_size`` records are waiting, the new one is dropped and
-    counted. Sink errors drop the batch being written, are logged (rate-limited) and counted; the
-    sink is reopened at most every 5 s.
+    counted. ``retry``: retry transient sink errors (``async``); ``marker``: an
+    :class:`~handlers.audit.status.UnavailableMarker` raised while the sink cannot commit (``strict``);
+    ``retention_s``: prune records older than that, at most once an hour.
     """
 
-    def __init__(self, sink: Any, queue_size: int = 10_000, model_name: str = "model") -> None:
+    def __init__(
+        self,
+        sink: Any,
+        queue_size: int = 10_000,
+        model_name: str = "model",
+        *,
+        retry: bool = True,
+        marker: Any = None,
+        retention_s: float | None = None,
+    ) -> None:
         self.sink = sink
         self.model_name = model_name
+        self.retry = retry
+        self.marker = marker
+        self.retention_s = retention_s
+        self._errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError, *getattr(sink, "errors", ()))
         self._queue: queue.Queue[PendingRecord | None] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Condition()
         self._pending = 0
         self.committed = 0
         self.write_errors = 0
         self.dropped = 0
+        self.pruned = 0
         self.last_commit_latency_ms = 0.0  # queueing -> commit of the oldest record of the last transaction
         self.max_commit_latency_ms = 0.0
         self._sink_open = False
+        self._open_error: BaseException | None = None
         self._last_open_try = -math.inf
         self._last_error_log = -math.inf
+        self._last_prune = -math.inf
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"cam-audit-writer-{model_name}", daemon=True)
         _WRITERS.add(self)
         _install_shutdown_hooks()
-        self._try_open()  # at load: an unwritable directory is reported at once, not at the first record
+        self._try_open()  # at load: an unwritable directory or unreachable database is reported at once
         self._thread.start()
 
     def submit(self, record: PendingRecord) -> bool:
         with self._lock:
             if self._closed:
                 self.dropped += 1
+                record.committed = False
                 return False
             self._pending += 1
         record.fields.setdefault("_queued", time.perf_counter())
@@ -108,10 +138,22 @@ class AuditWriter:
             with self._lock:
                 self._pending -= 1
                 self.dropped += 1
+                record.committed = False
                 self._lock.notify_all()
             self._log_error(f"audit queue full ({self._queue.maxsize} records): dropping records")
             return False
         return True
+
+    def wait(self, records: list[PendingRecord], timeout: float) -> list[bool]:
+        """Wait until each of ``records`` is committed or lost (at most ``timeout`` s): committed or not, each."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while any(record.committed is None for record in records):
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    break
+                self._lock.wait(min(left, 0.1))
+            return [bool(record.committed) for record in records]
 
     def flush(self, timeout: float = SHUTDOWN_FLUSH_S) -> bool:
         """Wait until every submitted record is written (or dropped); False on timeout."""
@@ -128,6 +170,7 @@ class AuditWriter:
         self.flush(timeout)
         with self._lock:
             self._closed = True
+            self._lock.notify_all()
         self._queue.put(None)
         self._thread.join(timeout)
         self.sink.close()
@@ -145,16 +188,22 @@ class AuditWriter:
         if self._sink_open:
             return True
         now = time.monotonic()
-        if now - self._last_open_try < REOPEN_INTERVAL_S:
+        if now - self._last_open_try < REOPEN_INTERVAL_S:  # the last open failed: wait a little
             return False
-        self._last_open_try = now
         try:
             self.sink.open()
-        except (OSError, sqlite3.Error) as error:
+        except self._errors as error:
+            self._last_open_try = now
+            self._open_error = error
+            self._unavailable(f"audit sink {self.sink!r} cannot be opened: {error}")
             self._log_error(f"audit sink {self.sink!r} cannot be opened: {error}; records are dropped and counted")
             return False
         self._sink_open = True
         return True
+
+    def _unavailable(self, reason: str) -> None:
+        if self.marker is not None:
+            self.marker.set(reason)
 
     def _log_error(self, message: str) -> None:
         now = time.monotonic()
@@ -166,36 +215,97 @@ class AuditWriter:
                 message, self.model_name, counts["committed"], counts["write_errors"], counts["dropped"],
             )  # fmt: skip
 
+    def _health_check(self) -> None:
+        """While the marker is raised and nothing is queued: is the sink writable again?"""
+        if not self._try_open():
+            return
+        try:
+            check = getattr(self.sink, "check", None)
+            if check is not None:
+                check()
+        except self._errors as error:
+            self._sink_open = False
+            self._unavailable(f"audit sink {self.sink!r} health check failed: {error}")
+            return
+        self.marker.clear()
+
+    def _write(self, records: list[PendingRecord]) -> bool:
+        """One attempt, or retries of transient errors (``retry``) for up to :data:`RETRY_WINDOW_S`."""
+        started, delay = time.monotonic(), 0.25
+        while True:
+            error: BaseException | None = None
+            if not self._try_open():
+                error = self._open_error
+            else:
+                try:
+                    self.sink.write(records)
+                    return True
+                except self._errors as caught:
+                    error = self._open_error = caught
+                    self._sink_open = False  # reopened by the next attempt (only failed opens wait)
+                    self._unavailable(f"audit sink {self.sink!r} failed to write: {caught}")
+                    self._log_error(f"audit sink {self.sink!r} failed to write {len(records)} record(s): {caught}")
+            transient = error is not None and bool(getattr(self.sink, "transient", lambda e: False)(error))
+            if not self.retry or not transient or self._closed or time.monotonic() - started > RETRY_WINDOW_S:
+                return False
+            time.sleep(delay)
+            delay = min(2 * delay, RETRY_MAX_DELAY_S)
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        if self.retention_s is None or now - self._last_prune < PRUNE_INTERVAL_S or not hasattr(self.sink, "prune"):
+            return
+        self._last_prune = now
+        try:
+            removed = self.sink.prune(time.time() - self.retention_s)
+        except self._errors as error:
+            self._log_error(f"audit sink {self.sink!r} failed to prune: {error}")
+            return
+        self.pruned += removed
+        if removed:
+            logger.info("audit: pruned %d record(s) of %s older than %.0f days", removed, self.sink, self.retention_s / 86400)
+
+    def _next_batch(self) -> list[PendingRecord | None]:
+        """The next records to write (blocking; with a raised marker, health checks while idle)."""
+        while True:
+            waiting = self.marker is not None and self.marker.raised
+            try:
+                item = self._queue.get(timeout=HEALTH_INTERVAL_S if waiting else None)
+                break
+            except queue.Empty:
+                self._health_check()
+        batch = [item]
+        while len(batch) < WRITE_BATCH:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
     def _loop(self) -> None:
         stop = False
         while not stop:
-            item = self._queue.get()
-            batch = [item]
-            while len(batch) < WRITE_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            batch = self._next_batch()
             stop = any(entry is None for entry in batch)
             records = [entry for entry in batch if entry is not None]
             if not records:
                 continue
             queued = [r.fields.pop("_queued", time.perf_counter()) for r in records]
-            ok = False
-            if self._try_open():
-                try:
-                    self.sink.write(records)
-                    ok = True
-                except (OSError, sqlite3.Error, ValueError, TypeError) as error:
-                    self._sink_open = False
-                    self._last_open_try = time.monotonic()
-                    self._log_error(f"audit sink {self.sink!r} failed to write {len(records)} record(s): {error}")
+            ok = self._write(records)
+            if ok and self.marker is not None:
+                self.marker.clear()
             with self._lock:
+                for record in records:
+                    record.committed = ok
                 if ok:
                     self.committed += len(records)
                     self.last_commit_latency_ms = (time.perf_counter() - min(queued)) * 1000
                     self.max_commit_latency_ms = max(self.max_commit_latency_ms, self.last_commit_latency_ms)
                 else:
                     self.write_errors += len(records)
+                self._lock.notify_all()  # strict answers go now; a prune below holds only flush()
+            if ok:
+                self._prune()
+            with self._lock:
                 self._pending -= len(records)
                 self._lock.notify_all()

@@ -101,9 +101,15 @@ def handle_batch(handler: BatchHandler, data: Sequence[Mapping[str, Any]], conte
             context.set_response_status(code, protocols.REASONS.get(code, "Bad Request"), index)
         _content_type(context, index)
         responses.append(text)
-    for requests, batch, outputs, cams, results in audit_later:  # strict durability: committed before we return
+    unrecorded: set[int] = set()  # strict durability: committed before we return, or the answer is a 503
+    for requests, batch, outputs, cams, results in audit_later:
         delivered = {p: r for p, r in results.items() if units[p].request not in undelivered}
-        handler.audit.record(requests, batch, outputs, cams, delivered)
+        unrecorded |= {units[p].request for p in handler.audit.record(requests, batch, outputs, cams, delivered)}
+    for index in sorted(unrecorded):
+        message = "the audit record of this answer could not be committed (handler.audit.durability: strict)"
+        responses[index] = json.dumps(protocols.error_body(503, "AuditUnavailable", message))
+        if context is not None and hasattr(context, "set_response_status"):
+            context.set_response_status(503, "Service Unavailable", index)
     grpc_calls.settle(context, len(data), unanswered)
     return responses
 

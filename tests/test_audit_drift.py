@@ -1,0 +1,135 @@
+"""The audit's drift signals: bounded class labels, the metric lines a batch emits, and the shipped alert
+rules evaluated by Prometheus' own ``promtool`` on series that drift (and on series that do not).
+
+The same rules on metrics scraped from a real TorchServe: ``tests/test_audit_postgres_serving.py``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from handlers.audit.metrics import DRIFT_METRICS, OTHER_CLASS, AuditMetrics, ClassLabels
+from handlers.config import DriftConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ROOT / "deploy" / "kubernetes" / "overlays" / "gpu-prometheus" / "audit-drift-rules.yaml"
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)  # TorchServe's, fixed
+
+
+def test_class_labels_name_the_frequent_classes_and_stay_bounded() -> None:
+    labels = ClassLabels(top=2)
+    assert [labels.label(name) for name in ["a", "a", "b", "c"]] == ["a", "a", "b", OTHER_CLASS]  # c: not top-2 yet
+    assert [labels.label("c") for _ in range(3)][-1] == "c"  # now among the 2 most frequent: named from then on
+    seen = {labels.label(f"class_{i % 50}") for i in range(5000)}  # 50 classes in turn: at most 2 x top named
+    assert len(labels.named) == 4 and len(seen - {OTHER_CLASS}) <= 4 and OTHER_CLASS in seen
+
+
+class FakeMetric:
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def add_or_update(self, value, dimensions) -> None:
+        self.log.append((self.name, value, tuple(dimensions)))
+
+
+class FakeCache:
+    def __init__(self) -> None:
+        self.log: list = []
+        self.types: dict[str, str] = {}
+
+    def add_metric_to_cache(self, name, unit, dimensions, kind):
+        self.types[name] = kind
+        return FakeMetric(name, self.log)
+
+
+def test_a_batch_emits_its_drift_observations_and_the_thresholds_once() -> None:
+    cache = FakeCache()
+    kinds = SimpleNamespace(COUNTER="counter", HISTOGRAM="histogram", GAUGE="gauge")
+    metrics = AuditMetrics((cache, kinds), "m", "postgres", DriftConfig(top_classes=1, faithfulness_floor=0.1,
+                                                                          class_share_shift=0.3))  # fmt: skip
+    batch = [{"faithfulness": 0.25, "top10_mass": 0.4, "top_label": "cat"},
+             {"faithfulness": -0.1, "top10_mass": None, "top_label": "cat"},
+             {"faithfulness": None, "top10_mass": 0.9, "top_label": "dog"}]  # fmt: skip
+    metrics.drift(batch)
+    metrics.drift(batch[:1])
+    names = DRIFT_METRICS
+    assert {cache.types[names[k]] for k in ("faithfulness", "top10_mass")} == {"histogram"}
+    assert (cache.types[names["top_class"]], cache.types[names["floor"]]) == ("counter", "gauge")
+    assert [e for e in cache.log if e[0] == names["floor"]] == [(names["floor"], 0.1, ("m",))]  # once
+    assert [e for e in cache.log if e[0] == names["shift"]] == [(names["shift"], 0.3, ("m",))]
+    assert [e[1] for e in cache.log if e[0] == names["faithfulness"]] == [0.25, -0.1, 0.25]
+    assert [e[1] for e in cache.log if e[0] == names["top10_mass"]] == [0.4, 0.9, 0.4]
+    counted = [(e[2][1], e[1]) for e in cache.log if e[0] == names["top_class"]]
+    assert counted == [("cat", 2), (OTHER_CLASS, 1), ("cat", 1)]  # top_classes 1: dog is "other"
+
+
+def _promtool() -> str:
+    subprocess.run([str(ROOT / "tests" / "ensure_prometheus.sh")], check=False, timeout=600)
+    found = subprocess.run(["bash", "-c", "command -v promtool"], capture_output=True, text=True).stdout.strip()
+    if not found:
+        pytest.skip("promtool missing (tests/ensure_prometheus.sh installs Debian's prometheus as root)")
+    return found
+
+
+def _bucket_series(phases: list[tuple[float, int]], model: str = "m") -> list[dict]:
+    """AuditFaithfulness_bucket series: ``phases`` of (the value observed 10 times a minute, minutes)."""
+    series = []
+    for le in [*BUCKETS, "+Inf"]:
+        parts, total = [], 0
+        for value, minutes in phases:
+            step = 10 if le == "+Inf" or value <= le else 0
+            parts.append(f"{total}+{step}x{minutes}")
+            total += step * (minutes + 1)
+        series.append({"series": f'AuditFaithfulness_bucket{{ModelName="{model}",le="{le}"}}', "values": " ".join(parts)})
+    return series
+
+
+def test_shipped_alert_rules_fire_on_drift_and_stay_quiet_without(tmp_path: Path) -> None:
+    promtool = _promtool()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(yaml.safe_load(RULES.read_text())["spec"]))
+    assert "SUCCESS: 2 rules found" in subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True,
+                                                      text=True, check=True).stdout  # fmt: skip
+    day = 1500  # minutes of steady traffic, then the shift
+    series = [
+        # model m: class_6 only for a day, then class_1 only; model steady: one mix throughout
+        {"series": 'AuditTopClass{ModelName="m",Class="class_6"}', "values": f"0+10x{day} {10 * day}+0x120"},
+        {"series": 'AuditTopClass{ModelName="m",Class="class_1"}', "values": f"0+0x{day} 0+10x120"},
+        {"series": 'AuditTopClass{ModelName="steady",Class="a"}', "values": f"0+7x{day + 121}"},
+        {"series": 'AuditTopClass{ModelName="steady",Class="b"}', "values": f"0+3x{day + 121}"},
+        # model fresh: deployed at the shift, no day before to compare with: no alert
+        {"series": 'AuditTopClass{ModelName="fresh",Class="a"}', "values": f"_x{day} 0+10x120"},
+        {"series": 'AuditDriftShareShift{ModelName="fresh"}', "values": f"0.2x{day + 121}"},
+        {"series": 'AuditDriftShareShift{ModelName="m"}', "values": f"0.2x{day + 121}"},
+        {"series": 'AuditDriftShareShift{ModelName="steady"}', "values": f"0.2x{day + 121}"},
+        {"series": 'AuditDriftFaithfulnessFloor{ModelName="m"}', "values": f"0.05x{day + 121}"},
+        # faithfulness of m: 0.3 for a day, then 0.0 (the heatmaps stopped mattering)
+        *_bucket_series([(0.3, day), (0.0, 120)]),
+    ]
+    firing = 'count by (alertname) (ALERTS{alertstate="firing"})'
+    tests = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": series,
+            "promql_expr_test": [
+                {"expr": firing, "eval_time": f"{day - 10}m", "exp_samples": []},  # a day of steady traffic
+                {"expr": firing, "eval_time": f"{day + 10}m", "exp_samples": []},  # shifting, not yet for 15 m
+                {"expr": firing, "eval_time": f"{day + 40}m", "exp_samples": [
+                    {"labels": '{alertname="AuditClassShareShift"}', "value": 2}]},  # class_6 down, class_1 up
+                {"expr": firing, "eval_time": f"{day + 119}m", "exp_samples": [
+                    {"labels": '{alertname="AuditClassShareShift"}', "value": 2},
+                    {"labels": '{alertname="AuditFaithfulnessLow"}', "value": 1}]},  # the 1 h median: below 0.05
+            ],
+        }],
+    }  # fmt: skip
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run([promtool, "test", "rules", str(tmp_path / "tests.yaml")], capture_output=True, text=True)
+    assert result.returncode == 0, textwrap.shorten(result.stdout + result.stderr, 3000)
