@@ -92,7 +92,9 @@ def test_second_start_refuses_and_stop_drains_16_requests_in_flight(server, tmp_
         with ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(call, image) for image in images]
             deadline = time.monotonic() + 30
-            while not _queued(running) and time.monotonic() < deadline:  # in flight: TorchServe has them
+            # all 16 accepted: the worker holds at most one batch (8), so 8 waiting means every request arrived
+            # (stopping earlier raced the last connections on a loaded machine: one was reset before TorchServe had it)
+            while not _queued(running, at_least=8) and time.monotonic() < deadline:
                 time.sleep(0.02)
             stopping = time.monotonic()
             assert serve.stop(tmp_path, grace=60) is True
@@ -105,13 +107,13 @@ def test_second_start_refuses_and_stop_drains_16_requests_in_flight(server, tmp_
     assert serve.running(tmp_path) is None
 
 
-def _queued(server: serve.Server) -> bool:
+def _queued(server: serve.Server, at_least: int = 1) -> bool:
     try:
         described = requests.get(f"{server.url('management')}/models/{AUDIT_OFF}", headers=server.headers("management"),
                                  timeout=5).json()  # fmt: skip
     except (requests.RequestException, ValueError):
         return False
-    return sum(v["jobQueueStatus"]["pendingRequests"] for v in described) > 0
+    return sum(v["jobQueueStatus"]["pendingRequests"] for v in described) >= at_least
 
 
 def test_the_printed_curl_examples_answer_as_printed(server) -> None:
