@@ -11,6 +11,5 @@ if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-# policy-rc.d keeps the package's service from starting (the tests start their own nginx on loopback ports)
 apt-get install -y -qq --no-install-recommends nginx >/dev/null
 test -x /usr/sbin/nginx
