@@ -39,7 +39,7 @@ from handlers.models.labels import read_labels
 from handlers.serving import attributions, fast_forward, limits, protocols, render, threads
 from handlers.serving import batch as serving
 from handlers.serving.codec import decode_image, encode_jpeg, encode_png
-from handlers.serving.errors import RequestError
+from handlers.serving.errors import RequestError, quote
 from handlers.serving.metrics import CamMetrics, metrics_cache
 from handlers.serving.preprocess import Geometry, preprocess
 from handlers.tasks.registry import TaskResult
@@ -264,7 +264,7 @@ class CamHandler:
         unknown = [key for key in options if key not in COMMON_OPTIONS + self.task_options]
         if unknown:
             allowed = ", ".join(k for k in COMMON_OPTIONS + self.task_options if k != "image")
-            raise RequestError(f"unknown option(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
+            raise RequestError(f"unknown option(s) {', '.join(map(quote, unknown))}; allowed: {allowed}")
         explanation = self.config.explanation
         explain = _bool_option(options, "explain", explanation.explain_on_predict) or explain_header
         method = options.get("method", explanation.default_method)
@@ -272,7 +272,7 @@ class CamHandler:
             raise RequestError(f"method must be a string, got {type(method).__name__}")
         method = attributions.method_name(method)
         if method not in self.cams:
-            raise RequestError(f"unknown method {options.get('method')!r}; this model allows: {', '.join(self.cams)}")
+            raise RequestError(f"unknown method {quote(options.get('method'))}; this model allows: {', '.join(self.cams)}")
         aug_smooth = _bool_option(options, "aug_smooth", False)
         eigen_smooth = _bool_option(options, "eigen_smooth", False)
         if aug_smooth and not explanation.aug_smooth:
@@ -283,7 +283,7 @@ class CamHandler:
         if isinstance(outputs, str):
             outputs = ["heatmap", "overlay"] if outputs == "both" else [outputs]
         if not isinstance(outputs, list) or not outputs or not all(o in OUTPUTS for o in outputs):
-            raise RequestError(f"output must be 'heatmap', 'overlay', 'both' or a list of those, got {outputs!r}")
+            raise RequestError(f"output must be 'heatmap', 'overlay', 'both' or a list of those, got {quote(outputs)}")
         rendering = render.parse_render_options(options, explanation)
         method_options = attributions.parse_options(self.cams[method], options, aug_smooth or eigen_smooth)
         image = decode_image(raw, self.config.max_image_pixels, self.config.image_formats, self.config.multi_frame)
@@ -427,7 +427,7 @@ class CamHandler:
         if isinstance(value, (int, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list) or not value:
-            raise RequestError(f"{option} must be a non-empty list of class indices or labels, got {value!r}")
+            raise RequestError(f"{option} must be a non-empty list of class indices or labels, got {quote(value)}")
         limit = self.config.explanation.max_targets
         if len(value) > limit:
             raise RequestError(f"{len(value)} {option} asked, this model allows at most {limit} per request")
@@ -437,7 +437,7 @@ class CamHandler:
         indices = []
         for item in value:
             if isinstance(item, bool) or not isinstance(item, (int, str)):
-                raise RequestError(f"a {noun} must be a class index or a label, got {item!r}")
+                raise RequestError(f"a {noun} must be a class index or a label, got {quote(item)}")
             if isinstance(item, int):
                 if not 0 <= item < count:
                     raise RequestError(f"{noun} {item} is out of range: this model has classes 0..{count - 1}")
@@ -445,7 +445,7 @@ class CamHandler:
                 continue
             index = self._label_index.get(item.strip().lower())
             if index is None:
-                raise RequestError(f"unknown {noun} {item!r}")
+                raise RequestError(f"unknown {noun} {quote(item)}")
             indices.append(index)
         return indices
 

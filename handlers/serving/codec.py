@@ -24,7 +24,7 @@ import torch
 from isal import isal_zlib
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from handlers.serving.errors import RequestError
+from handlers.serving.errors import RequestError, quote
 
 __all__ = ["decode_base64", "decode_image", "open_image", "image_pixels", "openable_formats", "IMAGE_FORMATS", "MULTI_FRAME", "encode_png", "encode_jpeg", "encode_raw", "RAW_FORMATS"]
 
@@ -260,7 +260,7 @@ def encode_raw(values: np.ndarray, fmt: str) -> tuple[bytes, dict[str, Any]]:
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
         return buffer.getvalue(), {"dtype": "float32", "shape": list(array.shape)}
-    raise ValueError(f"raw format must be one of {', '.join(RAW_FORMATS)}, got {fmt!r}")
+    raise ValueError(f"raw format must be one of {', '.join(RAW_FORMATS)}, got {quote(fmt)}")
 
 
 def decode_base64(value: Any, key: str) -> bytes:
