@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from handlers.serving import budget, grpc_calls, limits, protocols
+from handlers.serving import budget, cost, grpc_calls, limits, protocols
 from handlers.serving.protocols import RequestError
 
 __all__ = ["BatchHandler", "handle_batch", "answer_units", "header"]
@@ -139,6 +139,7 @@ def answer_units(
     logger.info(
         "batch of %d image(s): %d valid, %d explained", len(units), len(requests), sum(r.explain for r in requests)
     )
+    requests = cost.admit(handler, requests, answers)  # forward-pass budgets, before any compute; starts the deadline
     if requests:
         handler.audit.sample(requests)
         batch = torch.stack([r.input for r in requests]).to(handler.device)
@@ -148,6 +149,8 @@ def answer_units(
         header = handler.response_header()
         for row, (request, explanations) in enumerate(zip(requests, encoded)):
             try:
+                if request.failure is not None:
+                    raise request.failure
                 results[request.index] = handler.build_response(request, outputs, row, explanations)
                 answers[request.index] = (200, results[request.index].body(header))
             except RequestError as error:
