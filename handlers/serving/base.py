@@ -336,9 +336,10 @@ class CamHandler:
         try:
             with deadline.active(self.costs.batch_deadline):
                 result = self.cams[method].run(batch, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth, **extra)
-        except deadline.DeadlineExceeded as error:  # this run's requests answer 503; the batch goes on
-            for position in positions:
-                requests[position].failure = error
+        except deadline.DeadlineExceeded as error:  # this run's explained requests answer 503; the batch goes on
+            for local, position in enumerate(positions):
+                if targets[local]:
+                    requests[position].failure = error
             return self.predict(batch)
         per_target = cost.passes_per_target(self.cams[method], method, options, aug_smooth, self.costs.channels)
         self.costs.observe(per_target * len(result.pairs), time.perf_counter() - start)
