@@ -72,7 +72,7 @@ def integer(minimum: int = 0, maximum: int | None = None) -> Check:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise InvalidValue(key, f"must be an integer >= {minimum}, got {quote(value)}")
         if maximum is not None and value > maximum:
-            raise InvalidValue(key, f"must be in {minimum}..{maximum}, got {value}")
+            raise InvalidValue(key, f"must be in {minimum}..{maximum}, got {quote(value)}")
         return value
 
     return check
@@ -279,7 +279,7 @@ def _bounded(value: Any, key: str, limit: str | None, limits: Mapping[str, tuple
         return value
     maximum, name = limits[limit]
     if value > maximum:
-        raise InvalidValue(key, f"{value} is over this model's limit {name} = {maximum}")
+        raise InvalidValue(key, f"{quote(value)} is over this model's limit {name} = {maximum}")
     return value
 
 

@@ -112,14 +112,14 @@ class AttributionConfig:
 class AttributionOptions:
     """One request's Captum options (hashable: batches group by it), read by
     :func:`handlers.serving.options.read_options`: defaults and maxima from :class:`AttributionConfig`
-    (``default_from``/``limit``); ``window``/``stride`` at most the input side (``stride`` None: the
+    (``default_from``/``limit``); ``window``/``stride`` at most the input side (``stride`` not given: the
     configured stride, at most ``window``)."""
 
     n_steps: int = setting(15, integer(1), default_from="n_steps", limit="max_n_steps")
     baselines: str = setting("black", choice(*BASELINES), default_from="baselines")
     internal_batch_size: int = setting(16, integer(1), default_from="internal_batch_size", limit="max_internal_batch_size")
     window: int = setting(16, integer(1), default_from="window", limit="side")
-    stride: int | None = setting(None, integer(1), limit="side")
+    stride: int = setting(8, integer(1), default_from="stride", limit="side")
     noise_tunnel: bool = setting(False, boolean, default_from="noise_tunnel")
     nt_samples: int = setting(8, integer(1), default_from="nt_samples", limit="max_nt_samples")
 
@@ -398,7 +398,7 @@ def parse_options(method: Any, options: Mapping[str, Any], smoothing: bool) -> A
     c, side = method.config, min(method.input_size)
     limits = {name: (getattr(c, name), f"handler.attributions.{name}") for name in ("max_n_steps", "max_internal_batch_size", "max_nt_samples")}
     parsed: AttributionOptions = read_options(AttributionOptions, options, c, {**limits, "side": (side, "the input side")})
-    if parsed.stride is None:
+    if "stride" not in options:  # the configured stride, at most the window
         parsed = dataclasses.replace(parsed, stride=min(c.stride, parsed.window))
     if parsed.stride > parsed.window:  # Captum's Occlusion asserts it; windows would skip pixels
         raise RequestError(f"stride {parsed.stride} is over window {parsed.window}: occlusion windows must cover every pixel")

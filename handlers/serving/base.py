@@ -246,6 +246,11 @@ class CamHandler:
         """The cam_engine targets an explained request asks for (default: its top class)."""
         return [TopClassTarget()]
 
+    def target_count(self, request: ParsedRequest) -> int:
+        """How many targets an explained request asks for, known before any compute (its cost counts them,
+        :mod:`handlers.serving.cost`); default: ``len(targets_for(request))``."""
+        return len(self.targets_for(request))
+
     def build_response(
         self, request: ParsedRequest, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
     ) -> TaskResult:
@@ -421,7 +426,7 @@ class CamHandler:
         if isinstance(value, (int, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list) or not value:
-            raise RequestError(f"{option} must be a non-empty list of class indices or labels, got {value!r}")
+            raise RequestError(f"{option} must be a non-empty list of class indices or labels, got {quote(value)}")
         limit = self.config.explanation.max_targets
         if len(value) > limit:
             raise RequestError(f"{len(value)} {option} asked, this model allows at most {limit} per request")
@@ -431,7 +436,7 @@ class CamHandler:
         indices = []
         for item in value:
             if isinstance(item, bool) or not isinstance(item, (int, str)):
-                raise RequestError(f"a {noun} must be a class index or a label, got {item!r}")
+                raise RequestError(f"a {noun} must be a class index or a label, got {quote(item)}")
             if isinstance(item, int):
                 if not 0 <= item < count:
                     raise RequestError(f"{noun} {item} is out of range: this model has classes 0..{count - 1}")
@@ -439,7 +444,7 @@ class CamHandler:
                 continue
             index = self._label_index.get(item.strip().lower())
             if index is None:
-                raise RequestError(f"unknown {noun} {item!r}")
+                raise RequestError(f"unknown {noun} {quote(item)}")
             indices.append(index)
         return indices
 

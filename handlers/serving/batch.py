@@ -23,9 +23,10 @@ __all__ = ["BatchHandler", "handle_batch", "answer_units", "header"]
 logger = logging.getLogger(__name__)
 
 
-class BatchHandler(Protocol):
+class BatchHandler(cost.CostedHandler, Protocol):
     """What the request path needs of a loaded handler (:class:`handlers.serving.base.CamHandler` is one):
-    read-only attributes fixed at load, the per-request stages, and the auditor it was given."""
+    read-only attributes fixed at load, the per-request stages, and the auditor it was given (and what the cost
+    budgets read, :class:`handlers.serving.cost.CostedHandler`)."""
 
     model_name: str
     version: str

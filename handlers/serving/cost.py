@@ -56,13 +56,19 @@ DEFAULT_RESPONSE_TIMEOUT = 120
 class CostedHandler(Protocol):
     """What the budgets read of a loaded handler (:class:`handlers.serving.base.CamHandler` is one)."""
 
-    cams: Mapping[str, Any]
-    costs: CostModel
     config: Any  # handlers.config.HandlerConfig
-    model: nn.Module
     device: torch.device
 
-    def targets_for(self, request: Any) -> list[Any]: ...
+    @property
+    def cams(self) -> Mapping[str, Any]: ...
+
+    @property
+    def costs(self) -> CostModel: ...
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    def target_count(self, request: Any) -> int: ...
 
     def warm_up_targets(self) -> list[Any]: ...
 
@@ -120,7 +126,7 @@ class CostModel:
         return int(self.response_timeout * deadline.SHARE / max(self.seconds_per_pass, 1e-9))
 
 
-def measure(run: Any, passes: int, repeats: int = 2) -> float:
+def measure(run: Any, passes: int, repeats: int = 1) -> float:
     """Seconds per pass of ``run()`` (a callable that costs ``passes``): the fastest of ``repeats`` timings."""
     best = math.inf
     for _ in range(repeats):
@@ -142,7 +148,7 @@ def request_passes(handler: CostedHandler, request: Any) -> int:
         return 0
     method = handler.cams[request.method]
     per = passes_per_target(method, request.method, request.method_options, request.aug_smooth, handler.costs.channels)
-    return per * len(handler.targets_for(request))
+    return per * handler.target_count(request)
 
 
 def admit(handler: CostedHandler, requests: list[Any], answers: list[Any]) -> list[Any]:
