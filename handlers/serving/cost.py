@@ -22,14 +22,14 @@ any compute, :func:`admit` (one call from :func:`handlers.serving.batch.answer_u
   that would push it over gets 429 ``BatchCostBudget`` (alone, or in a quieter batch, it may fit);
 - sets the batch's deadline (:mod:`handlers.serving.deadline`), the backstop where the estimate was low.
 
-Seconds per pass: timed at load on the default method (:func:`measure`), then a running estimate over the
-explained runs (:meth:`CostModel.observe`, an exponential average).
+Seconds per pass: the load-time warm-up (one explanation with the default method) gives the first
+estimate (:func:`for_handler`), then a running estimate over the explained runs (:meth:`CostModel.observe`,
+an exponential average).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,7 +41,7 @@ from handlers.serving import deadline
 from handlers.serving.attributions import AttributionOptions, CaptumMethod
 from handlers.serving.errors import RequestError
 
-__all__ = ["PER_CHANNEL", "AUG_SMOOTH", "CostModel", "CostedHandler", "for_handler", "request_passes", "passes_per_target", "layer_channels", "measure", "admit"]
+__all__ = ["PER_CHANNEL", "AUG_SMOOTH", "CostModel", "CostedHandler", "for_handler", "request_passes", "passes_per_target", "layer_channels", "admit"]
 
 #: cam_engine methods that run one pass per channel of the target layers
 PER_CHANNEL = ("scorecam", "ablationcam")
@@ -126,16 +126,6 @@ class CostModel:
         return int(self.response_timeout * deadline.SHARE / max(self.seconds_per_pass, 1e-9))
 
 
-def measure(run: Any, passes: int, repeats: int = 1) -> float:
-    """Seconds per pass of ``run()`` (a callable that costs ``passes``): the fastest of ``repeats`` timings."""
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best / max(passes, 1)
-
-
 def response_timeout(yaml_config: Mapping[str, Any] | None) -> float:
     """The model's ``responseTimeout`` (seconds) from its model-config.yaml, else TorchServe's default."""
     value = (yaml_config or {}).get("responseTimeout", DEFAULT_RESPONSE_TIMEOUT)
@@ -183,19 +173,19 @@ def admit(handler: CostedHandler, requests: list[Any], answers: list[Any]) -> li
     return kept
 
 
-def for_handler(handler: CostedHandler, yaml_config: Mapping[str, Any] | None) -> CostModel:
+def for_handler(handler: CostedHandler, yaml_config: Mapping[str, Any] | None, warm_up_seconds: float) -> CostModel:
     """The cost model of a loaded handler: its limits, its target layers' channels (where a per-channel method
-    is served) and the seconds per pass of its default method on a blank image, timed now."""
+    is served) and, as the first estimate of seconds per pass, the time its load-time warm-up took (one
+    explanation of a blank image with the default method: an overestimate, as a first run is slow, which
+    the running estimate corrects from the first explained batches on)."""
     from handlers.serving.attributions import method_name
 
-    x = torch.zeros((1, 3, *handler.config.preprocessing.input_size), device=handler.device)
     channels = 0
     per_channel = [handler.cams[name] for name in PER_CHANNEL if name in handler.cams]
     if per_channel:
+        x = torch.zeros((1, 3, *handler.config.preprocessing.input_size), device=handler.device)
         cam = per_channel[0]
         channels = layer_channels(handler.model, cam.target_layers, x, getattr(cam, "reshape_transform", None))
     default = method_name(handler.config.explanation.default_method)
-    targets = handler.warm_up_targets()
-    passes = passes_per_target(handler.cams[default], default, None, False, channels) * max(len(targets), 1)
-    seconds = measure(lambda: handler.cams[default].run(x, [targets]), passes)
-    return CostModel(handler.config.max_passes_per_request, response_timeout(yaml_config), seconds, channels)
+    passes = passes_per_target(handler.cams[default], default, None, False, channels) * max(len(handler.warm_up_targets()), 1)
+    return CostModel(handler.config.max_passes_per_request, response_timeout(yaml_config), warm_up_seconds / passes, channels)
