@@ -38,6 +38,7 @@ from cam_engine.image import COLORMAPS
 from handlers.serving.codec import IMAGE_FORMATS, MULTI_FRAME, openable_formats
 from handlers.settings import (
     ConfigError,
+    InvalidValue,
     boolean,
     choice,
     concept_files,
@@ -101,7 +102,7 @@ def image_formats(value: Any, key: str) -> tuple[str, ...]:
     known = openable_formats()
     unknown = [v for v in wanted if v not in known]
     if unknown:
-        raise ConfigError(f"{key}: {', '.join(unknown)} cannot be opened here; Pillow opens {', '.join(known)}")
+        raise InvalidValue(key, f"{', '.join(unknown)} cannot be opened here; Pillow opens {', '.join(known)}")
     return wanted
 
 
@@ -336,7 +337,9 @@ class HandlerConfig:
       most pixels one request's images / one batch's images may claim in their headers, checked before any
       is decoded (:mod:`handlers.serving.budget`); ``image_formats``: the Pillow formats a request may send
       (JPEG, PNG, WebP, BMP, TIFF, GIF by default; no other decoder ever sees a request's bytes);
-      ``multi_frame``: ``refuse`` (default) or ``first`` for animated / multi-page images; ``max_heatmap_pixels``: heatmaps and overlays
+      ``multi_frame``: ``refuse`` (default) or ``first`` for animated / multi-page images; ``max_passes_per_request``:
+      the most forward-pass equivalents one request's explanation may cost (400 over it; a batch is also held to
+      what fits in ``responseTimeout``, :mod:`handlers.serving.cost`); ``max_heatmap_pixels``: heatmaps and overlays
       larger than this are encoded at a reduced size (same aspect); ``max_response_size``: overrides the
       response limit read from TorchServe's config (:mod:`handlers.serving.limits`).
     - ``threads``: torch intra-op threads; None: sized to the CPUs (:mod:`handlers.serving.threads`).
@@ -357,6 +360,7 @@ class HandlerConfig:
     image_formats: tuple[str, ...] = setting(IMAGE_FORMATS, image_formats)
     multi_frame: str = setting("refuse", choice(*MULTI_FRAME))
     max_heatmap_pixels: int = setting(4_194_304, integer(1))
+    max_passes_per_request: int = setting(512, integer(1))
     max_response_size: int | None = setting(None, optional(integer(1024)))
     preprocessing: PreprocessingConfig = setting(PreprocessingConfig())
     explanation: ExplanationConfig = setting(ExplanationConfig(), flat=True)

@@ -27,6 +27,7 @@ rows, signed), ``pairs`` and ``outputs``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Mapping
@@ -39,7 +40,9 @@ from torch import nn
 import cam_engine
 from cam_engine.model_utils import model_scores
 from handlers.config import ConfigError
-from handlers.serving.errors import RequestError
+from handlers.serving import deadline
+from handlers.serving.errors import RequestError, quote
+from handlers.serving.options import option_names, read_options
 from handlers.settings import boolean, choice, integer, read_section, setting, unit
 
 __all__ = [
@@ -61,7 +64,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 METHODS = ("integrated_gradients", "layer_integrated_gradients", "occlusion", "guided_gradcam")
-OPTIONS = ("n_steps", "baselines", "internal_batch_size", "window", "stride", "noise_tunnel", "nt_samples")
 BASELINES = ("black", "blur", "uniform")
 _STEPS = ("integrated_gradients", "layer_integrated_gradients")
 _ONLY = {  # option -> the methods it applies to
@@ -108,15 +110,21 @@ class AttributionConfig:
 
 @dataclass(frozen=True)
 class AttributionOptions:
-    """One request's Captum options, validated against :class:`AttributionConfig` (hashable: batches group by it)."""
+    """One request's Captum options (hashable: batches group by it), read by
+    :func:`handlers.serving.options.read_options`: defaults and maxima from :class:`AttributionConfig`
+    (``default_from``/``limit``); ``window``/``stride`` at most the input side (``stride`` not given: the
+    configured stride, at most ``window``)."""
 
-    n_steps: int
-    baselines: str
-    internal_batch_size: int
-    window: int
-    stride: int
-    noise_tunnel: bool
-    nt_samples: int
+    n_steps: int = setting(15, integer(1), default_from="n_steps", limit="max_n_steps")
+    baselines: str = setting("black", choice(*BASELINES), default_from="baselines")
+    internal_batch_size: int = setting(16, integer(1), default_from="internal_batch_size", limit="max_internal_batch_size")
+    window: int = setting(16, integer(1), default_from="window", limit="side")
+    stride: int = setting(8, integer(1), default_from="stride", limit="side")
+    noise_tunnel: bool = setting(False, boolean, default_from="noise_tunnel")
+    nt_samples: int = setting(8, integer(1), default_from="nt_samples", limit="max_nt_samples")
+
+
+OPTIONS = option_names(AttributionOptions)
 
 
 @dataclass
@@ -163,6 +171,7 @@ class _Scores(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        deadline.check()  # every chunk of every Captum loop comes through here (handlers.serving.deadline)
         return model_scores(self.model(x))
 
 
@@ -183,7 +192,7 @@ def make_baselines(kind: str, x: torch.Tensor, mean: tuple[float, ...], std: tup
         sigma = min(x.shape[-2:]) / 16
         kernel = min(2 * int(2 * sigma) + 1, 2 * (min(x.shape[-2:]) // 2) - 1)
         return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
-    raise ValueError(f"baselines must be one of {', '.join(BASELINES)}, got {kind!r}")
+    raise ValueError(f"baselines must be one of {', '.join(BASELINES)}, got {quote(kind)}")
 
 
 class CaptumMethod:
@@ -339,7 +348,7 @@ class CaptumMethod:
                 if category is None and getattr(target, "kind", None) == "top_class":
                     category = int(scores[image].argmax())
                 if category is None:
-                    raise ValueError(f"{self.name} explains class targets only, got {target!r}")
+                    raise ValueError(f"{self.name} explains class targets only, got {quote(target)}")
                 pairs.append((image, position))
                 classes.append(int(category))
         if not pairs:
@@ -370,15 +379,6 @@ def read_limits(config: Any) -> AttributionConfig:
     return read_section(AttributionConfig, dict(config.explanation.attributions), "handler.attributions")
 
 
-def _bounded(options: Mapping[str, Any], key: str, default: int, minimum: int, maximum: int, limit: str) -> int:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RequestError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    if value > maximum:
-        raise RequestError(f"{key} {value} is over this model's limit {limit} = {maximum}")
-    return value
-
-
 def parse_options(method: Any, options: Mapping[str, Any], smoothing: bool) -> AttributionOptions | None:
     """A request's Captum options for ``method`` (None for a cam_engine method, which takes none of them).
 
@@ -395,30 +395,13 @@ def parse_options(method: Any, options: Mapping[str, Any], smoothing: bool) -> A
     for key in given:
         if key in _ONLY and method.name not in _ONLY[key]:
             raise RequestError(f"{key} applies to {', '.join(_ONLY[key])}, not {method.name}")
-    c = method.config
-    baselines = options.get("baselines", c.baselines)
-    if not isinstance(baselines, str) or baselines.lower() not in BASELINES:
-        raise RequestError(f"baselines must be one of {', '.join(BASELINES)}, got {baselines!r}")
-    noise_tunnel = options.get("noise_tunnel", c.noise_tunnel)
-    if not isinstance(noise_tunnel, bool):
-        raise RequestError(f"noise_tunnel must be true or false, got {noise_tunnel!r}")
-    side = min(method.input_size)
-    window = _bounded(options, "window", c.window, 1, side, f"the input side ({side})")
-    stride = _bounded(options, "stride", min(c.stride, window), 1, side, f"the input side ({side})")
-    if stride > window:  # Captum's Occlusion asserts it; windows would skip pixels
-        raise RequestError(f"stride {stride} is over window {window}: occlusion windows must cover every pixel")
-    parsed = AttributionOptions(
-        n_steps=_bounded(options, "n_steps", c.n_steps, 1, c.max_n_steps, "handler.attributions.max_n_steps"),
-        baselines=baselines.lower(),
-        internal_batch_size=_bounded(
-            options, "internal_batch_size", c.internal_batch_size, 1, c.max_internal_batch_size,
-            "handler.attributions.max_internal_batch_size",
-        ),
-        window=window,
-        stride=stride,
-        noise_tunnel=noise_tunnel,
-        nt_samples=_bounded(options, "nt_samples", c.nt_samples, 1, c.max_nt_samples, "handler.attributions.max_nt_samples"),
-    )
+    c, side = method.config, min(method.input_size)
+    limits = {name: (getattr(c, name), f"handler.attributions.{name}") for name in ("max_n_steps", "max_internal_batch_size", "max_nt_samples")}
+    parsed: AttributionOptions = read_options(AttributionOptions, options, c, {**limits, "side": (side, "the input side")})
+    if "stride" not in options:  # the configured stride, at most the window
+        parsed = dataclasses.replace(parsed, stride=min(c.stride, parsed.window))
+    if parsed.stride > parsed.window:  # Captum's Occlusion asserts it; windows would skip pixels
+        raise RequestError(f"stride {parsed.stride} is over window {parsed.window}: occlusion windows must cover every pixel")
     if method.name == "occlusion" and windows(method.input_size, parsed.window, parsed.stride) > c.max_windows:
         count = windows(method.input_size, parsed.window, parsed.stride)
         raise RequestError(

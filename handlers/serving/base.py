@@ -36,11 +36,12 @@ from handlers.audit import Auditor
 from handlers.config import ConfigError, HandlerConfig
 from handlers.models import architectures, loading
 from handlers.models.labels import read_labels
-from handlers.serving import attributions, fast_forward, limits, protocols, render, threads
+from handlers.serving import attributions, cost, deadline, fast_forward, limits, protocols, render, threads
 from handlers.serving import batch as serving
 from handlers.serving.codec import decode_image, encode_jpeg, encode_png
 from handlers.serving.errors import RequestError, quote
 from handlers.serving.metrics import CamMetrics, metrics_cache
+from handlers.serving.options import CommonOptions, option_names, read_options
 from handlers.serving.preprocess import Geometry, preprocess
 from handlers.tasks.registry import TaskResult
 from handlers.tasks.targets import TopClassTarget
@@ -57,8 +58,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OUTPUTS = ("heatmap", "overlay")
-COMMON_OPTIONS = ("image", "method", "aug_smooth", "eigen_smooth", "explain", "output") + render.RENDER_OPTIONS + attributions.OPTIONS
+#: every option name a request may give besides its task's own: derived from the option dataclasses' fields
+COMMON_OPTIONS = ("image",) + option_names(CommonOptions, render.RenderOptions, attributions.AttributionOptions)
 
 
 @dataclass
@@ -86,13 +87,7 @@ class ParsedRequest:
     render: render.RenderOptions | None = None  # colormap, alpha, heatmap_format, heatmap_size
     method_options: Any = None  # a Captum method's options (handlers.serving.attributions), None for CAMs
     raw_cams: torch.Tensor | None = None  # [T, H, W] raw values (signed for Captum methods)
-
-
-def _bool_option(options: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = options.get(key, default)
-    if not isinstance(value, bool):
-        raise RequestError(f"{key} must be true or false, got {value!r}")
-    return value
+    failure: RequestError | None = None  # its explanation failed (a deadline): answered with this error
 
 
 def load_handler_config(model_yaml_config: Mapping[str, Any] | None) -> HandlerConfig:
@@ -152,7 +147,10 @@ class CamHandler:
         split = fast_forward.split_explanations(self.cams.values(), self.model, input_size, self.device, fast)
         self.channels_last = channels_last and not split
         self._metrics = CamMetrics(context, self.model_name)
+        start = time.perf_counter()
         self._warm_up()
+        # forward-pass budgets; the warm-up's time is the first estimate of seconds per pass (high: a first run)
+        self.costs = cost.for_handler(self, yaml_config, time.perf_counter() - start)
         self.audit = Auditor(self, context, metrics=metrics_cache(context))
         self.initialized = True
         logger.info(
@@ -250,6 +248,11 @@ class CamHandler:
         """The cam_engine targets an explained request asks for (default: its top class)."""
         return [TopClassTarget()]
 
+    def target_count(self, request: ParsedRequest) -> int:
+        """How many targets an explained request asks for, known before any compute (its cost counts them,
+        :mod:`handlers.serving.cost`); default: ``len(targets_for(request))``."""
+        return len(self.targets_for(request))
+
     def build_response(
         self, request: ParsedRequest, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
     ) -> TaskResult:
@@ -266,26 +269,15 @@ class CamHandler:
             allowed = ", ".join(k for k in COMMON_OPTIONS + self.task_options if k != "image")
             raise RequestError(f"unknown option(s) {', '.join(map(quote, unknown))}; allowed: {allowed}")
         explanation = self.config.explanation
-        explain = _bool_option(options, "explain", explanation.explain_on_predict) or explain_header
-        method = options.get("method", explanation.default_method)
-        if not isinstance(method, str):
-            raise RequestError(f"method must be a string, got {type(method).__name__}")
-        method = attributions.method_name(method)
+        common: CommonOptions = read_options(CommonOptions, options, explanation)
+        method = attributions.method_name(common.method)
         if method not in self.cams:
-            raise RequestError(f"unknown method {quote(options.get('method'))}; this model allows: {', '.join(self.cams)}")
-        aug_smooth = _bool_option(options, "aug_smooth", False)
-        eigen_smooth = _bool_option(options, "eigen_smooth", False)
-        if aug_smooth and not explanation.aug_smooth:
-            raise RequestError("aug_smooth is not enabled for this model")
-        if eigen_smooth and not explanation.eigen_smooth:
-            raise RequestError("eigen_smooth is not enabled for this model")
-        outputs = options.get("output", "heatmap")
-        if isinstance(outputs, str):
-            outputs = ["heatmap", "overlay"] if outputs == "both" else [outputs]
-        if not isinstance(outputs, list) or not outputs or not all(o in OUTPUTS for o in outputs):
-            raise RequestError(f"output must be 'heatmap', 'overlay', 'both' or a list of those, got {quote(outputs)}")
+            raise RequestError(f"unknown method {quote(common.method)}; this model allows: {', '.join(self.cams)}")
+        for smoothing in ("aug_smooth", "eigen_smooth"):
+            if getattr(common, smoothing) and not getattr(explanation, smoothing):
+                raise RequestError(f"{smoothing} is not enabled for this model")
         rendering = render.parse_render_options(options, explanation)
-        method_options = attributions.parse_options(self.cams[method], options, aug_smooth or eigen_smooth)
+        method_options = attributions.parse_options(self.cams[method], options, common.aug_smooth or common.eigen_smooth)
         image = decode_image(raw, self.config.max_image_pixels, self.config.image_formats, self.config.multi_frame)
         model_input, geometry = preprocess(image, self.config.preprocessing)
         request = ParsedRequest(
@@ -293,11 +285,11 @@ class CamHandler:
             image=image,
             input=model_input,
             geometry=geometry,
-            explain=explain,
+            explain=common.explain or explain_header,
             method=method,
-            aug_smooth=aug_smooth,
-            eigen_smooth=eigen_smooth,
-            outputs=tuple(dict.fromkeys(outputs)),
+            aug_smooth=common.aug_smooth,
+            eigen_smooth=common.eigen_smooth,
+            outputs=common.output,
             raw=raw,
             render=rendering,
             method_options=method_options,
@@ -348,7 +340,16 @@ class CamHandler:
         method, aug_smooth, eigen_smooth, options = key
         start = time.perf_counter()
         extra = {} if options is None else {"options": options}  # a Captum method's (handlers.serving.attributions)
-        result = self.cams[method].run(batch, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth, **extra)
+        try:
+            with deadline.active(self.costs.batch_deadline):
+                result = self.cams[method].run(batch, targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth, **extra)
+        except deadline.DeadlineExceeded as error:  # this run's explained requests answer 503; the batch goes on
+            for local, position in enumerate(positions):
+                if targets[local]:
+                    requests[position].failure = error
+            return self.predict(batch)
+        per_target = cost.passes_per_target(self.cams[method], method, options, aug_smooth, self.costs.channels)
+        self.costs.observe(per_target * len(result.pairs), time.perf_counter() - start)
         raw = getattr(result, "raw", None)
         rows: dict[int, list[int]] = {}
         for row, (image, _) in enumerate(result.pairs):

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from handlers.serving import budget, grpc_calls, limits, protocols
+from handlers.serving import budget, cost, grpc_calls, limits, protocols
 from handlers.serving.errors import as_request_error
 from handlers.serving.protocols import RequestError
 
@@ -33,9 +33,10 @@ __all__ = ["BatchHandler", "handle_batch", "answer_units", "header"]
 logger = logging.getLogger(__name__)
 
 
-class BatchHandler(Protocol):
+class BatchHandler(cost.CostedHandler, Protocol):
     """What the request path needs of a loaded handler (:class:`handlers.serving.base.CamHandler` is one):
-    read-only attributes fixed at load, the per-request stages, and the auditor it was given."""
+    read-only attributes fixed at load, the per-request stages, and the auditor it was given (and what the cost
+    budgets read, :class:`handlers.serving.cost.CostedHandler`)."""
 
     model_name: str
     version: str
@@ -226,6 +227,7 @@ def answer_units(
     logger.info(
         "batch of %d image(s): %d valid, %d explained", len(units), len(requests), sum(r.explain for r in requests)
     )
+    requests = cost.admit(handler, requests, answers)  # forward-pass budgets, before any compute; starts the deadline
     runs: list[tuple[Any, ...]] = []
     if requests:
         handler.audit.sample(requests)
@@ -235,6 +237,8 @@ def answer_units(
         results: dict[int, Any] = {}  # position -> the task's TaskResult
         for row, (request, explanations) in enumerate(zip(run, encoded)):
             try:
+                if request.failure is not None:
+                    raise request.failure
                 results[request.index] = handler.build_response(request, outputs, row, explanations)
                 answers[request.index] = (200, results[request.index].body(header))
             except Exception as error:  # noqa: BLE001 - this image's own answer

@@ -32,48 +32,36 @@ from cam_engine import image as cam_image
 from handlers.serving import limits
 from handlers.serving.codec import encode_jpeg, encode_png, encode_raw
 from handlers.serving.errors import RequestError
+from handlers.serving.options import option_names, read_options
 from handlers.serving.preprocess import to_source
+from handlers.settings import choice, setting, unit
 
 __all__ = ["RENDER_OPTIONS", "HEATMAP_FORMATS", "HEATMAP_SIZES", "RenderOptions", "parse_render_options", "encode_explanations"]
 
-RENDER_OPTIONS = ("colormap", "alpha", "heatmap_format", "heatmap_size")
 HEATMAP_FORMATS = ("png", "float16", "npy")
 HEATMAP_SIZES = ("image", "input")
 
 
 @dataclass(frozen=True)
 class RenderOptions:
-    """One request's picture options (see the module docstring)."""
+    """One request's picture options (see the module docstring), read by :func:`handlers.serving.options.read_options`."""
 
-    colormap: str = "jet"
-    alpha: float = 0.5
-    heatmap_format: str = "png"
-    heatmap_size: str = "image"
+    colormap: str = setting("jet", choice(*cam_image.COLORMAPS), default_from="overlay_colormap")
+    alpha: float = setting(0.5, unit, default_from="overlay_alpha")
+    heatmap_format: str = setting("png", choice(*HEATMAP_FORMATS))
+    heatmap_size: str = setting("image", choice(*HEATMAP_SIZES))
 
 
-def _choice(options: Mapping[str, Any], key: str, default: str, allowed: Any) -> str:
-    value = options.get(key, default)
-    if not isinstance(value, str) or value.lower() not in allowed:
-        raise RequestError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-    return value.lower()
+RENDER_OPTIONS = option_names(RenderOptions)
 
 
 def parse_render_options(options: Mapping[str, Any], explanation: Any) -> RenderOptions:
-    """The request's ``colormap``/``alpha``/``heatmap_format``/``heatmap_size``; :class:`RequestError` naming
-    the option and its allowed values."""
-    alpha = options.get("alpha", explanation.overlay_alpha)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise RequestError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    heatmap_format = _choice(options, "heatmap_format", "png", HEATMAP_FORMATS)
-    heatmap_size = _choice(options, "heatmap_size", "image", HEATMAP_SIZES)
-    if heatmap_format == "png" and heatmap_size != "image":
+    """The request's ``colormap``/``alpha``/``heatmap_format``/``heatmap_size`` (defaults from ``explanation``, the
+    model's :class:`handlers.config.ExplanationConfig`); :class:`RequestError` naming the option and its allowed values."""
+    parsed: RenderOptions = read_options(RenderOptions, options, explanation)
+    if parsed.heatmap_format == "png" and parsed.heatmap_size != "image":
         raise RequestError("heatmap_size 'input' needs heatmap_format 'float16' or 'npy' (a PNG is the photo's size)")
-    return RenderOptions(
-        colormap=_choice(options, "colormap", explanation.overlay_colormap, cam_image.COLORMAPS),
-        alpha=float(alpha),
-        heatmap_format=heatmap_format,
-        heatmap_size=heatmap_size,
-    )
+    return parsed
 
 
 Entry = tuple[int, str, tuple[int, ...], int]  # (target row, "heatmap"/"overlay", picture shape, piece index)

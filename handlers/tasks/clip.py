@@ -233,6 +233,9 @@ class ClipHandler(CamHandler):
             request.task["cache"] = "hit" if hit else "miss"
         return super().explain_batch(batch, requests)
 
+    def target_count(self, request: ParsedRequest) -> int:
+        return len(request.task.get("targets") or [None])  # targets_for needs the text embeddings of the batch
+
     def targets_for(self, request: ParsedRequest) -> list[Any]:
         entry: TextEntry = request.task["text"]
         softmax = self.clip_config.score == "softmax" and entry.embeddings.shape[0] > 1
