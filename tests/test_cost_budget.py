@@ -152,6 +152,10 @@ def test_a_batch_keeps_what_fits_in_the_response_timeout_and_refuses_the_rest_42
     estimate(1.0, deadline.SHARE / 20)  # (the batch's run updated the running estimate)
     [(alone, _)] = call(handler, dict(ig, targets=[5]))  # alone it fits: the 429 is worth retrying
     assert alone == 200
+    estimate(1.0, 1.0)  # an estimate far too high (a slow first run): nothing fits in the batch's share...
+    answers = call(handler, dict(ig, targets=[6]), {"image": PHOTO, "method": "gradcam"})
+    assert [status for status, _ in answers] == [200, 429]  # ...yet the first request runs and corrects it
+    assert handler.costs.seconds_per_pass < 1.0
 
 
 def test_the_response_timeout_comes_from_the_model_config(handler) -> None:

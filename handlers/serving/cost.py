@@ -19,7 +19,9 @@ any compute, :func:`admit` (one call from :func:`handlers.serving.batch.answer_u
   and the request's cost;
 - admits requests in batch order while the batch's total fits in what the model's ``responseTimeout``
   allows (:data:`handlers.serving.deadline.SHARE` of it) at the measured seconds per pass; a request
-  that would push it over gets 429 ``BatchCostBudget`` (alone, or in a quieter batch, it may fit);
+  that would push it over gets 429 ``BatchCostBudget`` (alone, or in a quieter batch, it may fit). The
+  first request of a batch is always admitted, so an estimate that is too high (a slow first run) can
+  never refuse a request forever: the deadline stops it if the estimate was right;
 - sets the batch's deadline (:mod:`handlers.serving.deadline`), the backstop where the estimate was low.
 
 Seconds per pass: the load-time warm-up (one explanation with the default method) gives the first
@@ -156,7 +158,7 @@ def admit(handler: CostedHandler, requests: list[Any], answers: list[Any]) -> li
                 400,
                 "CostBudget",
             )
-        elif admitted + passes > budget:
+        elif kept and admitted + passes > budget:  # the first one always runs: the deadline is its backstop
             error = RequestError(
                 f"this request's {passes} forward-pass equivalents do not fit the batch's remaining budget "
                 f"({budget} - {admitted} already admitted: what fits in {deadline.SHARE:g} x responseTimeout "
