@@ -319,3 +319,31 @@ def test_retention_days_prunes_in_the_writer(tmp_path) -> None:
     connection.close()
     assert pruned == 1 and "ancient" not in ids and len(ids) == 1
     assert not list(directory.rglob("ancient*"))
+
+
+def test_cam_audit_sink_moves_an_sqlite_archive_to_postgres(postgres, tmp_path, monkeypatch) -> None:
+    """What the Kubernetes component audit-postgres sets: $CAM_AUDIT_SINK=postgres and $CAM_AUDIT_DSN from a
+    Secret; an archive built for SQLite then writes to PostgreSQL, and no SQLite file appears."""
+    dsn = postgres.database("envsink")
+    monkeypatch.setenv("CAM_AUDIT_SINK", "postgres")
+    monkeypatch.setenv("CAM_AUDIT_DSN", dsn)
+    directory = tmp_path / "audit"
+    handler = make_handler(tmp_path / "model", {"directory": str(directory), "durability": "strict"}, name="env_pg")
+    images = [encode(square_image(30, 40, (2, 2, 12, 12), seed=40 + i)) for i in range(2)]
+    try:
+        assert handler.audit.config.sink == "postgres" and handler.audit.writer.sink.name == "postgres"
+        call(handler, images, [True, False])
+        assert sorted(r["input_sha256"] for r in pg_rows(dsn)) == sorted(map(sha, images))  # strict: committed
+    finally:
+        handler.audit.close()
+    assert not (directory / "audit.sqlite3").exists()
+
+
+@pytest.mark.parametrize("value, audit, message", [
+    ("mysql", {}, "not a sink; choose one of sqlite, stdout, postgres"),
+    ("stdout", {"store_inputs": True}, "store_inputs is on"),
+])  # fmt: skip
+def test_cam_audit_sink_refuses_what_the_config_would(tmp_path, monkeypatch, value, audit, message) -> None:
+    monkeypatch.setenv("CAM_AUDIT_SINK", value)
+    with pytest.raises(ValueError, match=message):
+        make_handler(tmp_path / "model", {"directory": str(tmp_path / "audit"), **audit}, name="env_bad")
