@@ -264,6 +264,27 @@ def test_postgres_migration_runs_once_among_racing_workers_and_refuses_newer(pos
         PostgresSink(dsn).open()
 
 
+def test_postgres_database_of_an_older_schema_is_migrated_and_keeps_its_rows(postgres, monkeypatch, capsys) -> None:
+    """A database a release with schema 1 wrote, opened by a release with a second migration (a stand-in: this
+    release has only version 1): `migrate --dsn` applies just the new step, once, and the rows stay."""
+    import handlers.audit.postgres as pg
+
+    dsn = postgres.database("older")
+    sink = PostgresSink(dsn)
+    sink.open()
+    sink.write([_record("kept", time.time())])
+    sink.close()
+    newer = (*pg.POSTGRES_MIGRATIONS, (pg.POSTGRES_VERSION + 1, "ALTER TABLE audit_records ADD COLUMN reviewer TEXT"))
+    monkeypatch.setattr(pg, "POSTGRES_MIGRATIONS", newer)
+    monkeypatch.setattr(pg, "POSTGRES_VERSION", pg.POSTGRES_VERSION + 1)
+    assert cli("migrate", "--dsn", dsn, capsys=capsys).endswith(f"applied [{pg.POSTGRES_VERSION}]\n")
+    assert cli("migrate", "--dsn", dsn, capsys=capsys).endswith("up to date\n")  # nothing twice
+    rows = pg_rows(dsn)
+    assert [(r["record_id"], r["reviewer"]) for r in rows] == [("kept", None)]
+    versions = pg_rows(dsn, "SELECT version FROM schema_version ORDER BY version")
+    assert [v["version"] for v in versions] == list(range(1, pg.POSTGRES_VERSION + 1))
+
+
 # ------------------------------------------------------------------------------------------------ prune
 def _record(record_id: str, epoch: float, targets: int = 2) -> PendingRecord:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(epoch))
