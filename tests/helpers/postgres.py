@@ -53,7 +53,8 @@ def dies_with_parent(command: list[str], signal_name: str = "SIGTERM", user: str
 
 
 class PostgresServer:
-    """One PostgreSQL cluster in a temporary directory, run as ``postgres`` (root runs ``runuser``)."""
+    """One PostgreSQL cluster in a temporary directory, run as ``postgres`` (as root: ``initdb`` through
+    ``runuser``, the server through ``setpriv``)."""
 
     def __init__(self, bindir: Path) -> None:
         self.bindir = bindir
