@@ -1,9 +1,15 @@
 """What auditing costs on the request path, in-process (no TorchServe): the handler's ``handle`` for one
-batch, with auditing off, on (every request, heatmaps stored), on with ``durability: strict`` (records
-committed before ``handle`` returns), and on with the faithfulness check (``remove_top``: the top 20% of
-each heatmap set to the mean colour; ``road``: imputed by ROAD, one sparse solve per heatmap on the CPU).
+batch, with auditing off, on (every request, heatmaps stored) into SQLite and into PostgreSQL, each with
+``durability: async`` and ``strict`` (records committed before ``handle`` returns), and on with the
+faithfulness check (``remove_top``: the top 20% of each heatmap set to the mean colour; ``road``: imputed
+by ROAD, one sparse solve per heatmap on the CPU).
 
     python bench/bench_audit.py [--batch 4] [--repeats 20] [--only "audit off,audit on + faithfulness road"]
+    python bench/bench_audit.py --repeats 30 --only "audit off,sqlite async,sqlite strict,postgres async,postgres strict"
+
+The PostgreSQL variants run against a real PostgreSQL that the benchmark starts itself, as the tests do
+(``tests/helpers/postgres.py``: Debian's server, ``initdb`` in a temporary directory, a loopback port;
+needs root or the ``postgres`` user, and ``psycopg``), one database per variant, stopped at the end.
 
 For each faithfulness variant it also prints the check's own cost per audited record (``faithfulness_ms``
 of the records, which is per batch, divided by the records of the batch) and the median score.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 import tempfile
@@ -55,10 +62,12 @@ def main() -> None:
     (model_dir / "build_info.json").write_text(json.dumps({"weights_source": source}))
     photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
     images = [encode(np.asarray(Image.fromarray(photos[i % 4]).resize((224, 224)))) for i in range(args.batch)]
-    variants = {
+    variants: dict[str, dict] = {
         "audit off": {"enabled": False},
-        "audit on (heatmaps)": {"enabled": True, "directory": str(root / "a")},
-        "audit on, durability strict": {"enabled": True, "durability": "strict", "directory": str(root / "s")},
+        "sqlite async": {"enabled": True, "directory": str(root / "a")},
+        "sqlite strict": {"enabled": True, "durability": "strict", "directory": str(root / "s")},
+        "postgres async": {"enabled": True, "sink": "postgres"},
+        "postgres strict": {"enabled": True, "sink": "postgres", "durability": "strict"},
         "audit on + faithfulness": {"enabled": True, "faithfulness": True, "directory": str(root / "b")},
         "audit on + faithfulness road": {"enabled": True, "faithfulness": "road", "directory": str(root / "r")},
     }
@@ -68,6 +77,36 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown variant(s) {unknown}; known: {list(variants)}")
         variants = {name: variants[name] for name in wanted}
+    postgres = start_postgres(variants) if any(a.get("sink") == "postgres" for a in variants.values()) else None
+    try:
+        run(args, root, model_dir, images, variants, postgres)
+    finally:
+        if postgres is not None:
+            postgres.cleanup()
+
+
+def start_postgres(variants: dict[str, dict]):
+    """A PostgreSQL on a loopback port (tests/helpers/postgres.py) and one database per PostgreSQL variant."""
+    from tests.helpers.postgres import PostgresServer, find_postgres
+
+    bindir = find_postgres()
+    if bindir is None:
+        sys.exit("no PostgreSQL server (tests/ensure_postgres.sh installs Debian's postgresql as root)")
+    server = PostgresServer(bindir)
+    try:
+        server.init()
+        server.start()
+        for audit in variants.values():
+            if audit.get("sink") == "postgres":
+                audit["dsn"] = server.database("bench")
+    except BaseException:
+        server.cleanup()
+        raise
+    return server
+
+
+def run(args: argparse.Namespace, root: Path, model_dir: Path, images: list[bytes], variants: dict[str, dict],
+        postgres) -> None:
     handlers = {}
     for name, audit in variants.items():
         variant_dir = root / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
@@ -85,8 +124,9 @@ def main() -> None:
     for name, (handler, _) in handlers.items():
         def timed(*args, _record=handler.audit.record, _name=name):
             started = time.perf_counter()
-            _record(*args)
+            unrecorded = _record(*args)  # strict: the requests whose records could not be committed
             in_record[_name].append((time.perf_counter() - started) * 1000)
+            return unrecorded
 
         handler.audit.record = timed
     for repeat in range(args.repeats + 3):  # interleaved, so a load change on the machine hits every variant
@@ -97,6 +137,7 @@ def main() -> None:
             if repeat >= 3:
                 times[name].append((time.perf_counter() - started) * 1000)
     results = {name: float(np.median(values)) for name, values in times.items()}
+    p90 = {name: float(np.percentile(values, 90)) for name, values in times.items()}
     latency: dict[str, float] = {}
     for name, (handler, _) in handlers.items():
         handler.audit.flush()
@@ -104,11 +145,13 @@ def main() -> None:
             latency[name] = handler.audit.writer.max_commit_latency_ms
         handler.audit.close()
     base = results.get("audit off", next(iter(results.values())))
-    print(f"efficientnet_lite0, batch of {args.batch} (1 explained), {args.repeats} repeats, 1 thread")
-    print("| variant | median ms per batch | vs off |")
-    print("|---|---:|---:|")
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"efficientnet_lite0, batch of {args.batch} (1 explained), {args.repeats} repeats, 1 thread, "
+          f"load average at the end {load}")
+    print("| variant | median ms per batch | p90 ms | requests/s | vs off |")
+    print("|---|---:|---:|---:|---:|")
     for name, ms in results.items():
-        print(f"| {name} | {ms:.1f} | {ms / base:.2f}x |")
+        print(f"| {name} | {ms:.1f} | {p90[name]:.1f} | {1000 * args.batch / ms:.1f} | {ms / base:.2f}x |")
     for name, ms in latency.items():
         record = in_record[name][3 * 1 :]
         print(f"{name}: longest queue -> commit {ms:.1f} ms; Auditor.record median {np.median(record):.1f} ms"

@@ -29,7 +29,7 @@ __all__ = ["OVERLAYS", "DOCKERFILES", "KSERVE_SPECS", "ToolMissing", "find_tool"
            "validate_manifest", "hadolint", "front_environments", "check_front", "main"]
 
 DEPLOY = Path(__file__).resolve().parent
-OVERLAYS = ["cpu", "gpu", "gpu-prometheus"]
+OVERLAYS = ["cpu", "cpu-audit-postgres", "gpu", "gpu-prometheus"]
 DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile*"))
 KSERVE_SPECS = sorted((DEPLOY / "kserve").glob("inferenceservice*.yaml"))
 KUBERNETES_VERSION = "1.30.0"

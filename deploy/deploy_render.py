@@ -29,7 +29,7 @@ from deploy_check import ToolMissing, find_tool  # noqa: E402
 __all__ = ["COMMITTED_IMAGE", "image_name", "write_kustomization", "render_kserve", "render_all", "main"]
 
 DEPLOY = Path(__file__).resolve().parent
-OVERLAYS = {"cpu": "cpu", "gpu": "gpu", "gpu-prometheus": "gpu"}  # overlay -> image flavour
+OVERLAYS = {"cpu": "cpu", "cpu-audit-postgres": "cpu", "gpu": "gpu", "gpu-prometheus": "gpu"}  # overlay -> image flavour
 COMMITTED_IMAGE = "registry.example.com/ml/torchserve-cam"  # what the committed overlays and specs name
 IMAGE_LINE = re.compile(r"^(?P<lead>\s*image:\s*)(?P<image>\S+/torchserve-cam):(?P<version>[^\s#]+)-(?P<flavour>cpu|gpu)\b",
                         re.MULTILINE)  # fmt: skip

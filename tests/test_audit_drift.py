@@ -133,3 +133,79 @@ def test_shipped_alert_rules_fire_on_drift_and_stay_quiet_without(tmp_path: Path
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
     result = subprocess.run([promtool, "test", "rules", str(tmp_path / "tests.yaml")], capture_output=True, text=True)
     assert result.returncode == 0, textwrap.shorten(result.stdout + result.stderr, 3000)
+
+
+# ----------------------------------------------------------------------------------- the Grafana panels
+DASHBOARD = ROOT / "deploy" / "grafana" / "torchserve-cam.json"
+
+
+def _audit_panels() -> dict[str, list[str]]:
+    """Title -> expressions of the dashboard's panels that query the audit's metrics."""
+    import json
+
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    found = {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in panels}
+    return {title: exprs for title, exprs in found.items() if any("Audit" in e for e in exprs)}
+
+
+def _exported_audit_metrics() -> set[str]:
+    """Every series name the audit exports (handlers/audit/metrics.py), histograms with their suffixes."""
+    from handlers.audit.metrics import FAITHFULNESS_SECONDS, OVERHEAD_SECONDS
+
+    histograms = [DRIFT_METRICS["faithfulness"], DRIFT_METRICS["top10_mass"], OVERHEAD_SECONDS, FAITHFULNESS_SECONDS]
+    plain = [*AuditMetrics.NAMES.values(), DRIFT_METRICS["top_class"], DRIFT_METRICS["floor"], DRIFT_METRICS["shift"]]
+    return set(plain) | {f"{name}_{suffix}" for name in histograms for suffix in ("bucket", "sum", "count")}
+
+
+def _grafana_to_promql(expression: str, model: str = ".*") -> str:
+    return expression.replace("$model", model).replace("$__rate_interval", "2m")
+
+
+def test_dashboard_drift_and_sink_panels_query_exported_metrics_and_parse(tmp_path: Path) -> None:
+    """Every drift signal and sink counter has a panel; every Audit* name a panel queries is one the audit
+    exports; promtool parses every audit panel's expression (as a recording rule)."""
+    from test_prometheus import promql_metric_names
+
+    panels = _audit_panels()
+    queried = {name for exprs in panels.values() for e in exprs for name in promql_metric_names(e)}
+    exported = _exported_audit_metrics()
+    assert {n for n in queried if n.startswith("Audit")} <= exported, {n for n in queried if n.startswith("Audit")} - exported
+    wanted = {f"{DRIFT_METRICS['faithfulness']}_bucket", f"{DRIFT_METRICS['top10_mass']}_bucket",
+              DRIFT_METRICS["top_class"], DRIFT_METRICS["floor"], DRIFT_METRICS["shift"], *AuditMetrics.NAMES.values()}  # fmt: skip
+    assert wanted <= queried, wanted - queried
+    promtool = _promtool()
+    rules = [{"record": f"dashboard:audit_{i}", "expr": _grafana_to_promql(e)}
+             for i, e in enumerate(e for exprs in panels.values() for e in exprs)]  # fmt: skip
+    (tmp_path / "panels.yaml").write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
+    checked = subprocess.run([promtool, "check", "rules", str(tmp_path / "panels.yaml")], capture_output=True, text=True)
+    assert checked.returncode == 0 and f"SUCCESS: {len(rules)} rules found" in checked.stdout, checked.stdout + checked.stderr
+
+
+def test_dashboard_class_share_panels_show_the_drift_the_alert_fires_on(tmp_path: Path) -> None:
+    """The share and shift panels on the alert test's series (model m: class_6 for a day, then class_1 only):
+    an hour after the change class_1 holds the whole share, and both classes' shares moved by 1 from the day
+    before (the threshold panel: 0.2)."""
+    promtool = _promtool()
+    panels = _audit_panels()
+    share = _grafana_to_promql(panels["Share of audited top-1 classes (last hour)"][0], model="m")
+    shift, threshold = (_grafana_to_promql(e, model="m") for e in panels["Class share shift: last hour against the day before"])
+    day = 1500
+    series = [
+        {"series": 'AuditTopClass{ModelName="m",Class="class_6"}', "values": f"0+10x{day} {10 * day}+0x120"},
+        {"series": 'AuditTopClass{ModelName="m",Class="class_1"}', "values": f"0+0x{day} 0+10x120"},
+        {"series": 'AuditTopClass{ModelName="steady",Class="a"}', "values": f"0+7x{day + 121}"},
+        {"series": 'AuditDriftShareShift{ModelName="m"}', "values": f"0.2x{day + 121}"},
+    ]
+    at = f"{day + 60}m"  # the day before: exactly the day of class_6
+    tests = {"rule_files": [], "evaluation_interval": "1m", "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [
+        {"expr": share, "eval_time": at, "exp_samples": [{"labels": '{ModelName="m",Class="class_1"}', "value": 1},
+                                                         {"labels": '{ModelName="m",Class="class_6"}', "value": 0}]},
+        {"expr": shift, "eval_time": at, "exp_samples": [{"labels": '{ModelName="m",Class="class_1"}', "value": 1},
+                                                         {"labels": '{ModelName="m",Class="class_6"}', "value": 1}]},
+        {"expr": threshold, "eval_time": at, "exp_samples": [{"labels": '{ModelName="m"}', "value": 0.2}]},
+        {"expr": share, "eval_time": f"{day - 10}m", "exp_samples": [{"labels": '{ModelName="m",Class="class_1"}', "value": 0},
+                                                                     {"labels": '{ModelName="m",Class="class_6"}', "value": 1}]},
+    ]}]}  # fmt: skip
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run([promtool, "test", "rules", str(tmp_path / "tests.yaml")], capture_output=True, text=True)
+    assert result.returncode == 0, textwrap.shorten(result.stdout + result.stderr, 3000)

@@ -264,6 +264,27 @@ def test_postgres_migration_runs_once_among_racing_workers_and_refuses_newer(pos
         PostgresSink(dsn).open()
 
 
+def test_postgres_database_of_an_older_schema_is_migrated_and_keeps_its_rows(postgres, monkeypatch, capsys) -> None:
+    """A database a release with schema 1 wrote, opened by a release with a second migration (a stand-in: this
+    release has only version 1): `migrate --dsn` applies just the new step, once, and the rows stay."""
+    import handlers.audit.postgres as pg
+
+    dsn = postgres.database("older")
+    sink = PostgresSink(dsn)
+    sink.open()
+    sink.write([_record("kept", time.time())])
+    sink.close()
+    newer = (*pg.POSTGRES_MIGRATIONS, (pg.POSTGRES_VERSION + 1, "ALTER TABLE audit_records ADD COLUMN reviewer TEXT"))
+    monkeypatch.setattr(pg, "POSTGRES_MIGRATIONS", newer)
+    monkeypatch.setattr(pg, "POSTGRES_VERSION", pg.POSTGRES_VERSION + 1)
+    assert cli("migrate", "--dsn", dsn, capsys=capsys).endswith(f"applied [{pg.POSTGRES_VERSION}]\n")
+    assert cli("migrate", "--dsn", dsn, capsys=capsys).endswith("up to date\n")  # nothing twice
+    rows = pg_rows(dsn)
+    assert [(r["record_id"], r["reviewer"]) for r in rows] == [("kept", None)]
+    versions = pg_rows(dsn, "SELECT version FROM schema_version ORDER BY version")
+    assert [v["version"] for v in versions] == list(range(1, pg.POSTGRES_VERSION + 1))
+
+
 # ------------------------------------------------------------------------------------------------ prune
 def _record(record_id: str, epoch: float, targets: int = 2) -> PendingRecord:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(epoch))
@@ -319,3 +340,31 @@ def test_retention_days_prunes_in_the_writer(tmp_path) -> None:
     connection.close()
     assert pruned == 1 and "ancient" not in ids and len(ids) == 1
     assert not list(directory.rglob("ancient*"))
+
+
+def test_cam_audit_sink_moves_an_sqlite_archive_to_postgres(postgres, tmp_path, monkeypatch) -> None:
+    """What the Kubernetes component audit-postgres sets: $CAM_AUDIT_SINK=postgres and $CAM_AUDIT_DSN from a
+    Secret; an archive built for SQLite then writes to PostgreSQL, and no SQLite file appears."""
+    dsn = postgres.database("envsink")
+    monkeypatch.setenv("CAM_AUDIT_SINK", "postgres")
+    monkeypatch.setenv("CAM_AUDIT_DSN", dsn)
+    directory = tmp_path / "audit"
+    handler = make_handler(tmp_path / "model", {"directory": str(directory), "durability": "strict"}, name="env_pg")
+    images = [encode(square_image(30, 40, (2, 2, 12, 12), seed=40 + i)) for i in range(2)]
+    try:
+        assert handler.audit.config.sink == "postgres" and handler.audit.writer.sink.name == "postgres"
+        call(handler, images, [True, False])
+        assert sorted(r["input_sha256"] for r in pg_rows(dsn)) == sorted(map(sha, images))  # strict: committed
+    finally:
+        handler.audit.close()
+    assert not (directory / "audit.sqlite3").exists()
+
+
+@pytest.mark.parametrize("value, audit, message", [
+    ("mysql", {}, "not a sink; choose one of sqlite, stdout, postgres"),
+    ("stdout", {"store_inputs": True}, "store_inputs is on"),
+])  # fmt: skip
+def test_cam_audit_sink_refuses_what_the_config_would(tmp_path, monkeypatch, value, audit, message) -> None:
+    monkeypatch.setenv("CAM_AUDIT_SINK", value)
+    with pytest.raises(ValueError, match=message):
+        make_handler(tmp_path / "model", {"directory": str(tmp_path / "audit"), **audit}, name="env_bad")

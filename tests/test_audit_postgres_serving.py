@@ -216,6 +216,8 @@ def test_drift_demo_alert_fires_on_scraped_metrics(postgres, tmp_path: Path) -> 
     from skimage import data
     from test_audit_drift import RULES, _promtool
 
+    from tests.helpers.postgres import dies_with_parent
+
     _promtool()
     prometheus = shutil.which("prometheus")
     dsn = postgres.database("drift")
@@ -241,9 +243,11 @@ def test_drift_demo_alert_fires_on_scraped_metrics(postgres, tmp_path: Path) -> 
             {"targets": [f"127.0.0.1:{server.ports['metrics']}"]}]}],
     }))  # fmt: skip
     log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                               stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+    command = [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+               f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    # dies with this test process however it ends (a kill -9 or a timeout skips the finally below)
+    process = subprocess.Popen(dies_with_parent(command, "SIGKILL"), stdout=subprocess.DEVNULL, stderr=log,
+                               start_new_session=True)  # fmt: skip
     expression = next(r for r in rules["groups"][0]["rules"] if r["alert"] == "AuditClassShareShift")["expr"]
     for old, new in scale:
         expression = expression.replace(old, new)
@@ -285,7 +289,11 @@ def test_drift_demo_alert_fires_on_scraped_metrics(postgres, tmp_path: Path) -> 
         after = fired()
     finally:
         process.terminate()
-        process.wait(30)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
         log.close()
         serve.stop(workdir)
     print(f"\ntop-1 classes: {labels}")

@@ -230,6 +230,34 @@ def test_servicemonitor_fields(rendered):
     assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s", "scheme": "http"}]
 
 
+def test_audit_postgres_component_switches_the_sink_with_the_dsn_from_a_secret(rendered):
+    """components/audit-postgres (in the cpu-audit-postgres overlay): the torchserve container names the sink
+    the handler reads and takes the DSN from a Secret reference (never inlined, no Secret rendered); the
+    NetworkPolicy keeps DNS and adds egress to PostgreSQL's port. The other overlays have none of it."""
+    from handlers.audit.auditor import SINK_VARIABLE
+    from handlers.config import AUDIT_SINKS
+
+    name, text, docs = rendered
+    containers = {c["name"]: {e["name"]: e for e in c.get("env", [])} for c in _pod_spec(docs)["containers"]}
+    egress = _one(docs, "NetworkPolicy")["spec"]["egress"]
+    ports = sorted((p["protocol"], p["port"]) for rule in egress for p in rule["ports"])
+    assert "Secret" not in {d["kind"] for d in docs}
+    if name != "cpu-audit-postgres":
+        assert not {SINK_VARIABLE, "CAM_AUDIT_DSN"} & set().union(*containers.values()), name
+        assert ports == [("TCP", 53), ("UDP", 53)]
+        return
+    env = containers["torchserve"]
+    assert env[SINK_VARIABLE] == {"name": SINK_VARIABLE, "value": "postgres"} and "postgres" in AUDIT_SINKS
+    assert env["CAM_AUDIT_DSN"] == {"name": "CAM_AUDIT_DSN", "valueFrom": {"secretKeyRef": {
+        "name": "torchserve-cam-audit-postgres", "key": "dsn"}}}  # fmt: skip
+    assert {"TS_CONFIG", "TS_RUN_DIR", "TS_KEY_FILE"} <= set(env)  # the base's variables are kept
+    assert not {SINK_VARIABLE, "CAM_AUDIT_DSN"} & set(containers["front"])
+    assert ports == [("TCP", 53), ("TCP", 5432), ("UDP", 53)]
+    (database,) = [rule for rule in egress if rule["ports"] == [{"protocol": "TCP", "port": 5432}]]
+    assert database["to"] and all(peer.get("podSelector") or peer.get("ipBlock") for peer in database["to"])
+    assert "postgresql://" not in text and "password" not in text.lower()
+
+
 # ---------------------------------------------------------------------------------------------- KServe
 
 @pytest.mark.parametrize("path", KSERVE_FILES, ids=lambda p: p.name)

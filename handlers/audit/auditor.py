@@ -12,7 +12,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -20,7 +20,7 @@ import torch
 from cam_engine.core import model_scores
 from cam_engine.image import to_uint8
 from cam_engine.targets import ClassifierOutputTarget
-from handlers.config import AuditConfig, HandlerConfig
+from handlers.config import AUDIT_SINKS, AuditConfig, HandlerConfig
 from handlers.serving.batch import header
 from handlers.serving.preprocess import to_source
 from handlers.tasks.registry import TaskResult
@@ -32,12 +32,31 @@ from .status import UnavailableMarker
 from .summary import REMOVED_FRACTION, confidence, heatmap_summary, remove_top_pixels
 from .writer import SHUTDOWN_FLUSH_S, AuditWriter
 
-__all__ = ["AuditedHandler", "Auditor", "TOP_CLASS"]
+__all__ = ["AuditedHandler", "Auditor", "TOP_CLASS", "SINK_VARIABLE", "deployed_config"]
 
 logger = logging.getLogger(__name__)
 
 #: the ``kind`` of a target that names the image's own top class (resolved to that class in the record)
 TOP_CLASS = "top_class"
+
+
+#: the environment variable that switches every audited model's sink (the Kubernetes component audit-postgres)
+SINK_VARIABLE = "CAM_AUDIT_SINK"
+
+
+def deployed_config(config: AuditConfig) -> AuditConfig:
+    """``config`` with ``sink`` replaced by ``$CAM_AUDIT_SINK`` when that is set: a deployment moves the records
+    of archives built for one machine (SQLite) to a shared database without rebuilding them. It switches where
+    records go, never whether a model audits. ValueError for an unknown sink or one that cannot hold the inputs
+    the config stores."""
+    wanted = os.environ.get(SINK_VARIABLE, "").strip()
+    if not wanted or wanted == config.sink:
+        return config
+    if wanted not in AUDIT_SINKS:
+        raise ValueError(f"${SINK_VARIABLE}={wanted!r}: not a sink; choose one of {', '.join(AUDIT_SINKS)}")
+    if wanted == "stdout" and config.store_inputs:
+        raise ValueError(f"${SINK_VARIABLE}=stdout: handler.audit.store_inputs is on, and log lines hold no images")
+    return replace(config, sink=wanted, dsn=config.dsn if wanted == "postgres" else None)
 
 
 def _utc_now() -> tuple[str, float]:
@@ -108,6 +127,8 @@ class Auditor:
         self.handler = handler
         self.config: AuditConfig = handler.config.audit
         self.enabled = self.config.enabled
+        if self.enabled:
+            self.config = deployed_config(self.config)
         self.rng = rng or random.Random()
         self.writer: AuditWriter | None = None
         self._warned: set[str] = set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["heatmap_summary", "remove_top_pixels", "confidence", "REMOVED_FRACTION", "TOP_MASS_FRACTION"]
@@ -33,10 +34,12 @@ def heatmap_summary(heatmap: torch.Tensor) -> dict[str, Any]:
     if total <= 0 or count < 2:
         return summary
     top = max(1, math.ceil(TOP_MASS_FRACTION * count))
-    summary["top10_mass"] = round(float(flat.topk(top).values.sum()) / total, 6)
+    # a partial sort (numpy's introselect) rather than topk: this runs on the request path for every audited
+    # heatmap, and on a 224x224 map it is a third of topk's time (bench/bench_audit.py)
+    largest = np.partition(flat.detach().cpu().numpy(), count - top)[count - top :]
+    summary["top10_mass"] = round(float(largest.sum(dtype=np.float64)) / total, 6)
     p = flat / total
-    p = p[p > 0]
-    summary["entropy"] = round(float(-(p * p.log()).sum()) / math.log(count), 6)
+    summary["entropy"] = round(float(-torch.special.xlogy(p, p).sum()) / math.log(count), 6)  # 0 log 0 = 0
     return summary
 
 

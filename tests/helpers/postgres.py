@@ -4,22 +4,30 @@ unprivileged ``postgres`` user, listening on a free loopback port (and a socket 
 ``tests/conftest.py`` starts one per test session (fixture ``postgres``) and stops it at the end; each test
 takes a database of its own (:meth:`PostgresServer.database`). :meth:`PostgresServer.restart` stops and starts
 the same cluster (the outage tests).
+
+The server dies with the process that started it, however that one ends: ``postgres`` runs as a child (not
+daemonised by ``pg_ctl``) under ``setpriv --pdeathsig SIGQUIT`` (SIGQUIT: PostgreSQL's immediate shutdown, which
+takes its backends down too), so a test run killed with SIGKILL or a timeout leaves no server behind; a normal
+exit stops it through :meth:`PostgresServer.cleanup` (the fixture's teardown, and ``atexit``).
 """
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 from model_store.serve import free_port
 
-__all__ = ["PostgresServer", "find_postgres"]
+__all__ = ["PostgresServer", "find_postgres", "dies_with_parent"]
 
 ENSURE = Path(__file__).resolve().parents[1] / "ensure_postgres.sh"
 
@@ -32,8 +40,21 @@ def find_postgres() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
+def dies_with_parent(command: list[str], signal_name: str = "SIGTERM", user: str | None = None) -> list[str]:
+    """``command`` run by ``setpriv`` (util-linux) so that the kernel sends it ``signal_name`` when the thread
+    that started it dies (``PR_SET_PDEATHSIG``, kept across ``exec``), as ``user`` when given (set before the
+    death signal, which a change of user would clear). Start it from the main thread: the signal follows the
+    thread that forked, not the process."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise RuntimeError("setpriv (util-linux) is missing: it ties test servers to the test process")
+    account = ["--reuid", user, "--regid", user, "--clear-groups"] if user else []
+    return [setpriv, "--pdeathsig", signal_name, *account, "--", *command]
+
+
 class PostgresServer:
-    """One PostgreSQL cluster in a temporary directory, run as ``postgres`` (root runs ``runuser``)."""
+    """One PostgreSQL cluster in a temporary directory, run as ``postgres`` (as root: ``initdb`` through
+    ``runuser``, the server through ``setpriv``)."""
 
     def __init__(self, bindir: Path) -> None:
         self.bindir = bindir
@@ -44,6 +65,8 @@ class PostgresServer:
         account = pwd.getpwnam(self.user)
         os.chmod(self.root, 0o755)
         os.chown(self.root, account.pw_uid, account.pw_gid)
+        self.process: subprocess.Popen | None = None
+        atexit.register(self.cleanup)
 
     def _run(self, *command: str, timeout: float = 120) -> subprocess.CompletedProcess:
         prefix = ["runuser", "-u", self.user, "--"] if os.geteuid() == 0 else []
@@ -53,14 +76,35 @@ class PostgresServer:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "--auth=trust", "-U", self.user,
                   "--no-sync", "-E", "UTF8")  # fmt: skip
 
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=60"
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "-l", str(self.root / "log"),
-                  "-o", options, "start")  # fmt: skip
+    def start(self, timeout: float = 60) -> None:
+        """``postgres`` on the loopback port, a child of this process that dies with it; returns once it accepts
+        connections (``pg_isready``)."""
+        command = [str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.root),
+                   "-c", "listen_addresses=127.0.0.1", "-c", "fsync=on", "-c", "max_connections=60"]  # fmt: skip
+        user = self.user if os.geteuid() == 0 else None
+        with open(self.root / "log", "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(dies_with_parent(command, "SIGQUIT", user), stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        ready = [str(self.bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user]
+        while subprocess.run(ready, check=False, timeout=30).returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log_tail = (self.root / "log").read_text(errors="replace")[-2000:]
+                self.stop("immediate")
+                raise RuntimeError(f"PostgreSQL did not start on port {self.port}:\n{log_tail}")
+            time.sleep(0.1)
 
     def stop(self, mode: str = "fast") -> None:
         """``fast``: disconnect clients and shut down cleanly; ``immediate``: as after a crash."""
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-m", mode, "stop")
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGINT if mode == "fast" else signal.SIGQUIT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
     def restart(self) -> None:
         self.stop()
@@ -79,8 +123,9 @@ class PostgresServer:
         return self.dsn(name)
 
     def cleanup(self) -> None:
+        """Stop the server (immediately) and delete its directory; safe to call more than once."""
         try:
             self.stop("immediate")
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        except (OSError, subprocess.SubprocessError):
             pass
         shutil.rmtree(self.root, ignore_errors=True)
