@@ -217,8 +217,9 @@ class AuditConfig:
     - ``store_heatmaps``: keep each audited heatmap as an 8-bit PNG (a file beside the database, or
       base64 in the JSON line); ``faithfulness``: the confidence drop when each audited heatmap's top 20%
       is removed: ``remove_top``/``true`` (mean colour, one more forward) or ``road`` (imputed, ROAD).
-    - ``sink``: ``sqlite`` (a WAL-mode database ``audit.sqlite3`` in ``directory``) or ``stdout``
-      (one JSON line per record, for a cluster's log pipeline).
+    - ``sink``: ``sqlite`` (a WAL-mode database ``audit.sqlite3`` in ``directory``), ``postgres`` (the database
+      at ``dsn``, or ``$CAM_AUDIT_DSN``) or ``stdout`` (one JSON line per record, for a cluster's log
+      pipeline); ``$CAM_AUDIT_SINK`` overrides it for a model that audits.
     - ``directory``: for ``sqlite``; ``~`` and ``$VARS`` are expanded and the result must be absolute.
       Unset: ``$CAM_AUDIT_DIR``, else ``$LOG_LOCATION/audit`` (TorchServe's log directory).
     - ``store_inputs``: keep the submitted image bytes (off: a record holds only their SHA-256).
