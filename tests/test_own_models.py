@@ -47,6 +47,20 @@ def test_auto_layer_matches_the_documented_choice(architecture: str, layer: str,
     assert f"| `{architecture}` | `{layer}` |" in (Path(__file__).parents[1] / "docs" / "own_models.md").read_text()
 
 
+@pytest.mark.parametrize(
+    ("architecture", "task", "layer", "reshape", "documented"),
+    [("deeplabv3_mobilenet_v3_large", "segmentation", "backbone.16", "none", "`deeplabv3_mobilenet_v3_large`: `backbone.16`"),
+     ("fasterrcnn_mobilenet_v3_large_fpn", "detection", "backbone", "fasterrcnn", "auto is its `backbone` (reshape `fasterrcnn`")],
+)  # fmt: skip
+def test_auto_layer_per_task_matches_the_docs(architecture: str, task: str, layer: str, reshape: str, documented: str) -> None:
+    """A segmenter's auto layer is the backbone's last map (not the logits); a detector's is its backbone."""
+    from handlers.models import architectures
+
+    chosen = find_target_layer(architectures.build(architecture, 5).eval(), (128, 128), task=task)
+    assert (chosen.path, chosen.reshape) == (layer, reshape)
+    assert documented in " ".join((Path(__file__).parents[1] / "docs" / "own_models.md").read_text().split())
+
+
 # ------------------------------------------------------------------------------------------- build errors
 def _project(tmp_path: Path) -> Path:
     project = own_models.save_model_file_project(tmp_path / "mynet")
