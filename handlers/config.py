@@ -344,6 +344,9 @@ class HandlerConfig:
       larger than this are encoded at a reduced size (same aspect); ``max_response_size``: overrides the
       response limit read from TorchServe's config (:mod:`handlers.serving.limits`).
     - ``threads``: torch intra-op threads; None: sized to the CPUs (:mod:`handlers.serving.threads`).
+    - ``response_format``: ``torchserve_cam`` (our answer) or ``torchserve``: a classifier answers requests
+      that are not explained as TorchServe's stock ``image_classifier`` does, ``{label: probability}``
+      (:mod:`handlers.tasks.torchserve_format`).
     - sections: ``preprocessing``, ``audit`` (:mod:`handlers.audit`), and per task ``detection``,
       ``segmentation``, ``embedding``; ``clip`` for the CLIP architecture. The explanation keys
       (:class:`ExplanationConfig`) sit flat in ``handler:``.
@@ -373,6 +376,7 @@ class HandlerConfig:
     embedding: EmbeddingConfig = setting(EmbeddingConfig(), only_for_task="embedding")
     clip: ClipConfig = setting(ClipConfig(), only_for_architecture="clip")
     threads: int | None = setting(None, optional(integer(1)))
+    response_format: str = setting("torchserve_cam", choice("torchserve_cam", "torchserve"))
 
     @classmethod
     def keys(cls) -> list[str]:

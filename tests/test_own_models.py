@@ -4,6 +4,7 @@ label files, target_layers: auto, top_k defaults, and one-line build errors."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from handlers.models.labels import LabelError, read_labels
 from model_store.build import main
 from tests.helpers import own_models
 from tests.helpers.inputs import b64, encode, square_image
+from tests.helpers.own_models import OWN_DETECTOR, OWN_SEGMENTER, OWN_TORCHSERVE_FORMAT
 from tests.helpers.serving import OWN_HF_RESNET, OWN_HF_VIT, OWN_MODEL_FILE
 
 
@@ -43,6 +45,20 @@ def test_auto_layer_matches_the_documented_choice(architecture: str, layer: str,
     chosen = find_target_layer(architectures.build(architecture, 10), (224, 224))
     assert (chosen.path, chosen.reshape) == (layer, reshape)
     assert f"| `{architecture}` | `{layer}` |" in (Path(__file__).parents[1] / "docs" / "own_models.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("architecture", "task", "layer", "reshape", "documented"),
+    [("deeplabv3_mobilenet_v3_large", "segmentation", "backbone.16", "none", "`deeplabv3_mobilenet_v3_large`: `backbone.16`"),
+     ("fasterrcnn_mobilenet_v3_large_fpn", "detection", "backbone", "fasterrcnn", "auto is its `backbone` (reshape `fasterrcnn`")],
+)  # fmt: skip
+def test_auto_layer_per_task_matches_the_docs(architecture: str, task: str, layer: str, reshape: str, documented: str) -> None:
+    """A segmenter's auto layer is the backbone's last map (not the logits); a detector's is its backbone."""
+    from handlers.models import architectures
+
+    chosen = find_target_layer(architectures.build(architecture, 5).eval(), (128, 128), task=task)
+    assert (chosen.path, chosen.reshape) == (layer, reshape)
+    assert documented in " ".join((Path(__file__).parents[1] / "docs" / "own_models.md").read_text().split())
 
 
 # ------------------------------------------------------------------------------------------- build errors
@@ -173,6 +189,154 @@ def test_hf_conv_classifier_defaults_top_k_to_its_classes(server) -> None:
     assert len(body["predictions"]) == 4 and {p["label"] for p in body["predictions"]} == set(own_models.RESNET_LABELS)
     assert [(e["target"], e["label"]) for e in body["explanations"]] == [(1, "square"), (3, "star")]
     assert heatmap(body["explanations"][0]).shape == (80, 96)
+
+
+# ------------------------------------------------------------------------------------------- response_format
+def test_response_format_is_checked_at_load(tmp_path: Path) -> None:
+    from handlers.config import ConfigError
+    from handlers.models.loading import read_config
+
+    given = {"architecture": "resnet18", "num_classes": 3}
+    assert read_config({"handler": given}, tmp_path).response_format == "torchserve_cam"
+    assert read_config({"handler": {**given, "response_format": "TorchServe"}}, tmp_path).response_format == "torchserve"
+    refused = {
+        "json": ({**given, "response_format": "json"}, None, "handler.response_format: must be one of torchserve_cam, torchserve, got 'json'"),
+        "detection": ({**given, "response_format": "torchserve"}, "detection", "for classifiers only; this archive's task is detection"),
+        "explain_on_predict": ({**given, "response_format": "torchserve", "explain_on_predict": True}, None, "explain_on_predict: true"),
+    }  # fmt: skip
+    for case, (handler, task, message) in refused.items():
+        with pytest.raises(ConfigError, match=None) as error:
+            read_config({"handler": handler}, tmp_path, task=task)
+        assert message in str(error.value), case
+
+
+def test_stock_predictions_equal_map_class_to_label(tmp_path: Path) -> None:
+    """For the same probabilities, exactly what TorchServe's image_classifier answers: its label mapping
+    (index_to_name.json with [wnid, name] pairs, sorted keys) and map_class_to_label over torch.topk."""
+    from ts.utils.util import load_label_mapping, map_class_to_label
+
+    from handlers.tasks.torchserve_format import stock_predictions
+
+    project = own_models.save_model_file_project(tmp_path / "p")
+    labels = read_labels("index_to_name.json", project)
+    probabilities = torch.softmax(torch.randn(3, len(labels), generator=torch.Generator().manual_seed(0)), -1)
+    values, classes = torch.topk(probabilities, 5, dim=1)
+    stock = map_class_to_label(values.tolist(), load_label_mapping(str(project / "index_to_name.json")), classes.tolist())
+    ours = [stock_predictions(row, labels, 5) for row in probabilities]
+    assert ours == stock and [list(o) for o in ours] == [list(s) for s in stock]  # same keys, values and order
+    assert json.dumps(ours[0]) == json.dumps(stock[0])  # the bytes a client reads
+
+
+def _stock_image_classifier(project: Path):
+    """TorchServe's own ImageClassifier, loaded in-process from the project's model.py + state dict."""
+    from types import SimpleNamespace
+
+    from ts.torch_handler.image_classifier import ImageClassifier
+
+    manifest = {"model": {"modelName": "stock", "modelFile": "model.py", "serializedFile": "tinynet.pth",
+                          "handler": "image_classifier"}}  # fmt: skip
+    context = SimpleNamespace(system_properties={"model_dir": str(project), "gpu_id": None, "batch_size": 1},
+                              manifest=manifest, model_yaml_config={}, metrics=None)  # fmt: skip
+    handler = ImageClassifier()
+    sys.path.insert(0, str(project))  # as TorchServe's worker has the model directory on its path
+    try:
+        handler.initialize(context)  # imports model.py as the module "model"
+    finally:
+        sys.path.remove(str(project))
+        sys.modules.pop("model", None)
+    return handler
+
+
+def test_torchserve_format_answers_like_the_stock_image_classifier(server) -> None:
+    """The migration: the same --model-file archive plus --config-file (response_format: torchserve) answers
+    /predictions as TorchServe's image_classifier does for the same image; /explanations keeps our answer."""
+    image = _image(240, 320)
+    answer = post(server, f"predictions/{OWN_TORCHSERVE_FORMAT}", encode(image))
+    assert answer.status_code == 200, answer.text
+    served = answer.json()
+    stock_handler = _stock_image_classifier(own_models.session_model_file_project())
+    stock = stock_handler.postprocess(stock_handler.inference(stock_handler.preprocess([{"body": encode(image)}])))[0]
+    assert list(served) == list(stock) and len(served) == 5  # the same labels, best first
+    assert np.allclose(list(served.values()), list(stock.values()), atol=5e-3)  # our resize vs PIL's
+    native = post(server, f"predictions/{OWN_MODEL_FILE}", encode(image)).json()["predictions"]
+    assert served == {p["label"]: pytest.approx(p["score"], abs=1e-6) for p in native}  # same model, same numbers
+    explained = post(server, f"explanations/{OWN_TORCHSERVE_FORMAT}", {"image": b64(encode(image)), "targets": ["class_3"]})
+    assert explained.status_code == 200, explained.text
+    body = explained.json()
+    assert [p["label"] for p in body["predictions"]] == list(stock)
+    assert [(e["target"], e["label"]) for e in body["explanations"]] == [(3, "class_3")]
+    assert heatmap(body["explanations"][0]).shape == (240, 320)
+
+
+# ------------------------------------------------------------------------------------------- other tasks
+def _user_model(project: Path, class_name: str) -> torch.nn.Module:
+    namespace: dict = {}
+    exec(compile((project / "model.py").read_text(), "model.py", "exec"), namespace)  # noqa: S102 - the test's own file
+    model = namespace[class_name]().eval()
+    model.load_state_dict(torch.load(next(project.glob("*.pth")), weights_only=True))
+    return model
+
+
+def _stock_defaults(task: str):
+    from handlers.config import PreprocessingConfig
+    from handlers.models.model_file import STOCK_PREPROCESSING_BY_TASK
+
+    return PreprocessingConfig.from_dict(STOCK_PREPROCESSING_BY_TASK[task])
+
+
+def test_model_file_detector_serves_both_endpoints(server) -> None:
+    """A user's FasterRCNN subclass in model.py, archived with --handler handlers/tasks/detection.py and no
+    config: the detections are the user's model's on the letterboxed input, labelled from index_to_name.json;
+    each explained box gets a heatmap at the auto layer (the backbone) with the image's size."""
+    from handlers.serving.preprocess import preprocess
+
+    image = _image(240, 320, seed=2)
+    answer = post(server, f"predictions/{OWN_DETECTOR}", {"image": b64(encode(image)), "score_threshold": 0.0})
+    assert answer.status_code == 200, answer.text
+    detections = answer.json()["detections"]
+    model = _user_model(own_models.session_detector_project(), "TinyDetector")
+    model.transform.min_size, model.transform.max_size = (512,), 512  # what the handler pins
+    x, _ = preprocess(torch.from_numpy(image).permute(2, 0, 1).contiguous(), _stock_defaults("detection"))
+    with torch.no_grad():
+        expected = model(x[None])[0]
+    order = expected["scores"].argsort(descending=True)[:3]
+    assert len(detections) == len(expected["scores"]) > 0
+    assert [(d["label"], d["score"]) for d in detections[:3]] == [
+        (own_models.DETECTOR_LABELS[int(expected["labels"][i])], pytest.approx(float(expected["scores"][i]), abs=1e-4))
+        for i in order
+    ]  # fmt: skip
+    explained = post(server, f"explanations/{OWN_DETECTOR}", {"image": b64(encode(image)), "score_threshold": 0.0, "boxes": [0, 1]})
+    assert explained.status_code == 200, explained.text
+    explanations = explained.json()["explanations"]
+    assert [(e["box_index"], e["label"], e["layers"]) for e in explanations] == [
+        (i, detections[i]["label"], ["backbone"]) for i in (0, 1)
+    ]  # fmt: skip
+    assert heatmap(explanations[0]).shape == (240, 320)
+
+
+def test_model_file_segmenter_serves_both_endpoints(server) -> None:
+    """A user's nn.Module returning {"out": logits} (image_segmenter's convention), archived with --handler
+    handlers/tasks/segmentation.py and no config: the mask is the user's model's argmax mapped onto the image,
+    classes are labelled from index_to_name.json, and the largest non-background class is explained."""
+    from handlers.serving.preprocess import preprocess, to_source
+
+    image = _image(120, 160, seed=4)
+    explained = post(server, f"explanations/{OWN_SEGMENTER}", encode(image))
+    assert explained.status_code == 200, explained.text
+    body = explained.json()
+    model = _user_model(own_models.session_segmenter_project(), "TinySegmenter")
+    x, geometry = preprocess(torch.from_numpy(image).permute(2, 0, 1).contiguous(), _stock_defaults("segmentation"))
+    with torch.no_grad():
+        expected = to_source(model(x[None])["out"][0], geometry).argmax(0).numpy()
+    mask = heatmap({"heatmap": body["mask"]})
+    assert mask.shape == (120, 160) and (mask == expected).mean() > 0.99
+    assert {c["label"] for c in body["classes"]} == {own_models.SEGMENTER_LABELS[i] for i in np.unique(expected)}
+    largest = max((c for c in body["classes"] if c["index"] != 0), key=lambda c: c["pixels"])
+    [explanation] = body["explanations"]
+    assert (explanation["target"], explanation["label"], explanation["layers"]) == (largest["index"], largest["label"], ["encoder"])
+    assert heatmap(explanation).shape == (120, 160)
+    plain = post(server, f"predictions/{OWN_SEGMENTER}", encode(image))
+    assert plain.status_code == 200 and "explanations" not in plain.json() and plain.json()["mask"] == body["mask"]
 
 
 def test_cli_follows_inference_port(monkeypatch) -> None:

@@ -12,11 +12,18 @@ order modules finish, what each returns. Then:
   pooling layers are skipped) -> ``layer4``, ``features``, ``bn2``; reshape ``none``.
 
 Modules called more than once in a forward (a shared ReLU) are never chosen: their hook is ambiguous.
+
+Per task (``task``): a **detector** (torchvision ``GeneralizedRCNN`` / ``RetinaNet``, anything with a
+``backbone``) -> ``backbone``, reshape ``fasterrcnn`` when it returns FPN maps (a dict), ``none`` for
+one map; a **segmenter** -> the CNN rule above, among the modules inside ``backbone`` when the model
+has one (``backbone.16``, ``backbone.layer4``), else among those whose map is not the logits (a map
+with as many channels as the output has classes).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,12 +109,15 @@ def _transformer_layer(finished: list[tuple[str, nn.Module, torch.Tensor]], call
     return AutoLayer(name, reshape_for_output(output), f"first norm of the last block, output {list(output.shape[1:])}")
 
 
-def _cnn_layer(finished: list[tuple[str, nn.Module, torch.Tensor]], calls: Counter) -> tuple[AutoLayer, int] | None:
+def _cnn_layer(
+    finished: list[tuple[str, nn.Module, torch.Tensor]], calls: Counter, keep: Any = None
+) -> tuple[AutoLayer, int] | None:
+    """The last spatial map's module; ``keep(name, output)`` narrows the candidates (None: all)."""
     chosen = None
     for position, (name, module, output) in enumerate(finished):
         if output.ndim != 4 or output.shape[-2] * output.shape[-1] <= 1 or isinstance(module, _POOLS):
             continue
-        if calls[name] != 1:
+        if calls[name] != 1 or (keep is not None and not keep(name, output)):
             continue
         chosen = (name, position, output)  # the last one; an enclosing module returning the same map comes later
     if chosen is None:
@@ -117,11 +127,49 @@ def _cnn_layer(finished: list[tuple[str, nn.Module, torch.Tensor]], calls: Count
     return AutoLayer(name, "none", f"last {height}x{width} map before pooling"), position
 
 
-def find_target_layer(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu") -> AutoLayer:
+def _detector_layer(model: nn.Module, example: torch.Tensor) -> AutoLayer:
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise ValueError("a detector without a backbone module: give target_layers")
+    maps: list[Any] = []
+    handle = backbone.register_forward_hook(lambda module, inputs, output: maps.append(output))
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        handle.remove()
+    output = maps[-1] if maps else None
+    if isinstance(output, Mapping) and all(isinstance(v, torch.Tensor) and v.ndim == 4 for v in output.values()):
+        return AutoLayer("backbone", "fasterrcnn", f"the detector's backbone, {len(output)} feature maps")
+    if isinstance(output, torch.Tensor) and output.ndim == 4:
+        return AutoLayer("backbone", "none", f"the detector's backbone, {output.shape[-2]}x{output.shape[-1]} map")
+    raise ValueError("the detector's backbone returns neither a feature map nor a dict of them: give target_layers")
+
+
+def _segmenter_keep(model: nn.Module, example: torch.Tensor) -> Any:
+    if isinstance(getattr(model, "backbone", None), nn.Module):
+        return lambda name, output: name.startswith("backbone.")
+    with torch.inference_mode():
+        output = model(example)
+    output = output.get("out") if isinstance(output, Mapping) else output
+    classes = output.shape[1] if isinstance(output, torch.Tensor) and output.ndim == 4 else None
+    return lambda name, map_: map_.shape[1] != classes
+
+
+def find_target_layer(
+    model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu", task: str = "classifier"
+) -> AutoLayer:
     """The auto CAM layer of ``model`` for inputs ``[1, 3, *input_size]`` (see the module docstring).
 
     Raises ValueError when the forward has neither transformer blocks nor a spatial map."""
     example = torch.zeros((1, 3, *input_size), device=device)
+    if task == "detection":
+        return _detector_layer(model, example)
+    if task == "segmentation":
+        cnn = _cnn_layer(*trace_outputs(model, example), keep=_segmenter_keep(model, example))
+        if cnn is None:
+            raise ValueError("no spatial feature map before the segmenter's logits: give target_layers")
+        return cnn[0]
     finished, calls = trace_outputs(model, example)
     transformer = _transformer_layer(finished, calls)
     if transformer is not None:  # transformer blocks win: their attention maps are 4-D too, but not spatial

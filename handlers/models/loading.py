@@ -95,7 +95,16 @@ def read_config(
         directory = weights or (model_dir / str(handler.get("weights") or "hf"))
         processor = hf_classifier.preprocessing_from_processor(directory) if directory.is_dir() else {}
         handler["preprocessing"] = {**processor, **dict(handler.get("preprocessing") or {})}
-    return HandlerConfig.from_dict(handler if (given or defaults) else None)
+    config = HandlerConfig.from_dict(handler if (given or defaults) else None)
+    if config.response_format == "torchserve":
+        served = task or config.task
+        if served != "classifier" or config.architecture == "clip":
+            raise ConfigError(f"handler.response_format: torchserve is the stock image_classifier's answer, for "
+                              f"classifiers only; this archive's task is {served}")  # fmt: skip
+        if config.explanation.explain_on_predict:
+            raise ConfigError("handler.response_format: torchserve keeps the stock answer on /predictions, "
+                              "which explain_on_predict: true would replace; drop one of them")  # fmt: skip
+    return config
 
 
 def _weights_path(config: HandlerConfig, model_dir: Path, weights: Path | None) -> Path | None:
@@ -143,7 +152,7 @@ def _build(
         except (ValueError, TypeError, ImportError, SyntaxError) as error:
             raise ConfigError(f"handler.model_file: {error}") from None
         source = weights(model) if callable(weights) else _load_state(model, path, file.name) if path else None
-        return model, labels, "none", source
+        return model_file.for_task(model, config.task), labels, "none", source
     try:
         architecture = architectures.get_architecture(name)
     except KeyError as error:
@@ -161,13 +170,17 @@ def _build(
     return model, labels or [str(i) for i in range(int(count or 0))], architecture.reshape, source
 
 
-def _class_count(model: nn.Module, input_size: tuple[int, int]) -> int | None:
-    """The number of scores one forward returns per image (None when the output is not ``[B, K]``)."""
+def _class_count(model: nn.Module, input_size: tuple[int, int], task: str) -> int | None:
+    """The number of classes one forward returns per image: ``K`` of a classifier's ``[B, K]`` scores or a
+    segmenter's ``[B, K, H, W]`` logits (None otherwise, and for a detector, whose classes are labels)."""
     from cam_engine.model_utils import model_scores
 
+    if task == "detection":
+        return None
     with torch.inference_mode():
         scores = model_scores(model(torch.zeros((1, 3, *input_size))))
-    return int(scores.shape[-1]) if isinstance(scores, torch.Tensor) and scores.ndim == 2 else None
+    rank = 4 if task == "segmentation" else 2
+    return int(scores.shape[1]) if isinstance(scores, torch.Tensor) and scores.ndim == rank else None
 
 
 def resolve_layers(
@@ -181,7 +194,7 @@ def resolve_layers(
     layers = list(explanation.target_layers)
     if AUTO in layers:
         try:
-            auto = find_target_layer(model, config.preprocessing.input_size)
+            auto = find_target_layer(model, config.preprocessing.input_size, task=config.task)
         except Exception as error:  # noqa: BLE001 - a model the trace cannot run names the key to set
             raise ConfigError(f"handler.target_layers: auto found no layer ({str(error).splitlines()[0]}); "
                               "give dotted layer paths") from None  # fmt: skip
@@ -231,7 +244,7 @@ def load_model(
     for parameter in model.parameters():  # serving never needs parameter gradients
         parameter.requires_grad_(False)
     if config.architecture == model_file.MODEL_FILE_ARCHITECTURE and needs_labels:
-        count = _class_count(model, config.preprocessing.input_size)
+        count = _class_count(model, config.preprocessing.input_size, config.task)
         if labels and count is not None and count != len(labels):
             raise ConfigError(f"handler.labels: {len(labels)} labels, but the model returns {count} scores")
         labels = labels or [str(i) for i in range(count or 0)]

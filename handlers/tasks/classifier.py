@@ -13,6 +13,9 @@ Response (``explanations`` only when the request is explained)::
      "explanations": [{"target": 285, "label": "Egyptian cat", "method": "gradcam", "layers": ["bn2"],
                        "heatmap": {"format": "png", "width": 900, "height": 300, "data": "<base64>"}}]}
 
+With ``handler.response_format: torchserve`` a request that is not explained is answered as TorchServe's
+stock ``image_classifier`` answers, ``{"Egyptian cat": 0.62, ...}`` (:mod:`handlers.tasks.torchserve_format`).
+
 This module defines exactly one class, as TorchServe's class-based handler loading requires.
 """
 
@@ -28,6 +31,7 @@ from cam_engine.targets import ClassifierOutputTarget
 from handlers.serving.base import CamHandler, ParsedRequest, RequestError
 from handlers.tasks.registry import TaskResult, get_task
 from handlers.tasks.targets import TopClassTarget
+from handlers.tasks.torchserve_format import TORCHSERVE, TorchServeAnswer, stock_predictions
 
 __all__ = ["ClassifierHandler"]
 
@@ -72,4 +76,8 @@ class ClassifierHandler(CamHandler):
                 {"target": target, "label": self.labels[target], **meta, **pictures}
                 for target, pictures in zip(targets, explanations)
             ]
-        return TaskResult.from_body(response, self.task.name)
+        result = TaskResult.from_body(response, self.task.name)
+        if explanations is None and self.config.response_format == TORCHSERVE:
+            stock = stock_predictions(probabilities, self.labels, request.task["top_k"])
+            return TorchServeAnswer(result.task, result.results, None, result.extra, stock)
+        return result

@@ -194,3 +194,4 @@ TEST_ARCHIVES += [
     ArchiveSpec(config={"handler": {"architecture": "transformers", "methods": ["gradcam", "layercam"]}},
                 archive_name=OWN_HF_RESNET, weights=own_models.session_hf_resnet),
 ]  # fmt: skip
+TEST_ARCHIVES += own_models.model_file_archives()  # response_format: torchserve, a model.py detector and segmenter
