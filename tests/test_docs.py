@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.serves("efficientnet_lite0")  # the model the `runnable: server` blocks call
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 PAGES = sorted((REPO / "docs").glob("*.md"))
