@@ -42,6 +42,16 @@ def oracle(monkeypatch):
     return oracle_module(monkeypatch)
 
 
+@pytest.fixture(scope="module")
+def resnet():
+    """``resnet18(num_classes=10)``, random weights seeded with 0, in eval mode; one per module (tests hook it)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
 @pytest.fixture(scope="session")
 def trained_cnn():
     """The localisation CNN of tests/helpers/synthetic.py, trained once per machine (seconds, no downloads;

@@ -3,7 +3,8 @@ process tree (pytest and everything it started: TorchServe's frontend and worker
 nginx, subprocess suites).
 
 Memory is summed as PSS from ``/proc/<pid>/smaps_rollup`` (a page shared by N processes counts 1/N in
-each), sampled every half second by a daemon thread, so that shared libraries count once. The same thread
+each), sampled by a daemon thread (every half second, or less often where a sample costs more than a tenth of a
+core: reading smaps_rollup walks page tables), so that shared libraries count once. The same thread
 adds up the CPU seconds the tree used (user + system, per process since the last sample) and charges them to
 the file then running: on a machine shared with other jobs, CPU seconds compare better than wall time. The
 PSS of pytest alone at the end of each file shows what a file leaves behind in the test process. The budget the
@@ -35,20 +36,27 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
+_CLASSIFIED: dict[tuple[int, str], bool] = {}  # (pid, start time) -> started inside the directory
+
+
 def _started_in(directory: str) -> list[int]:
     """Processes whose working directory or command line is inside ``directory``: the servers a test
-    started that detached from pytest (TorchServe's frontend daemonises; pg_ctl and nginx fork away)."""
+    started that detached from pytest (TorchServe's frontend daemonises; pg_ctl and nginx fork away).
+    Each process is looked at once (its start time tells a reused PID apart): the sampler stays cheap."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cwd = os.readlink(entry / "cwd")
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            key = (int(entry.name), (entry / "stat").read_text().rsplit(")", 1)[1].split()[19])
+            if key not in _CLASSIFIED:
+                cwd = os.readlink(entry / "cwd")
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                _CLASSIFIED[key] = cwd.startswith(directory) or directory in cmdline
+        except (OSError, IndexError):
             continue
-        if cwd.startswith(directory) or directory in cmdline:
-            found.append(int(entry.name))
+        if _CLASSIFIED[key]:
+            found.append(key[0])
     return found
 
 
@@ -105,8 +113,9 @@ class Budget:
         self._thread.start()
 
     def _sample(self) -> None:
-        factory = None
-        while not self._stop.wait(0.5):
+        factory, pause = None, 0.5
+        while not self._stop.wait(pause):
+            began = time.process_time()
             factory = factory or getattr(self.config, "_tmp_path_factory", None)  # pytest's, set at configure
             basetemp = str(factory.getbasetemp()) if factory is not None else None
             pids, current = _tree(os.getpid(), basetemp), self.current
@@ -119,6 +128,8 @@ class Budget:
                 used += max(0.0, now - self._cpu_seen.get(pid, 0.0))
                 self._cpu_seen[pid] = now
             self.cpu[current.split("::", 1)[0] or "collection"] += used
+            # smaps_rollup walks page tables (~60 ms for a TorchServe worker): at most a tenth of a core
+            pause = max(0.5, 10 * (time.process_time() - began))
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
