@@ -59,12 +59,12 @@ test-peer: $(STAMP)
 # Headless Chromium for the audit report test (apt-get install only when /usr/bin/chromium is missing).
 .PHONY: chromium
 chromium:
-	@tests/ensure_chromium.sh
+	@tests/ensure_debian.sh chromium 'test -x /usr/bin/chromium'
 
 # Debian's nginx for the front-door tests (tests/test_nginx*.py) and make deploy-check (nginx -t), when missing.
 .PHONY: nginx
 nginx:
-	@tests/ensure_nginx.sh
+	@tests/ensure_debian.sh nginx 'test -x /usr/sbin/nginx'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cam_engine handlers model_store tests bench torchserve_cam_cli load_tests deploy

@@ -91,7 +91,7 @@ def start_postgres(variants: dict[str, dict]):
 
     bindir = find_postgres()
     if bindir is None:
-        sys.exit("no PostgreSQL server (tests/ensure_postgres.sh installs Debian's postgresql as root)")
+        sys.exit("no PostgreSQL server (tests/ensure_debian.sh installs Debian's postgresql as root)")
     server = PostgresServer(bindir)
     try:
         server.init()

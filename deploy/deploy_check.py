@@ -9,7 +9,7 @@
 - the front's nginx config, rendered (``docker/front.py``) from the environment of every front container in
   the overlays and KServe specs, passes ``nginx -t``.
 
-Needs kubectl (with kustomize) on PATH, nginx (``tests/ensure_nginx.sh`` installs Debian's), and
+Needs kubectl (with kustomize) on PATH, nginx (``tests/ensure_debian.sh nginx 'test -x /usr/sbin/nginx'`` installs Debian's), and
 kubernetes-validate and hadolint (the ``deploy`` extra; tools next to this interpreter are found first). Exit code 0 when everything passes, 1 when a check fails,
 2 when a tool is missing. No cluster, Docker engine or network is used.
 """

@@ -164,8 +164,12 @@ def start(
     base_config: Path = REPO_ROOT / "config.properties",
     restart: bool = False,
     grpc_ports: dict[str, int] | None = None,
+    wait_for: list[str] | None = None,
 ) -> Server:
     """Start TorchServe in ``workdir`` serving ``models`` (archive names in ``model_store``); wait until READY.
+
+    ``wait_for``: the models waited for (default: all of ``models``; the test suite's server starts its
+    workers on demand, so it waits for none and then for the frontend's answer).
 
     ``ports`` (HTTP) and ``grpc_ports`` default to the environment's (:func:`ports_from_env`,
     :func:`grpc_ports_from_env`) when ``ports`` is not given; with ``ports`` given, gRPC gets free ports.
@@ -202,7 +206,7 @@ def start(
         subprocess.run(command, cwd=workdir, env=_environment(workdir), stdout=log, stderr=log, check=True)
     server = Server(workdir, ports)
     try:
-        wait_ready(server, models, timeout, alive=lambda: _check_alive(workdir, out, offset), log_offset=model_offset)
+        wait_ready(server, models if wait_for is None else wait_for, timeout, alive=lambda: _check_alive(workdir, out, offset), log_offset=model_offset)
     except BaseException:
         stop(workdir, grace=0)  # never leave a half-started server behind
         raise

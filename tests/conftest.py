@@ -3,7 +3,8 @@ in ``serving.py`` (started once per session, stopped at the end).
 
 Markers (``docs/contributing.md``): ``server`` is set here on every test that needs the session TorchServe
 (``pytest -m "not server"`` is the quick inner loop); ``peer`` marks the heavy agreement grids, which run
-only with ``--peer`` (``make test-peer``); ``slow`` and ``cuda`` are set by the modules themselves.
+only with ``--peer`` (``make test-peer``); ``slow`` and ``cuda`` are set by the modules themselves;
+``serves(MODEL, ...)`` names the session models a module uses where its source does not name them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ def oracle(monkeypatch):
     return oracle_module(monkeypatch)
 
 
+@pytest.fixture(scope="module")
+def resnet():
+    """``resnet18(num_classes=10)``, random weights seeded with 0, in eval mode; one per module (tests hook it)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
 @pytest.fixture(scope="session")
 def trained_cnn():
     """The localisation CNN of tests/helpers/synthetic.py, trained once per machine (seconds, no downloads;
@@ -57,25 +68,40 @@ def trained_cnn():
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """A TorchServe started once per session (token auth on, model API off), stopped at the end."""
+def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A TorchServe started once per session (token auth on, model API off), stopped at the end: every test
+    archive registered, with no worker until a module asks for it (``server``, tests/helpers/workers.py)."""
     from model_store import serve
     from tests.helpers.archive_cache import build_cached
     from tests.helpers.serving import TEST_ARCHIVES
+    from tests.helpers.workers import Workers, session_config, without_workers
 
     workdir = tmp_path_factory.mktemp("torchserve")
     store = workdir / "model_store"
-    names = build_cached(TEST_ARCHIVES, store)  # built once per machine and set of inputs
+    names = build_cached([without_workers(spec) for spec in TEST_ARCHIVES], store)  # once per set of inputs
     ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
+    config = session_config(serve.REPO_ROOT / "config.properties", names, workdir / "session.properties")
     try:
-        running = serve.start(workdir, store, names, ports=ports, timeout=240)
+        running = serve.start(workdir, store, names, ports=ports, timeout=240, base_config=config, wait_for=[])
+        workers = Workers(running, names)
     except BaseException:
         serve.stop(workdir)
         raise
     try:
-        yield running
+        yield running, workers
     finally:
         serve.stop(workdir)
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, torchserve) -> object:
+    """The session TorchServe, with one worker for each model this module uses (tests/helpers/workers.py:
+    the ``serves`` marker's models, else those the module's source names)."""
+    from tests.helpers.workers import models_used
+
+    running, workers = torchserve
+    workers.ensure(models_used(request.module, workers.names, request.node.get_closest_marker("serves")))
+    return running
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +112,7 @@ def postgres() -> Iterator[object]:
     pytest.importorskip("psycopg", reason="psycopg is in the audit-postgres extra")
     bindir = find_postgres()
     if bindir is None:
-        pytest.skip("no PostgreSQL server (tests/ensure_postgres.sh installs Debian's postgresql as root)")
+        pytest.skip("no PostgreSQL server (tests/ensure_debian.sh installs Debian's postgresql as root)")
     server = PostgresServer(bindir)
     try:
         server.init()

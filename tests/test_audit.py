@@ -305,7 +305,7 @@ def test_sigterm_drains_the_queue_before_the_process_dies(tmp_path: Path) -> Non
 # ------------------------------------------------------------------------------------------------ report
 def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} missing: `make test` installs Debian's chromium (tests/ensure_chromium.sh)")
+        pytest.skip(f"{CHROMIUM} missing: `make test` installs Debian's chromium (tests/ensure_debian.sh)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
     handler = make_handler(tmp_path / "model", {"faithfulness": True, "store_inputs": True,
                                                 "directory": str(tmp_path / "audit")}, name="tiny_report")

@@ -70,10 +70,10 @@ def test_a_batch_emits_its_drift_observations_and_the_thresholds_once() -> None:
 
 
 def _promtool() -> str:
-    subprocess.run([str(ROOT / "tests" / "ensure_prometheus.sh")], check=False, timeout=600)
+    subprocess.run([str(ROOT / "tests" / "ensure_debian.sh"), "prometheus", "command -v promtool"], check=False, timeout=600)
     found = subprocess.run(["bash", "-c", "command -v promtool"], capture_output=True, text=True).stdout.strip()
     if not found:
-        pytest.skip("promtool missing (tests/ensure_prometheus.sh installs Debian's prometheus as root)")
+        pytest.skip("promtool missing (`tests/ensure_debian.sh prometheus 'command -v promtool'` installs Debian's prometheus as root)")
     return found
 
 

@@ -126,7 +126,7 @@ def test_two_workers_write_one_database_concurrently_and_strict_survives_kill_9(
 
 def test_report_rendered_from_postgres_in_headless_chromium(pg_server, tmp_path: Path, capsys) -> None:
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} missing: `make test` installs Debian's chromium (tests/ensure_chromium.sh)")
+        pytest.skip(f"{CHROMIUM} missing: `make test` installs Debian's chromium (tests/ensure_debian.sh)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
     server, dsn = pg_server
     answers = send(server, 6, seed=2000, threads=3)

@@ -25,6 +25,7 @@ import requests
 from PIL import Image
 
 from model_store import serve
+from tests.helpers.answers import post
 from tests.helpers.inputs import b64, encode, square_image
 from tests.helpers.serving import (
     AUDIT_FULL,
@@ -36,13 +37,6 @@ from tests.helpers.serving import (
 )
 
 FULL_DB = AUDIT_ROOT / "full" / "audit.sqlite3"
-
-
-def post(server, path: str, body, **kwargs) -> requests.Response:
-    url = f"{server.url()}/{path}"
-    if isinstance(body, dict):
-        return requests.post(url, json=body, headers=server.headers(), timeout=120, **kwargs)
-    return requests.post(url, data=body, headers=server.headers(), timeout=120, **kwargs)
 
 
 def records_for(db: Path, request_ids: list[str], timeout: float = 60.0) -> dict[str, list[dict]]:

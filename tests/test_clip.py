@@ -3,8 +3,6 @@ session's TorchServe (the tiny CLIP archived from a save_pretrained directory)."
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import shutil
 from pathlib import Path
@@ -15,13 +13,14 @@ import pytest
 import requests
 import torch
 import yaml
-from PIL import Image
 
 from cam_engine.reshape import clip_reshape_for
 from handlers.models.clip import TextEmbeddingCache, TextEntry
 from handlers.serving.preprocess import preprocess
 from handlers.tasks.clip import ClipHandler
 from model_store.build import CONFIG_DIR
+from tests.helpers.answers import heatmap as decode  # noqa: E402
+from tests.helpers.answers import post  # noqa: E402
 from tests.helpers.fake_context import FakeContext  # noqa: E402
 from tests.helpers.inputs import b64, encode, square_image  # noqa: E402
 from tests.helpers.oracle import pearson  # noqa: E402
@@ -155,17 +154,6 @@ def test_text_cache_is_lru_keyed_by_the_exact_prompts() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- served
-def post(server, path: str, body: dict) -> requests.Response:
-    return requests.post(f"{server.url()}/{path}", json=body, headers=server.headers(), timeout=120)
-
-
-def decode(explanation: dict) -> np.ndarray:
-    picture = Image.open(io.BytesIO(base64.b64decode(explanation["heatmap"]["data"])))
-    assert picture.format == "PNG" and picture.mode == "L"
-    assert picture.size == (explanation["heatmap"]["width"], explanation["heatmap"]["height"])
-    return np.asarray(picture)
-
-
 def test_served_predictions_sum_to_one_and_the_cache_is_hit(server) -> None:
     image = b64(encode(square_image(120, 120, (20, 20, 80, 80))))
     body = {"image": image, "labels": ["a yellow square", "grey noise", "a cat"]}

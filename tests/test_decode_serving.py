@@ -14,13 +14,9 @@ import requests
 from PIL import Image
 from skimage import data as skimage_data
 
+from tests.helpers.answers import post as _post
 from tests.helpers.images import frames, jpeg_header_only, photo, save
 from tests.helpers.serving import BATCH_MODEL, DEFAULT_MODEL
-
-
-def _post(server, path: str, **kwargs) -> requests.Response:
-    headers = {**server.headers(), **kwargs.pop("headers", {})}
-    return requests.post(f"{server.url()}/{path}", headers=headers, timeout=120, **kwargs)
 
 
 def _worker(server, model: str) -> dict:

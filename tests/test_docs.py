@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.serves("efficientnet_lite0")  # the model the `runnable: server` blocks call
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 PAGES = sorted((REPO / "docs").glob("*.md"))
@@ -446,7 +447,7 @@ def test_site_opened_from_disk_navigates_renders_references_and_scrolls_wide_tab
     Sphinx role, and the performance page's widest table can be scrolled to its last column."""
     chromium = Path("/usr/bin/chromium")
     if not chromium.exists():
-        pytest.skip(f"{chromium} missing: `make test` installs Debian's chromium (tests/ensure_chromium.sh)")
+        pytest.skip(f"{chromium} missing: `make test` installs Debian's chromium (tests/ensure_debian.sh)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
     site = tmp_path / "site"
     completed = subprocess.run([str(BIN / "mkdocs"), "build", "--strict", "--site-dir", str(site)], cwd=REPO,

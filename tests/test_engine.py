@@ -23,11 +23,6 @@ GRADIENT_METHODS = ["gradcam", "hirescam", "gradcam++", "xgradcam", "layercam", 
 ALL_METHODS = GRADIENT_METHODS + ["eigencam", "kpca_cam", "fem"]
 
 
-@pytest.fixture(scope="module")
-def resnet():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()
-
 
 def snapshot(model: nn.Module):
     return {

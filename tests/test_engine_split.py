@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import cam_engine
@@ -14,11 +13,6 @@ from cam_engine.targets import ClassifierOutputTarget
 METHODS = ["gradcam", "hirescam", "gradcam++", "xgradcam", "layercam", "gradcam_elementwise", "eigencam",
            "eigengradcam", "fem", "shapleycam", "scorecam"]  # fmt: skip
 
-
-@pytest.fixture(scope="module")
-def resnet() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()
 
 
 @pytest.fixture(scope="module")

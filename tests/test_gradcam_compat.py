@@ -21,12 +21,6 @@ from tests.helpers.oracle import pearson
 
 
 @pytest.fixture(scope="module")
-def resnet():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()
-
-
-@pytest.fixture(scope="module")
 def batch():
     torch.manual_seed(1)
     return torch.randn(2, 3, 64, 64)

@@ -18,11 +18,6 @@ from cam_engine.targets import ClassifierOutputTarget
 pg = pytest.importorskip("pytorch_grad_cam")
 
 
-@pytest.fixture(scope="module")
-def resnet() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()
-
 
 @pytest.fixture(scope="module")
 def batch() -> torch.Tensor:

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from handlers.tasks.classifier import ClassifierHandler
+from tests.helpers.answers import decode_png  # noqa: E402
 from tests.helpers.fake_context import FakeContext  # noqa: E402
 from tests.helpers.inputs import b64, bad_payloads, encode, square_image  # noqa: E402
 
@@ -48,12 +49,6 @@ def call(handler: ClassifierHandler, bodies: list, explain: list[bool]) -> tuple
     context = FakeContext(Path(handler.context.system_properties["model_dir"]), "tiny", explain)
     items = [{"body": body if isinstance(body, dict) else bytearray(body)} for body in bodies]
     return [json.loads(r) for r in handler.handle(items, context)], context
-
-
-def decode_png(data: str) -> np.ndarray:
-    picture = Image.open(io.BytesIO(base64.b64decode(data)))
-    assert picture.format == "PNG" and picture.mode == "L"
-    return np.asarray(picture)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])

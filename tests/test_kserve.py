@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from model_store import serve
+from tests.helpers.answers import post as _post
 from tests.helpers.inputs import encode, square_image
 from tests.helpers.serving import BATCH_MODEL
 
@@ -48,11 +49,6 @@ def _png(seed: int, box=(20, 20, 60, 60), size=(96, 128)) -> bytes:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def _post(srv, path: str, **kwargs) -> requests.Response:
-    headers = {**srv.headers(), **kwargs.pop("headers", {})}
-    return requests.post(f"{srv.url()}/{path}", headers=headers, timeout=180, **kwargs)
 
 
 def _native(srv, image: bytes, explain: bool = False, **options) -> dict:

@@ -1,6 +1,6 @@
 """The pod's front (nginx rendered and watched by deploy/docker/front.py) in front of the session's TorchServe.
 
-A real nginx (Debian's, installed by tests/ensure_nginx.sh when missing) runs with the config the container
+A real nginx (Debian's, installed by `make nginx` (tests/ensure_debian.sh) when missing) runs with the config the container
 renders, on loopback. Each attack on the former hand-written gate is pinned here: auth cases, route tricks,
 request smuggling (Content-Length / Transfer-Encoding), bad lengths, short bodies, slow connections; then
 rotations under load, readiness and the drain.
@@ -29,7 +29,7 @@ from tests.helpers.inputs import encode
 from tests.helpers.serving import BATCH_MODEL, DEFAULT_MODEL
 
 if nginx_binary() is None:
-    pytest.fail("nginx is missing: run tests/ensure_nginx.sh (make test does)", pytrace=False)
+    pytest.fail("nginx is missing: run `make nginx` (tests/ensure_debian.sh; make test does)", pytrace=False)
 
 PREDICT = f"/predictions/{DEFAULT_MODEL}"
 SLOW_SECONDS = float(os.environ.get("NGINX_SLOW_SECONDS", "10"))

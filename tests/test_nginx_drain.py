@@ -23,7 +23,7 @@ from tests.helpers.inputs import encode, square_image
 from tests.helpers.serving import BATCH_MODEL
 
 if nginx_binary() is None:
-    pytest.fail("nginx is missing: run tests/ensure_nginx.sh (make test does)", pytrace=False)
+    pytest.fail("nginx is missing: run `make nginx` (tests/ensure_debian.sh; make test does)", pytrace=False)
 
 DOCKER = Path(__file__).resolve().parents[1] / "deploy" / "docker"
 IMAGE = encode(square_image(224, 224, (40, 40, 150, 150), seed=3))

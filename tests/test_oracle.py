@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torchvision
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cam_engine
@@ -57,11 +56,6 @@ def vit_tokens_to_maps(tensor, height=8, width=8):
     """The reference's own ViT reshape with this model's grid (its default assumes 14x14)."""
     return tensor[:, 1:, :].reshape(tensor.size(0), height, width, tensor.size(2)).permute(0, 3, 1, 2)
 
-
-@pytest.fixture(scope="module")
-def resnet():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()
 
 
 @pytest.fixture(scope="module")

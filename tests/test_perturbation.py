@@ -16,7 +16,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import cam_engine
@@ -46,11 +45,6 @@ def _vit_reference_reshape(grid: int):
 
     return reshape
 
-
-@pytest.fixture(scope="module")
-def resnet() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import requests
 
 from handlers.audit.metrics import FAITHFULNESS_SECONDS, OVERHEAD_SECONDS, AuditMetrics
 from handlers.serving.metrics import CAM_SECONDS, ENCODE_MILLISECONDS, CamMetrics
+from tests.helpers.answers import post
 from tests.helpers.inputs import encode, square_image
 from tests.helpers.serving import AUDIT_FULL, BATCH_MODEL
 
@@ -84,10 +85,6 @@ def scrape(server) -> str:
     answer = requests.get(f"{server.url('metrics')}/metrics", timeout=30)
     assert answer.status_code == 200
     return answer.text
-
-
-def post(server, path: str, body: bytes) -> requests.Response:
-    return requests.post(f"{server.url()}/{path}", data=body, headers=server.headers(), timeout=120)
 
 
 # ------------------------------------------------------------------------------------ offline checks

@@ -13,25 +13,12 @@ import requests
 from PIL import Image
 from skimage import data
 
+from tests.helpers.answers import heatmap, post
 from tests.helpers.inputs import b64, bad_payloads, encode, square_image
 from tests.helpers.serving import BATCH_LABELS, BATCH_MODEL, DEFAULT_MODEL
 
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 CAT_FACE = (30, 60, 300, 370)  # (top, left, bottom, right) of chelsea's face in the 300x451 photo
-
-
-def post(server, path: str, body, headers: dict | None = None, **kwargs) -> requests.Response:
-    headers = {**server.headers(), **(headers or {})}
-    if isinstance(body, dict):
-        return requests.post(f"{server.url()}/{path}", json=body, headers=headers, timeout=120, **kwargs)
-    return requests.post(f"{server.url()}/{path}", data=body, headers=headers, timeout=120, **kwargs)
-
-
-def heatmap(explanation: dict) -> np.ndarray:
-    picture = Image.open(io.BytesIO(base64.b64decode(explanation["heatmap"]["data"])))
-    assert picture.format == "PNG" and picture.mode == "L"
-    assert picture.size == (explanation["heatmap"]["width"], explanation["heatmap"]["height"])
-    return np.asarray(picture)
 
 
 def test_predictions_on_the_real_model(server) -> None:

@@ -20,13 +20,9 @@ from PIL import Image
 
 from handlers.serving import limits
 from handlers.serving.preprocess import Geometry, to_source
+from tests.helpers.answers import post as _post
 from tests.helpers.inputs import encode, square_image
 from tests.helpers.serving import BATCH_MODEL
-
-
-def _post(server, path: str, **kwargs) -> requests.Response:
-    headers = {**server.headers(), **kwargs.pop("headers", {})}
-    return requests.post(f"{server.url()}/{path}", headers=headers, timeout=180, **kwargs)
 
 
 def test_an_oversized_answer_fails_alone_and_the_worker_survives(server) -> None:

@@ -3,7 +3,11 @@ process tree (pytest and everything it started: TorchServe's frontend and worker
 nginx, subprocess suites).
 
 Memory is summed as PSS from ``/proc/<pid>/smaps_rollup`` (a page shared by N processes counts 1/N in
-each), sampled every half second by a daemon thread, so that shared libraries count once. The budget the
+each), sampled by a daemon thread (every half second, or less often where a sample costs more than a tenth of a
+core: reading smaps_rollup walks page tables), so that shared libraries count once. The same thread
+adds up the CPU seconds the tree used (user + system, per process since the last sample) and charges them to
+the file then running: on a machine shared with other jobs, CPU seconds compare better than wall time. The
+PSS of pytest alone at the end of each file shows what a file leaves behind in the test process. The budget the
 project keeps (``docs/contributing.md``): ``make test`` within 5 minutes and 6 GB PSS on a quiet 2-core
 machine. Loaded by ``tests/conftest.py``; ``pytest -p no:tests.helpers.budget`` turns it off.
 """
@@ -32,42 +36,66 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
+_CLASSIFIED: dict[tuple[int, str], bool] = {}  # (pid, start time) -> started inside the directory
+
+
 def _started_in(directory: str) -> list[int]:
     """Processes whose working directory or command line is inside ``directory``: the servers a test
-    started that detached from pytest (TorchServe's frontend daemonises; pg_ctl and nginx fork away)."""
+    started that detached from pytest (TorchServe's frontend daemonises; pg_ctl and nginx fork away).
+    Each process is looked at once (its start time tells a reused PID apart): the sampler stays cheap."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cwd = os.readlink(entry / "cwd")
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            key = (int(entry.name), (entry / "stat").read_text().rsplit(")", 1)[1].split()[19])
+            if key not in _CLASSIFIED:
+                cwd = os.readlink(entry / "cwd")
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                _CLASSIFIED[key] = cwd.startswith(directory) or directory in cmdline
+        except (OSError, IndexError):
             continue
-        if cwd.startswith(directory) or directory in cmdline:
-            found.append(int(entry.name))
+        if _CLASSIFIED[key]:
+            found.append(key[0])
     return found
+
+
+def _tree(root: int, directory: str | None) -> set[int]:
+    tree, seen = _children(), set()
+    stack = [root, *(_started_in(directory) if directory else [])]
+    while stack:
+        pid = stack.pop()
+        if pid not in seen:
+            seen.add(pid)
+            stack.extend(tree.get(pid, ()))
+    return seen
+
+
+def pss_bytes(pid: int) -> int:
+    """PSS of one process in bytes (0 where /proc has no smaps_rollup or it has gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds of ``pid`` (and of its reaped children with ``children``); 0 once gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def tree_pss_bytes(root: int, directory: str | None = None) -> int:
     """PSS of ``root``, of the processes started inside ``directory`` and of all their descendants, in bytes
     (0 where /proc has no smaps_rollup); each process counted once."""
-    tree, total, seen = _children(), 0, set()
-    stack = [root, *(_started_in(directory) if directory else [])]
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        stack.extend(tree.get(pid, ()))
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            continue
-    return total
+    return sum(pss_bytes(pid) for pid in _tree(root, directory))
 
 
 class Budget:
@@ -75,6 +103,9 @@ class Budget:
         self.config = config
         self.started = time.monotonic()
         self.per_file: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.own_pss: dict[str, int] = {}
+        self._cpu_seen: dict[int, float] = {}
         self.peak = (0, "")
         self.current = ""
         self._stop = threading.Event()
@@ -82,20 +113,33 @@ class Budget:
         self._thread.start()
 
     def _sample(self) -> None:
-        factory = None
-        while not self._stop.wait(0.5):
+        factory, pause = None, 0.5
+        while not self._stop.wait(pause):
+            began = time.process_time()
             factory = factory or getattr(self.config, "_tmp_path_factory", None)  # pytest's, set at configure
             basetemp = str(factory.getbasetemp()) if factory is not None else None
-            pss = tree_pss_bytes(os.getpid(), basetemp)
+            pids, current = _tree(os.getpid(), basetemp), self.current
+            pss = sum(pss_bytes(pid) for pid in pids)
             if pss > self.peak[0]:
-                self.peak = (pss, self.current)
+                self.peak = (pss, current)
+            used = 0.0
+            for pid in pids:
+                now = cpu_seconds(pid, children=pid == os.getpid())
+                used += max(0.0, now - self._cpu_seen.get(pid, 0.0))
+                self._cpu_seen[pid] = now
+            self.cpu[current.split("::", 1)[0] or "collection"] += used
+            # smaps_rollup walks page tables (~60 ms for a TorchServe worker): at most a tenth of a core
+            pause = max(0.5, 10 * (time.process_time() - began))
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
         self.current = item.nodeid
         start = time.monotonic()
         yield
-        self.per_file[item.nodeid.split("::", 1)[0]] += time.monotonic() - start
+        name = item.nodeid.split("::", 1)[0]
+        self.per_file[name] += time.monotonic() - start
+        if nextitem is None or nextitem.nodeid.split("::", 1)[0] != name:
+            self.own_pss[name] = pss_bytes(os.getpid())
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         self._stop.set()
@@ -104,8 +148,12 @@ class Budget:
         wall = time.monotonic() - self.started
         write = terminalreporter.write_line
         terminalreporter.section("budget: wall time per file (slowest 12) and peak memory")
+        write("   wall    CPU  pytest PSS after")
         for name, seconds in sorted(self.per_file.items(), key=lambda kv: -kv[1])[:12]:
-            write(f"{seconds:7.1f} s  {name}")
+            write(f"{seconds:7.1f}{self.cpu.get(name, 0.0):7.1f} s {self.own_pss.get(name, 0) / 2**30:5.2f} GiB  {name}")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        write(f"CPU of the tree {sum(self.cpu.values()):.0f} s (set-up before the first test"
+              f" {self.cpu.get('collection', 0.0):.0f} s); load average {load:.1f} at the end")
         write(f"session {wall:.0f} s wall; peak PSS of pytest and its children {self.peak[0] / 2**30:.2f} GiB"
               f" (during {self.peak[1] or 'collection'})")
 

@@ -29,13 +29,13 @@ from model_store.serve import free_port
 
 __all__ = ["PostgresServer", "find_postgres", "dies_with_parent"]
 
-ENSURE = Path(__file__).resolve().parents[1] / "ensure_postgres.sh"
+ENSURE = [str(Path(__file__).resolve().parents[1] / "ensure_debian.sh"), "postgresql", 'compgen -G "/usr/lib/postgresql/*/bin/initdb"']
 
 
 def find_postgres() -> Path | None:
     """The newest ``/usr/lib/postgresql/<v>/bin`` with ``initdb`` (installing Debian's server when missing and
     root), or None."""
-    subprocess.run([str(ENSURE)], check=False, timeout=600)
+    subprocess.run(ENSURE, check=False, timeout=600)
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
     return Path(found[-1]).parent if found else None
 
