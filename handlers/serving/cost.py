@@ -147,7 +147,8 @@ def admit(handler: CostedHandler, requests: list[Any], answers: list[Any]) -> li
     """The requests of the batch that the cost budgets admit (see the module doc); each refused one gets its
     ``(status, error body)`` in ``answers`` at its position. Sets the batch's deadline."""
     costs: CostModel = handler.costs
-    budget, admitted, kept = costs.batch_passes, 0, []
+    budget, admitted = costs.batch_passes, 0
+    kept: list[Any] = []
     for request in requests:
         passes = request_passes(handler, request)
         if passes > costs.max_passes_per_request:
