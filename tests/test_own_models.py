@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_serving import heatmap, post
 
 from handlers.models.auto_layers import find_target_layer
 from handlers.models.labels import LabelError, read_labels
 from model_store.build import main
 from tests.helpers import own_models
+from tests.helpers.answers import heatmap, post
 from tests.helpers.inputs import b64, encode, square_image
 from tests.helpers.own_models import OWN_DETECTOR, OWN_SEGMENTER, OWN_TORCHSERVE_FORMAT
 from tests.helpers.serving import OWN_HF_RESNET, OWN_HF_VIT, OWN_MODEL_FILE

@@ -176,12 +176,13 @@ def test_describe_and_metrics(server) -> None:
 
 def test_workers_import_the_packages_shipped_in_the_archive(server) -> None:
     """Archives are self-contained: workers run the archived handlers/cam_engine, not a checkout's.
-    (The --model-file archive is made with TorchServe's own archiver, as a user does: its worker runs the
-    installed torchserve-cam package, by design; tests/test_own_models.py covers it.)"""
-    from tests.helpers.serving import OWN_MODEL_FILE
+    (The --model-file archives are made with TorchServe's own archiver, as a user does: their workers run the
+    installed torchserve-cam package, by design; tests/test_own_models.py covers them.)"""
+    from tests.helpers.serving import MODEL_FILE_ARCHIVES
 
     log = (server.workdir / "logs" / "model_log.log").read_text()
-    lines = [line for line in log.splitlines() if "handlers at " in line and f"model {OWN_MODEL_FILE} " not in line]
+    lines = [line for line in log.splitlines()
+             if "handlers at " in line and not any(f"model {name} " in line for name in MODEL_FILE_ARCHIVES)]  # fmt: skip
     assert lines
     for line in lines:
         handlers_dir = line.split("handlers at ")[1].split(",")[0].strip()

@@ -1,4 +1,5 @@
-"""Every config in model_store/configs loads through the real handler (random weights, no archive)."""
+"""Every config in model_store/configs loads through the real handler (random weights, no archive); each in
+a forked child (tests/helpers/forked.py), so pytest's memory after this file is one model's, not all of them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import yaml
 from handlers.tasks.registry import TASKS
 from model_store.build import CONFIG_DIR
 from tests.helpers.fake_context import FakeContext  # noqa: E402
+from tests.helpers.forked import in_child
 
 CONFIGS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml") if not path.stem.startswith("clip"))  # clip: tests/test_clip.py
 
@@ -23,6 +25,10 @@ def test_the_issue_lists_are_all_there() -> None:
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_explains(name: str, tmp_path: Path) -> None:
+    in_child(_loads_and_explains, name, tmp_path)
+
+
+def _loads_and_explains(name: str, tmp_path: Path) -> None:
     config = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
     handler_section = config["handler"]
     if handler_section["architecture"].startswith("ultralytics/"):
@@ -41,3 +47,13 @@ def test_config_loads_and_explains(name: str, tmp_path: Path) -> None:
     handler.initialize(FakeContext(tmp_path, name))  # includes a warm-up CAM at the configured layers
     assert set(handler.cams) == {m.lower() for m in handler_section["methods"]}
     assert handler.config.explanation.default_method in handler.cams
+
+
+def _fails() -> None:
+    raise AssertionError("wrong layer")
+
+
+def test_a_failure_in_the_child_fails_the_test() -> None:
+    with pytest.raises(pytest.fail.Exception, match="wrong layer"):
+        in_child(_fails)
+    assert in_child(sum, [1, 2]) == 3

@@ -81,7 +81,7 @@ def _content_type(context: Any, index: int) -> None:
 
 def _set_status(context: Any, index: int, code: int) -> None:
     if context is not None and hasattr(context, "set_response_status"):
-        context.set_response_status(code, protocols.REASONS.get(code, "Bad Request"), index)
+        context.set_response_status(code, protocols.reason(code), index)
 
 
 def handle_batch(handler: BatchHandler, data: Sequence[Mapping[str, Any]], context: Any) -> list[str]:

@@ -27,12 +27,13 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from handlers.serving.codec import decode_base64
 from handlers.serving.errors import RequestError, error_body, quote
 
-__all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "split_body", "expand", "respond", "envelope_body", "error_body", "MAX_INSTANCES", "REASONS"]
+__all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "split_body", "expand", "respond", "envelope_body", "error_body", "MAX_INSTANCES", "reason"]
 
 #: the most images one v1/v2 request may carry (each is one row of the batched model run)
 MAX_INSTANCES = 32
@@ -41,14 +42,12 @@ TRANSPORT_PARAMETERS = frozenset({"content_type", "binary_data_size", "binary_da
 #: keys that mark a body as KServe v2 even when its "inputs" are missing (so the answer says what is missing)
 V2_KEYS = frozenset({"inputs", "outputs", "id", "parameters"})
 FORM_URLENCODED = "application/x-www-form-urlencoded"
-REASONS = {
-    400: "Bad Request",
-    413: "Payload Too Large",
-    415: "Unsupported Media Type",
-    422: "Unprocessable Entity",
-    429: "Too Many Requests",
-    507: "Insufficient Storage",
-}
+def reason(code: int) -> str:
+    """The HTTP reason phrase of ``code`` (TorchServe sends it as the status line's text)."""
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "Error"
 
 
 ProtocolError = RequestError  # a request that cannot be read at all

@@ -175,6 +175,9 @@ class EmbeddingHandler(CamHandler):
                 request.task["features"] = {name: self.concepts[name] for name in request.task["concepts"]}
         return super().explain_batch(batch, requests)
 
+    def target_count(self, request: ParsedRequest) -> int:
+        return len(request.task["concepts"])  # targets_for needs the batch's concept features
+
     def targets_for(self, request: ParsedRequest) -> list[Any]:
         target = TARGETS[request.task["target"]]
         return [target(request.task["features"][name]) for name in request.task["concepts"]]

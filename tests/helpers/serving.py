@@ -195,3 +195,5 @@ TEST_ARCHIVES += [
                 archive_name=OWN_HF_RESNET, weights=own_models.session_hf_resnet),
 ]  # fmt: skip
 TEST_ARCHIVES += own_models.model_file_archives()  # response_format: torchserve, a model.py detector and segmenter
+#: the archives made with TorchServe's own archiver from a model file: their workers run the installed package
+MODEL_FILE_ARCHIVES = (OWN_MODEL_FILE, own_models.OWN_TORCHSERVE_FORMAT, own_models.OWN_DETECTOR, own_models.OWN_SEGMENTER)

@@ -100,7 +100,8 @@ class Workers:
 
 def models_used(module: ModuleType, names: list[str], marker: object = None) -> list[str]:
     """The models ``module`` uses: ``marker.args`` (a ``serves`` marker), else those its source names (an
-    archive name, or a constant of tests/helpers/serving.py holding one), else every one of ``names``."""
+    archive name, or a constant of tests/helpers/serving.py holding one) or a module-level string holds (a
+    name it imported), else every one of ``names``."""
     if marker is not None:
         return list(marker.args)
     from tests.helpers import serving
@@ -108,5 +109,7 @@ def models_used(module: ModuleType, names: list[str], marker: object = None) -> 
     constants = {key: value for key, value in vars(serving).items() if key.isupper() and value in names}
     source = Path(module.__file__).read_text()
     words = set(re.findall(r"\w+", source))
-    used = [name for name in names if name in words or any(v == name for k, v in constants.items() if k in words)]
+    imported = {value for value in vars(module).values() if isinstance(value, str)}  # e.g. a helper's OWN_X
+    used = [name for name in names
+            if name in words or name in imported or any(v == name for k, v in constants.items() if k in words)]  # fmt: skip
     return used or list(names)
