@@ -42,10 +42,14 @@ TRANSPORT_PARAMETERS = frozenset({"content_type", "binary_data_size", "binary_da
 #: keys that mark a body as KServe v2 even when its "inputs" are missing (so the answer says what is missing)
 V2_KEYS = frozenset({"inputs", "outputs", "id", "parameters"})
 FORM_URLENCODED = "application/x-www-form-urlencoded"
+#: reason phrases Python's http.HTTPStatus words differently from one version to the next
+REASONS = {413: "Payload Too Large", 422: "Unprocessable Entity"}
+
+
 def reason(code: int) -> str:
     """The HTTP reason phrase of ``code`` (TorchServe sends it as the status line's text)."""
     try:
-        return HTTPStatus(code).phrase
+        return REASONS.get(code) or HTTPStatus(code).phrase
     except ValueError:
         return "Error"
 
