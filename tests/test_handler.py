@@ -133,6 +133,13 @@ def test_options_a_model_does_not_allow(handler: ClassifierHandler) -> None:
     assert context.status[1][0] == 400 and "gradcam" in responses[1]["message"]  # lists the allowed ones
 
 
+def test_top_k_is_bounded_by_the_model_s_classes(handler: ClassifierHandler) -> None:
+    good = b64(encode(square_image(64, 64, (10, 10, 30, 30))))
+    responses, context = call(handler, [{"image": good, "top_k": NUM_CLASSES}, {"image": good, "top_k": NUM_CLASSES + 1}], [False, False])
+    assert len(responses[0]["predictions"]) == NUM_CLASSES
+    assert context.status[1][0] == 400 and f"top_k {NUM_CLASSES + 1} is over this model's limit classes = {NUM_CLASSES}" in responses[1]["message"]
+
+
 def test_heatmap_of_a_224_image_is_small(handler: ClassifierHandler) -> None:
     image = encode(square_image(224, 224, (30, 30, 120, 120)))
     (response,), _ = call(handler, [image], [True])

@@ -22,18 +22,28 @@ This module defines exactly one class, as TorchServe's class-based handler loadi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from cam_engine.core import model_scores
 from cam_engine.targets import ClassifierOutputTarget
-from handlers.serving.base import CamHandler, ParsedRequest, RequestError
+from handlers.serving.base import CamHandler, ParsedRequest
+from handlers.serving.options import read_options
+from handlers.settings import integer, setting
 from handlers.tasks.registry import TaskResult, get_task
 from handlers.tasks.targets import TopClassTarget
 from handlers.tasks.torchserve_format import TORCHSERVE, TorchServeAnswer, stock_predictions
 
-__all__ = ["ClassifierHandler"]
+__all__ = ["ClassifierHandler", "ClassifierOptions"]
+
+
+@dataclass(frozen=True)
+class ClassifierOptions:
+    """``top_k``: how many predictions to return, 1 up to the model's classes (default: the config's)."""
+
+    top_k: int = setting(5, integer(1), default_from="top_k", limit="classes")
 
 
 class ClassifierHandler(CamHandler):
@@ -45,10 +55,8 @@ class ClassifierHandler(CamHandler):
 
     def parse_task_options(self, request: ParsedRequest, options: Mapping[str, Any]) -> None:
         """``targets`` -> list of class indices (or None for the top class); ``top_k`` -> int."""
-        num_classes = len(self.labels)
-        top_k = options.get("top_k", self.config.top_k)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_classes:
-            raise RequestError(f"top_k must be an integer in 1..{num_classes}, got {top_k!r}")
+        classes = {"classes": (len(self.labels), "classes")}
+        top_k = read_options(ClassifierOptions, options, self.config, classes).top_k
         indices = self.class_indices(options.get("targets"), "targets", "target")
         request.task = {"targets": indices, "top_k": top_k}
 

@@ -56,6 +56,7 @@ def bad_payloads(good_png: bytes, num_classes: int) -> dict[str, tuple[object, i
         "image_not_a_string": ({"image": 12345}, 400),
         "bad_base64": ({"image": "%%% not base64 %%%"}, 400),
         "top_k_wrong_type": ({"image": b64(good_png), "top_k": "3"}, 400),
+        "top_k_over_the_classes": ({"image": b64(good_png), "top_k": num_classes + 1}, 400),
         "targets_wrong_type": ({"image": b64(good_png), "targets": {"a": 1}}, 400),
         "unknown_method": ({"image": b64(good_png), "method": "deepdream"}, 400),
         "target_out_of_range": ({"image": b64(good_png), "targets": [num_classes]}, 400),
