@@ -130,7 +130,7 @@ gallery: $(STAMP)
 	$(PY) -m torchserve_cam_cli gallery docs/chelsea.jpg docs/coffee.jpg --target "Egyptian cat" --target espresso \
 		--tile-height 100 --max-width 1040 --device cpu --out docs/gallery_cat_espresso.jpg
 # Load tests (Locust) against the TorchServe that `make serve` started; reports under load_tests/results/<timestamp>/.
-# make loadtest USERS=8 SPAWN_RATE=8 RUN_TIME=30s SCENARIO=mix|predictions|explanations MODEL=efficientnet_lite0
+# make loadtest USERS=8 SPAWN_RATE=8 RUN_TIME=30s MAX_REQUESTS=0 SCENARIO=mix|predictions|explanations MODEL=efficientnet_lite0
 #               MIX=predictions=2,explanations=2,explain_flag=1,method=1 SLO=load_tests/slo.yaml WARMUP=2
 #               LOAD_REQUEST_OPTIONS='{"concept": "cat"}'   (merged into every request: embedding models need it)
 # Ports: INFERENCE_PORT / MANAGEMENT_PORT as for `make serve`. The report path is printed whatever the outcome;
@@ -138,6 +138,7 @@ gallery: $(STAMP)
 USERS ?= 8
 SPAWN_RATE ?= $(USERS)
 RUN_TIME ?= 30s
+MAX_REQUESTS ?= 0
 SCENARIO ?= mix
 MODEL ?= $(DEFAULT_MODEL)
 MIX ?= predictions=2,explanations=2,explain_flag=1,method=1
@@ -156,7 +157,7 @@ loadtest: $(VENV)/.installed-extra-load
 		--host $(LOAD_HOST) --management-url $(LOAD_MANAGEMENT) --key-file $(KEY_FILE) \
 		--tags $(SCENARIO) --model $(MODEL) --mix '$(MIX)' --slo '$(SLO)' --warmup $(WARMUP) \
 		--request-options '$(LOAD_REQUEST_OPTIONS)' \
-		-u $(USERS) -r $(SPAWN_RATE) -t $(RUN_TIME) --stop-timeout 60 \
+		-u $(USERS) -r $(SPAWN_RATE) -t $(RUN_TIME) --max-requests $(MAX_REQUESTS) --stop-timeout 60 \
 		--csv $(RESULTS)/locust --html $(RESULTS)/report.html; \
 	code=$$?; if [ -f $(RESULTS)/report.html ]; then echo "reports in $(RESULTS)/ (locust exit code $$code)"; \
 	else echo "no report (locust exit code $$code)"; fi; exit $$code

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import gevent
 import yaml
 from locust import HttpUser, between, events, tag, task
 from locust.env import Environment
@@ -89,6 +90,10 @@ def _options(parser) -> None:
         help="renew the inference token this many seconds before it expires (below token_expiration_min)",
     )  # fmt: skip
     group.add_argument("--allow-remote", action="store_true", env_var="LOAD_ALLOW_REMOTE")
+    group.add_argument(
+        "--max-requests", type=int, default=0, env_var="LOAD_MAX_REQUESTS",
+        help="stop after this many measured requests (0: no limit); --run-time stays the bound in time",
+    )  # fmt: skip
     group.add_argument(
         "--warmup", type=int, default=2, env_var="LOAD_WARMUP",
         help="requests per request kind of the scenario sent before measuring (not counted; 0: none); a "
@@ -169,6 +174,9 @@ def _prepare(environment: Environment, **_) -> None:
     STATE["model"] = options.model
     STATE["request_options"] = extra
     STATE["mix"] = _mix_weights(options.mix)
+    STATE["environment"] = environment
+    if options.max_requests < 0:
+        raise SystemExit("--max-requests: give 0 (no limit) or a count")
     if options.warmup > 0:
         kinds = [k for tag_name in (tags or SCENARIO_KINDS) for k in SCENARIO_KINDS.get(tag_name, ())]
         if "mix" in (tags or SCENARIO_KINDS):
@@ -312,6 +320,18 @@ def check_slo(environment: Environment, slo_path: str) -> list[str]:
                 if p95 > float(limit):
                     breaches.append(f"p95 of {entry.name} = {p95:.0f} ms > {limit} ms")
     return breaches
+
+
+@events.request.add_listener
+def _count(**_) -> None:
+    """Ends the run once ``--max-requests`` measured requests are done (the users stop where they are)."""
+    environment = STATE.get("environment")
+    if not isinstance(environment, Environment) or environment.runner is None or not environment.parsed_options:
+        return
+    limit = environment.parsed_options.max_requests
+    if limit and environment.stats.total.num_requests >= limit and not STATE.get("stopping"):
+        STATE["stopping"] = True
+        gevent.spawn(environment.runner.quit)  # not from this user's own greenlet, which quit() kills
 
 
 @events.quitting.add_listener

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from handlers.serving.errors import RequestError, quote
-from handlers.settings import InvalidValue, boolean, read_values, section_keys, setting, text
+from handlers.settings import InvalidValue, boolean, integer, read_values, section_keys, setting, text
 
-__all__ = ["OUTPUTS", "CommonOptions", "option_names", "read_options", "outputs"]
+__all__ = ["OUTPUTS", "CommonOptions", "TopKOptions", "option_names", "read_options", "outputs"]
 
 OUTPUTS = ("heatmap", "overlay")
 
@@ -48,6 +48,15 @@ class CommonOptions:
     aug_smooth: bool = setting(False, boolean)
     eigen_smooth: bool = setting(False, boolean)
     output: tuple[str, ...] = setting(("heatmap",), outputs)
+
+
+@dataclass(frozen=True)
+class TopKOptions:
+    """A classifier's ``top_k``: how many predictions to return, from 1 up to the limit ``classes`` (the
+    model's number of classes; default: the config's ``top_k``). Task modules hold exactly one class each
+    (TorchServe's handler loading), so the group lives here."""
+
+    top_k: int = setting(5, integer(1), default_from="top_k", limit="classes")
 
 
 def option_names(*groups: type) -> tuple[str, ...]:

@@ -22,7 +22,6 @@ This module defines exactly one class, as TorchServe's class-based handler loadi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,20 +29,12 @@ import torch
 from cam_engine.core import model_scores
 from cam_engine.targets import ClassifierOutputTarget
 from handlers.serving.base import CamHandler, ParsedRequest
-from handlers.serving.options import read_options
-from handlers.settings import integer, setting
+from handlers.serving.options import TopKOptions, read_options
 from handlers.tasks.registry import TaskResult, get_task
 from handlers.tasks.targets import TopClassTarget
 from handlers.tasks.torchserve_format import TORCHSERVE, TorchServeAnswer, stock_predictions
 
-__all__ = ["ClassifierHandler", "ClassifierOptions"]
-
-
-@dataclass(frozen=True)
-class ClassifierOptions:
-    """``top_k``: how many predictions to return, 1 up to the model's classes (default: the config's)."""
-
-    top_k: int = setting(5, integer(1), default_from="top_k", limit="classes")
+__all__ = ["ClassifierHandler"]
 
 
 class ClassifierHandler(CamHandler):
@@ -56,7 +47,7 @@ class ClassifierHandler(CamHandler):
     def parse_task_options(self, request: ParsedRequest, options: Mapping[str, Any]) -> None:
         """``targets`` -> list of class indices (or None for the top class); ``top_k`` -> int."""
         classes = {"classes": (len(self.labels), "classes")}
-        top_k = read_options(ClassifierOptions, options, self.config, classes).top_k
+        top_k = read_options(TopKOptions, options, self.config, classes).top_k
         indices = self.class_indices(options.get("targets"), "targets", "target")
         request.task = {"targets": indices, "top_k": top_k}
 
