@@ -33,12 +33,12 @@ from handlers.config import ConfigError, HandlerConfig
 from handlers.serving.base import decode_image
 from handlers.serving.preprocess import preprocess
 from handlers.tasks.classifier import ClassifierHandler
+from tests.helpers.browser import headless_chromium, require_chromium
 from tests.helpers.fake_context import FakeContext  # noqa: E402
 from tests.helpers.inputs import encode, square_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = [f"class_{i}" for i in range(10)]
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 def make_handler(directory: Path, audit: dict, name: str = "tiny") -> ClassifierHandler:
@@ -304,9 +304,7 @@ def test_sigterm_drains_the_queue_before_the_process_dies(tmp_path: Path) -> Non
 
 # ------------------------------------------------------------------------------------------------ report
 def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} missing: `make test` installs Debian's chromium (tests/ensure_debian.sh)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    require_chromium()
     handler = make_handler(tmp_path / "model", {"faithfulness": True, "store_inputs": True,
                                                 "directory": str(tmp_path / "audit")}, name="tiny_report")
     classifier = handler.model.get_classifier()
@@ -337,36 +335,28 @@ def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert by_label == {"class_1": 4, "class_4": 4, "class_7": 4}
     confident = sum(r["top_score"] >= 0.9 for r in records)
     assert 0 < confident < 12
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                  "--disable-extensions", "--disable-sync", "--no-first-run", "--disable-default-apps"],
-        )  # fmt: skip
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            fetched: list[str] = []
-            page.on("request", lambda request: fetched.append(request.url))
-            page.goto(report.as_uri())
-            visible = "#records tbody tr.record:visible"
-            assert page.locator(visible).count() == 12
-            assert page.locator("#shown-count").inner_text() == "12 of 12 records shown"
-            sizes = page.eval_on_selector_all("img.thumb", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.alt])")
-            assert len(sizes) == 12 and all(done and width > 0 and alt == "overlay" for done, width, alt in sizes)
-            assert page.locator("#mix-plot rect.mix-bar").count() >= 3
-            assert page.locator("#faithfulness-plot circle.faithfulness-point").count() == 12
-            page.select_option("#class-filter", "class_4")
-            assert page.locator(visible).count() == 4
-            assert set(page.locator(visible).evaluate_all("rs => rs.map(r => r.dataset.label)")) == {"class_4"}
-            page.select_option("#class-filter", "")
-            page.fill("#min-confidence", "0.9")
-            assert page.locator(visible).count() == confident
-            assert page.locator("#shown-count").inner_text() == f"{confident} of 12 records shown"
-            page.fill("#min-confidence", "0")
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-            if os.environ.get("AUDIT_REPORT_SCREENSHOT"):
-                shutil.copy(tmp_path / "report.png", os.environ["AUDIT_REPORT_SCREENSHOT"])
-            assert all(url.startswith(("file:", "data:")) for url in fetched), fetched
-        finally:
-            browser.close()
+    with headless_chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        fetched: list[str] = []
+        page.on("request", lambda request: fetched.append(request.url))
+        page.goto(report.as_uri())
+        visible = "#records tbody tr.record:visible"
+        assert page.locator(visible).count() == 12
+        assert page.locator("#shown-count").inner_text() == "12 of 12 records shown"
+        sizes = page.eval_on_selector_all("img.thumb", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.alt])")
+        assert len(sizes) == 12 and all(done and width > 0 and alt == "overlay" for done, width, alt in sizes)
+        assert page.locator("#mix-plot rect.mix-bar").count() >= 3
+        assert page.locator("#faithfulness-plot circle.faithfulness-point").count() == 12
+        page.select_option("#class-filter", "class_4")
+        assert page.locator(visible).count() == 4
+        assert set(page.locator(visible).evaluate_all("rs => rs.map(r => r.dataset.label)")) == {"class_4"}
+        page.select_option("#class-filter", "")
+        page.fill("#min-confidence", "0.9")
+        assert page.locator(visible).count() == confident
+        assert page.locator("#shown-count").inner_text() == f"{confident} of 12 records shown"
+        page.fill("#min-confidence", "0")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        if os.environ.get("AUDIT_REPORT_SCREENSHOT"):
+            shutil.copy(tmp_path / "report.png", os.environ["AUDIT_REPORT_SCREENSHOT"])
+        assert all(url.startswith(("file:", "data:")) for url in fetched), fetched
     assert (tmp_path / "report.png").stat().st_size > 10_000

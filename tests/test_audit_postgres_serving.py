@@ -23,11 +23,11 @@ import requests
 from handlers.audit.__main__ import main as audit_cli
 from model_store import serve
 from model_store.build import ArchiveSpec, build_archive
+from tests.helpers.browser import headless_chromium, require_chromium
 from tests.helpers.inputs import encode, square_image
 from tests.helpers.serving import AUDIT_LABELS
 
 MODEL = "audit_pg"
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +125,7 @@ def test_two_workers_write_one_database_concurrently_and_strict_survives_kill_9(
 
 
 def test_report_rendered_from_postgres_in_headless_chromium(pg_server, tmp_path: Path, capsys) -> None:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} missing: `make test` installs Debian's chromium (tests/ensure_debian.sh)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    require_chromium()
     server, dsn = pg_server
     answers = send(server, 6, seed=2000, threads=3)
     assert [a.status_code for a in answers] == [200] * 6
@@ -136,21 +134,17 @@ def test_report_rendered_from_postgres_in_headless_chromium(pg_server, tmp_path:
     out = tmp_path / "report.html"
     assert audit_cli(["report", "--dsn", dsn, "--model", MODEL, "--since", "1h", "--out", str(out)]) == 0
     assert re.search(rf"^{held} records from host=127\.0\.0\.1 .* -> ", capsys.readouterr().out)
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page()
-            page.goto(out.as_uri())
-            rows = page.locator("#records tbody tr.record")
-            assert rows.count() == held
-            overlays = page.locator('img.thumb[alt="overlay"]')  # heatmap (bytea) over the stored input (bytea)
-            assert overlays.count() == held
-            loaded = page.evaluate("Array.from(document.querySelectorAll('img.thumb')).every(i => i.naturalWidth > 0)")
-            assert loaded
-            assert page.locator("#summary").inner_text().startswith(f"{held} records")
-            assert page.locator("circle.faithfulness-point").count() == held
-        finally:
-            browser.close()
+    with headless_chromium() as browser:
+        page = browser.new_page()
+        page.goto(out.as_uri())
+        rows = page.locator("#records tbody tr.record")
+        assert rows.count() == held
+        overlays = page.locator('img.thumb[alt="overlay"]')  # heatmap (bytea) over the stored input (bytea)
+        assert overlays.count() == held
+        loaded = page.evaluate("Array.from(document.querySelectorAll('img.thumb')).every(i => i.naturalWidth > 0)")
+        assert loaded
+        assert page.locator("#summary").inner_text().startswith(f"{held} records")
+        assert page.locator("circle.faithfulness-point").count() == held
 
 
 # ------------------------------------------------------------------------------------------------ drift

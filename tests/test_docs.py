@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.browser import headless_chromium, require_chromium
+
 pytestmark = pytest.mark.serves("efficientnet_lite0")  # the model the `runnable: server` blocks call
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -445,10 +447,7 @@ def test_site_opened_from_disk_navigates_renders_references_and_scrolls_wide_tab
     """`make docs`, then site/index.html opened as a file, as the README says: a navigation link leads to
     a page (not a directory listing), the API page's cross-references are links, no page shows a raw
     Sphinx role, and the performance page's widest table can be scrolled to its last column."""
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip(f"{chromium} missing: `make test` installs Debian's chromium (tests/ensure_debian.sh)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    require_chromium()
     site = tmp_path / "site"
     completed = subprocess.run([str(BIN / "mkdocs"), "build", "--strict", "--site-dir", str(site)], cwd=REPO,
                                env=environment(), capture_output=True, text=True, timeout=180)  # fmt: skip
@@ -457,41 +456,33 @@ def test_site_opened_from_disk_navigates_renders_references_and_scrolls_wide_tab
         roles = re.findall(r":(?:meth|func|class|mod|attr|data|exc):`", page.read_text())
         assert not roles, f"{page.name} shows raw Sphinx roles: {roles[:3]}"
     shots = Path(os.environ.get("DOCS_SCREENSHOTS", tmp_path))
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(chromium),
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                  "--disable-extensions", "--disable-sync", "--no-first-run", "--disable-default-apps"],
+    with headless_chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto((site / "index.html").as_uri())
+        page.screenshot(path=str(shots / "docs_index.png"))
+        page.locator("nav.md-nav--primary a.md-nav__link", has_text="Performance").first.click()
+        page.wait_for_load_state()
+        assert page.url.endswith("/performance.html"), page.url
+        assert page.locator("h1").first.inner_text().strip(), "the navigation link led to no page"
+        assert "Index of" not in page.title()
+        widest = page.eval_on_selector_all(
+            "article table",
+            """tables => tables.map(t => {
+                const wrap = t.closest('.md-typeset__scrollwrap') || t.parentElement;
+                const last = t.querySelector('tr').lastElementChild;
+                wrap.scrollLeft = wrap.scrollWidth;
+                const right = last.getBoundingClientRect().right;
+                return [t.scrollWidth, right <= window.innerWidth + 1];
+            }).sort((a, b) => b[0] - a[0])[0]""",
         )  # fmt: skip
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto((site / "index.html").as_uri())
-            page.screenshot(path=str(shots / "docs_index.png"))
-            page.locator("nav.md-nav--primary a.md-nav__link", has_text="Performance").first.click()
-            page.wait_for_load_state()
-            assert page.url.endswith("/performance.html"), page.url
-            assert page.locator("h1").first.inner_text().strip(), "the navigation link led to no page"
-            assert "Index of" not in page.title()
-            widest = page.eval_on_selector_all(
-                "article table",
-                """tables => tables.map(t => {
-                    const wrap = t.closest('.md-typeset__scrollwrap') || t.parentElement;
-                    const last = t.querySelector('tr').lastElementChild;
-                    wrap.scrollLeft = wrap.scrollWidth;
-                    const right = last.getBoundingClientRect().right;
-                    return [t.scrollWidth, right <= window.innerWidth + 1];
-                }).sort((a, b) => b[0] - a[0])[0]""",
-            )  # fmt: skip
-            assert widest[1], f"the widest table ({widest[0]} px) cannot be scrolled to its last column"
-            page.screenshot(path=str(shots / "docs_performance.png"))
-            page.goto((site / "api.html").as_uri())
-            links = page.locator("article a.autorefs-internal")
-            assert links.count() >= 20, "the API reference's cross-references are not links"
-            href = links.first.get_attribute("href")
-            assert href and href.startswith("#"), href
-            page.screenshot(path=str(shots / "docs_api.png"))
-        finally:
-            browser.close()
+        assert widest[1], f"the widest table ({widest[0]} px) cannot be scrolled to its last column"
+        page.screenshot(path=str(shots / "docs_performance.png"))
+        page.goto((site / "api.html").as_uri())
+        links = page.locator("article a.autorefs-internal")
+        assert links.count() >= 20, "the API reference's cross-references are not links"
+        href = links.first.get_attribute("href")
+        assert href and href.startswith("#"), href
+        page.screenshot(path=str(shots / "docs_api.png"))
 
 
 def test_make_docs_installs_only_the_docs_extra_and_changes_no_installed_package() -> None:
