@@ -105,21 +105,22 @@ def test_two_authorization_headers_are_refused_before_auth(front):
     "http://127.0.0.1:8081/models", "/predictions/efficientnet_lite0/1.0/extra/segments", "/_front/401",
 ])  # fmt: skip
 def test_every_route_trick_is_404_json(front, target):
+    _refused_as_json(front, target, 404)
+
+
+def _refused_as_json(front, target: str, status: int) -> None:
+    """An authorised POST to ``target`` is answered ``status`` alone, with our JSON error body."""
     request = (f"POST {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_TOKENS[0]}\r\n"
                "Content-Length: 2\r\nConnection: close\r\n\r\n{}").encode()  # fmt: skip
     received, _, _ = raw_exchange(front.port, request)
-    assert statuses(received) == [404], received[:300]
-    _json_error(received.split(b"\r\n\r\n", 1)[1], 404)
+    assert statuses(received) == [status], received[:300]
+    _json_error(received.split(b"\r\n\r\n", 1)[1], status)
 
 
 @pytest.mark.parametrize("target", ["/%2e%2e/models", "/predictions/%2e%2e/%2e%2e/models", "/predictions%2f..%2f..%2fmodels"])
 def test_dot_segments_above_the_root_are_400_json(front, target):
     """nginx refuses a path that climbs above the root as malformed (400), before any route is matched."""
-    request = (f"POST {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_TOKENS[0]}\r\n"
-               "Content-Length: 2\r\nConnection: close\r\n\r\n{}").encode()  # fmt: skip
-    received, _, _ = raw_exchange(front.port, request)
-    assert statuses(received) == [400], received[:300]
-    _json_error(received.split(b"\r\n\r\n", 1)[1], 400)
+    _refused_as_json(front, target, 400)
 
 
 def _smuggle(front, headers: str, body: bytes) -> tuple[list[int], bool, bytes]:
