@@ -38,6 +38,7 @@ import gevent
 import yaml
 from locust import HttpUser, between, events, tag, task
 from locust.env import Environment
+from locust.stats import CSV_STATS_INTERVAL_SEC
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -331,7 +332,18 @@ def _count(**_) -> None:
     limit = environment.parsed_options.max_requests
     if limit and environment.stats.total.num_requests >= limit and not STATE.get("stopping"):
         STATE["stopping"] = True
-        gevent.spawn(environment.runner.quit)  # not from this user's own greenlet, which quit() kills
+        gevent.spawn(_stop_then_quit, environment)  # not from this user's own greenlet, which stop() kills
+
+
+def _stop_then_quit(environment: Environment) -> None:
+    """Stops the users, then quits once Locust's CSV writer has written the final figures: it writes every
+    ``CSV_STATS_INTERVAL_SEC`` and only then, so a run shorter than that, quit at once, left ``--csv`` files
+    with no requests in them."""
+    runner = environment.runner
+    assert runner is not None
+    runner.stop()
+    gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.5)
+    runner.quit()
 
 
 @events.quitting.add_listener
