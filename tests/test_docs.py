@@ -7,6 +7,7 @@ its fence (docs/contributing.md lists them):
 - ``<!-- runnable -->``: run with ``bash -e`` from the repo root, the venv first on PATH;
 - ``<!-- runnable: python -->``: run with this Python from the repo root;
 - ``<!-- runnable: server -->``: run against the session TorchServe (its ports replace 8080-8082);
+- ``<!-- runnable: peer -->``: as ``runnable``, in ``make test-peer`` only (the model builds of own_models.md);
 - ``<!-- dry-run -->``: every ``make`` line runs as ``make -n`` (targets and variables exist);
 - ``<!-- not-run: reason -->``: syntax-checked only.
 
@@ -40,7 +41,7 @@ SOURCES = [README, *PAGES]
 INCLUDED = [REPO / "deploy" / "README.md"]  # pulled into docs/deployment.md by pymdownx.snippets
 README_MAX_LINES = 250
 COMMAND_LANGUAGES = {"bash", "sh", "shell", "console", "python"}
-MARKER = re.compile(r"^<!--\s*(runnable(?::\s*(?:python|server))?|dry-run|not-run:\s*\S.*?)\s*-->$")
+MARKER = re.compile(r"^<!--\s*(runnable(?::\s*(?:python|server|peer))?|dry-run|not-run:\s*\S.*?)\s*-->$")
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+)(?P<lang>[\w+-]*)")
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\((?P<target>[^)\s]+)(?:\s+\"[^\"]*\")?\)")
 BIN = Path(sys.executable).parent
@@ -121,12 +122,19 @@ def run_bash(code: str, cwd: Path, timeout: float = 120, **extra: str) -> subpro
 # ---- the site ------------------------------------------------------------------------------------------
 
 
-def test_site_builds_strictly_without_a_warning(tmp_path: Path) -> None:
-    site = tmp_path / "site"
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`make docs`'s strict build, once for the tests of the site."""
+    site = tmp_path_factory.mktemp("docs") / "site"
     completed = subprocess.run(
         [str(BIN / "mkdocs"), "build", "--strict", "--site-dir", str(site)],
         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=180,
     )  # fmt: skip
+    return site, completed
+
+
+def test_site_builds_strictly_without_a_warning(built_site: tuple[Path, subprocess.CompletedProcess]) -> None:
+    site, completed = built_site
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
     assert "WARNING" not in output, output
@@ -236,7 +244,11 @@ def test_every_command_block_parses(block: Block) -> None:
         assert completed.returncode == 0, f"{block}: {completed.stderr}"
 
 
-@pytest.mark.parametrize("block", blocks_of("runnable"), ids=str)
+@pytest.mark.parametrize(
+    "block",
+    [*blocks_of("runnable"), *(pytest.param(b, marks=pytest.mark.peer) for b in blocks_of("runnable:peer"))],
+    ids=str,
+)
 def test_runnable_commands_run(block: Block) -> None:
     completed = run_bash(block.code, REPO)
     assert completed.returncode == 0, (
@@ -443,14 +455,14 @@ def shlex_words(command: str) -> list[str]:
         return command.split()
 
 
-def test_site_opened_from_disk_navigates_renders_references_and_scrolls_wide_tables(tmp_path: Path) -> None:
+def test_site_opened_from_disk_navigates_renders_references_and_scrolls_wide_tables(
+    built_site: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
     """`make docs`, then site/index.html opened as a file, as the README says: a navigation link leads to
     a page (not a directory listing), the API page's cross-references are links, no page shows a raw
     Sphinx role, and the performance page's widest table can be scrolled to its last column."""
     require_chromium()
-    site = tmp_path / "site"
-    completed = subprocess.run([str(BIN / "mkdocs"), "build", "--strict", "--site-dir", str(site)], cwd=REPO,
-                               env=environment(), capture_output=True, text=True, timeout=180)  # fmt: skip
+    site, completed = built_site
     assert completed.returncode == 0, completed.stderr
     for page in site.glob("*.html"):
         roles = re.findall(r":(?:meth|func|class|mod|attr|data|exc):`", page.read_text())

@@ -207,7 +207,8 @@ def test_locust_smoke_run_against_the_session_server(server, tmp_path: Path) -> 
     assert "locust" in html.lower() and f"/explanations/{DEFAULT_MODEL}" in html
 
 
-@pytest.mark.parametrize("task", ["detection", "embedding"])
+# detection's answers are checked by check_answer above; its Locust run (a slower model) is in `make test-peer`
+@pytest.mark.parametrize("task", [pytest.param("detection", marks=pytest.mark.peer), "embedding"])
 def test_locust_loads_other_tasks_models(server, tmp_path: Path, task: str) -> None:
     """The same mix against a detector and an embedding model (which needs a concept in every request):
     every answer is checked against its task's schema; no failure."""

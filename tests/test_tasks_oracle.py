@@ -112,6 +112,7 @@ def test_detector_eigencam_at_fpn_backbone(detector, oracle) -> None:
         cam_engine.create("gradcam", model, ["backbone"], reshape_transform=fasterrcnn_reshape_transform).explain(images)
 
 
+@pytest.mark.peer  # a ResNet-50-FPN detector, the reference's hard-coded layer: `make test-peer`
 def test_detector_ablationcam_at_the_fpn_dict_agrees(oracle) -> None:
     """AblationCAM at a detector's FPN ``backbone`` (a dict), against the reference's documented
     ``AblationLayerFasterRCNN`` (channel c of the reshaped maps = channel c % 256 of level c // 256,

@@ -147,9 +147,10 @@ class Budget:
             return
         wall = time.monotonic() - self.started
         write = terminalreporter.write_line
-        terminalreporter.section("budget: wall time per file (slowest 12) and peak memory")
+        shown = None if os.environ.get("BUDGET_FILES") == "all" else 12
+        terminalreporter.section(f"budget: wall time per file ({'all' if shown is None else 'slowest 12; BUDGET_FILES=all for every file'}) and peak memory")
         write("   wall    CPU  pytest PSS after")
-        for name, seconds in sorted(self.per_file.items(), key=lambda kv: -kv[1])[:12]:
+        for name, seconds in sorted(self.per_file.items(), key=lambda kv: -kv[1])[:shown]:
             write(f"{seconds:7.1f}{self.cpu.get(name, 0.0):7.1f} s {self.own_pss.get(name, 0) / 2**30:5.2f} GiB  {name}")
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         write(f"CPU of the tree {sum(self.cpu.values()):.0f} s (set-up before the first test"
