@@ -20,6 +20,9 @@ pytest_plugins = ["tests.helpers.budget"]
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--peer", action="store_true", help="also run the tests marked peer (make test-peer)")
+    parser.addoption("--reverse-files", action="store_true",
+                     help="run the test files in reverse order (each file's tests in their own order): the suite "
+                          "must pass in any order")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -34,6 +37,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = kept
+    if config.getoption("--reverse-files"):
+        files = list(dict.fromkeys(item.nodeid.split("::", 1)[0] for item in items))[::-1]
+        rank = {name: index for index, name in enumerate(files)}
+        items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])  # stable: a file keeps its order
 
 
 @pytest.fixture

@@ -78,5 +78,21 @@ def build_cached(specs: list[ArchiveSpec], store: Path, log: Callable[[str], Non
             name = built.stem
         else:
             shutil.copyfile(cached, store / f"{name}.mar")
+            os.utime(cached)  # recently used: kept by prune()
         names.append(name)
+    prune(root, set(names))
     return names
+
+
+#: cached versions kept per archive name (the newest used): a few checkouts or branches in turn hit the cache
+KEEP = 3
+
+
+def prune(root: Path, names: set[str], keep: int = KEEP) -> None:
+    """Deletes all but the ``keep`` most recently used cached archives of each of ``names`` (every code change
+    builds a new version: without this the cache grew by the whole set each time, 3 GB in a few days)."""
+    for name in names:
+        versions = sorted(root.glob(f"{name}-*.mar"), key=lambda path: path.stat().st_mtime, reverse=True)
+        for stale in versions[keep:]:
+            if stale.stem.rsplit("-", 1)[0] == name:  # not another archive whose name starts the same
+                stale.unlink(missing_ok=True)
