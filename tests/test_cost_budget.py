@@ -181,6 +181,33 @@ def test_a_captum_loop_past_its_deadline_answers_503_and_the_worker_goes_on(hand
     assert again == 200
 
 
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+@pytest.mark.parametrize("slow_first", [True, False])
+def test_a_cam_engine_loop_past_its_deadline_answers_503_and_its_cheap_batch_mate_200(
+    handler, estimate, monkeypatch, method, slow_first
+) -> None:
+    """ScoreCAM/AblationCAM (512 channels of layer4: 32 or 16 chunks) under a deadline that has passed before the
+    batch runs: stopped after its run's first model evaluation (handlers.serving.deadline.watch), while the Grad-CAM
+    batch-mate is answered, whichever of the two runs first."""
+    estimate(1e-6, 1e-9)  # the estimate admits anything; the deadline is over at once
+    monkeypatch.setattr(handler.costs, "max_passes_per_request", 512)  # one pass per channel
+    slow, cheap = {"image": PHOTO, "method": method, "targets": [2]}, {"image": PHOTO, "method": "gradcam"}
+    evaluations = [0]
+    handle = handler.model.register_forward_hook(lambda *args: evaluations.__setitem__(0, evaluations[0] + 1))
+    try:
+        answers = call(handler, slow, cheap) if slow_first else call(handler, cheap, slow)
+    finally:
+        handle.remove()
+    (status, answer), (mate, mate_answer) = answers if slow_first else answers[::-1]
+    assert status == 503 and answer["type"] == "DeadlineExceeded", answer
+    assert "8e-07 s share of the model's responseTimeout" in answer["message"]  # 0.8 x 1e-6
+    assert mate == 200 and mate_answer["explanations"][0]["method"] == "gradcam", mate_answer
+    assert evaluations[0] <= 4, evaluations  # each run's free one and the stopped run's prediction, not 17-33 passes
+    estimate(120, 1e-9)
+    [(again, body)] = call(handler, slow)  # with time left the same handler runs the whole loop
+    assert again == 200 and body["explanations"][0]["method"] == method
+
+
 def test_no_deadline_outside_a_batch() -> None:
     assert deadline.remaining() is None
     deadline.check()  # no deadline set: nothing raised
