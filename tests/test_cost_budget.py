@@ -21,7 +21,7 @@ from handlers.serving.base import COMMON_OPTIONS
 from handlers.tasks.classifier import ClassifierHandler
 from tests.helpers.fake_context import FakeContext
 from tests.helpers.inputs import b64, encode, square_image
-from tests.helpers.serving import DEFAULT_MODEL
+from tests.helpers.serving import BUDGET_MODEL, DEFAULT_MODEL
 
 SHIPPED = yaml.safe_load((Path(__file__).parents[1] / "model_store/configs/efficientnet_lite0.yaml").read_text())
 LABELS = [f"class_{i}" for i in range(10)]
@@ -227,3 +227,21 @@ def test_the_shipped_default_model_refuses_the_issue_request_through_torchserve(
     assert elapsed < 2, elapsed  # milliseconds of handler time; the rest is HTTP and TorchServe's queue
     ping = requests.post(f"{server.url()}/predictions/{DEFAULT_MODEL}", json={"image": PHOTO}, headers=server.headers(), timeout=60)
     assert ping.status_code == 200, ping.text  # the worker is alive and serving
+
+
+def test_a_batch_mate_that_does_not_fit_the_batch_is_refused_429_through_torchserve(server) -> None:
+    """Two images of one KServe v1 request are one batch: the Grad-CAM runs, the 655,360-pass occlusion (4,096
+    windows x 16 noise samples x 10 targets) cannot fit 0.8 x responseTimeout 5 s and is refused before any pass."""
+    huge = {"image": PHOTO, "method": "occlusion", "window": 1, "stride": 1, "noise_tunnel": True, "nt_samples": 16,
+            "targets": list(range(10))}  # fmt: skip
+    body = {"instances": [{"image": PHOTO, "method": "gradcam"}, huge]}
+    start = time.perf_counter()
+    answer = requests.post(f"{server.url()}/v1/models/{BUDGET_MODEL}:explain", json=body, headers=server.headers(), timeout=60)
+    elapsed = time.perf_counter() - start
+    assert answer.status_code == 200, answer.text  # a v1 request with one answered image
+    cheap, refused = answer.json()["explanations"]
+    assert cheap["explanations"][0]["method"] == "gradcam", cheap
+    assert refused["code"] == 429 and refused["type"] == "BatchCostBudget", refused
+    assert "this request's 655360 forward-pass equivalents do not fit" in refused["message"]
+    assert "responseTimeout 5 s" in refused["message"]
+    assert elapsed < 5, elapsed  # refused, not run (the run alone would take minutes)
