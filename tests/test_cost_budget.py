@@ -21,7 +21,7 @@ from handlers.serving.base import COMMON_OPTIONS
 from handlers.tasks.classifier import ClassifierHandler
 from tests.helpers.fake_context import FakeContext
 from tests.helpers.inputs import b64, encode, square_image
-from tests.helpers.serving import DEFAULT_MODEL
+from tests.helpers.serving import BUDGET_MODEL, DEFAULT_MODEL
 
 SHIPPED = yaml.safe_load((Path(__file__).parents[1] / "model_store/configs/efficientnet_lite0.yaml").read_text())
 LABELS = [f"class_{i}" for i in range(10)]
@@ -181,6 +181,33 @@ def test_a_captum_loop_past_its_deadline_answers_503_and_the_worker_goes_on(hand
     assert again == 200
 
 
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+@pytest.mark.parametrize("slow_first", [True, False])
+def test_a_cam_engine_loop_past_its_deadline_answers_503_and_its_cheap_batch_mate_200(
+    handler, estimate, monkeypatch, method, slow_first
+) -> None:
+    """ScoreCAM/AblationCAM (512 channels of layer4: 32 or 16 chunks) under a deadline that has passed before the
+    batch runs: stopped after its run's first model evaluation (handlers.serving.deadline.watch), while the Grad-CAM
+    batch-mate is answered, whichever of the two runs first."""
+    estimate(1e-6, 1e-9)  # the estimate admits anything; the deadline is over at once
+    monkeypatch.setattr(handler.costs, "max_passes_per_request", 512)  # one pass per channel
+    slow, cheap = {"image": PHOTO, "method": method, "targets": [2]}, {"image": PHOTO, "method": "gradcam"}
+    evaluations = [0]
+    handle = handler.model.register_forward_hook(lambda *args: evaluations.__setitem__(0, evaluations[0] + 1))
+    try:
+        answers = call(handler, slow, cheap) if slow_first else call(handler, cheap, slow)
+    finally:
+        handle.remove()
+    (status, answer), (mate, mate_answer) = answers if slow_first else answers[::-1]
+    assert status == 503 and answer["type"] == "DeadlineExceeded", answer
+    assert "8e-07 s share of the model's responseTimeout" in answer["message"]  # 0.8 x 1e-6
+    assert mate == 200 and mate_answer["explanations"][0]["method"] == "gradcam", mate_answer
+    assert evaluations[0] <= 4, evaluations  # each run's free one and the stopped run's prediction, not 17-33 passes
+    estimate(120, 1e-9)
+    [(again, body)] = call(handler, slow)  # with time left the same handler runs the whole loop
+    assert again == 200 and body["explanations"][0]["method"] == method
+
+
 def test_no_deadline_outside_a_batch() -> None:
     assert deadline.remaining() is None
     deadline.check()  # no deadline set: nothing raised
@@ -200,3 +227,21 @@ def test_the_shipped_default_model_refuses_the_issue_request_through_torchserve(
     assert elapsed < 2, elapsed  # milliseconds of handler time; the rest is HTTP and TorchServe's queue
     ping = requests.post(f"{server.url()}/predictions/{DEFAULT_MODEL}", json={"image": PHOTO}, headers=server.headers(), timeout=60)
     assert ping.status_code == 200, ping.text  # the worker is alive and serving
+
+
+def test_a_batch_mate_that_does_not_fit_the_batch_is_refused_429_through_torchserve(server) -> None:
+    """Two images of one KServe v1 request are one batch: the Grad-CAM runs, the 655,360-pass occlusion (4,096
+    windows x 16 noise samples x 10 targets) cannot fit 0.8 x responseTimeout 5 s and is refused before any pass."""
+    huge = {"image": PHOTO, "method": "occlusion", "window": 1, "stride": 1, "noise_tunnel": True, "nt_samples": 16,
+            "targets": list(range(10))}  # fmt: skip
+    body = {"instances": [{"image": PHOTO, "method": "gradcam"}, huge]}
+    start = time.perf_counter()
+    answer = requests.post(f"{server.url()}/v1/models/{BUDGET_MODEL}:explain", json=body, headers=server.headers(), timeout=60)
+    elapsed = time.perf_counter() - start
+    assert answer.status_code == 200, answer.text  # a v1 request with one answered image
+    cheap, refused = answer.json()["explanations"]
+    assert cheap["explanations"][0]["method"] == "gradcam", cheap
+    assert refused["code"] == 429 and refused["type"] == "BatchCostBudget", refused
+    assert "this request's 655360 forward-pass equivalents do not fit" in refused["message"]
+    assert "responseTimeout 5 s" in refused["message"]
+    assert elapsed < 5, elapsed  # refused, not run (the run alone would take minutes)

@@ -40,7 +40,6 @@ from torch import nn
 import cam_engine
 from cam_engine.model_utils import model_scores
 from handlers.config import ConfigError
-from handlers.serving import deadline
 from handlers.serving.errors import RequestError, quote
 from handlers.serving.options import option_names, read_options
 from handlers.settings import boolean, choice, integer, read_section, setting, unit
@@ -171,7 +170,6 @@ class _Scores(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        deadline.check()  # every chunk of every Captum loop comes through here (handlers.serving.deadline)
         return model_scores(self.model(x))
 
 

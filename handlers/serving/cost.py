@@ -22,7 +22,9 @@ any compute, :func:`admit` (one call from :func:`handlers.serving.batch.answer_u
   that would push it over gets 429 ``BatchCostBudget`` (alone, or in a quieter batch, it may fit). The
   first request of a batch is always admitted, so an estimate that is too high (a slow first run) can
   never refuse a request forever: the deadline stops it if the estimate was right;
-- sets the batch's deadline (:mod:`handlers.serving.deadline`), the backstop where the estimate was low.
+- sets the batch's deadline (:mod:`handlers.serving.deadline`), the backstop where the estimate was low:
+  :func:`for_handler` has the model's evaluations watch it (:func:`handlers.serving.deadline.watch`), so any
+  loop of model calls (ScoreCAM, AblationCAM, Captum) stops at it with a 503 for its run's requests.
 
 Seconds per pass: the load-time warm-up (one explanation with the default method) gives the first
 estimate (:func:`for_handler`), then a running estimate over the explained runs (:meth:`CostModel.observe`,
@@ -180,7 +182,8 @@ def for_handler(handler: CostedHandler, yaml_config: Mapping[str, Any] | None, w
     """The cost model of a loaded handler: its limits, its target layers' channels (where a per-channel method
     is served) and, as the first estimate of seconds per pass, the time its load-time warm-up took (one
     explanation of a blank image with the default method: an overestimate, as a first run is slow, which
-    the running estimate corrects from the first explained batches on)."""
+    the running estimate corrects from the first explained batches on). From here on the handler's model
+    checks the batch deadline at each evaluation (:func:`handlers.serving.deadline.watch`)."""
     from handlers.serving.attributions import method_name
 
     channels = 0
@@ -191,4 +194,5 @@ def for_handler(handler: CostedHandler, yaml_config: Mapping[str, Any] | None, w
         channels = layer_channels(handler.model, cam.target_layers, x, getattr(cam, "reshape_transform", None))
     default = method_name(handler.config.explanation.default_method)
     passes = passes_per_target(handler.cams[default], default, None, False, channels) * max(len(handler.warm_up_targets()), 1)
+    deadline.watch(handler.model)
     return CostModel(handler.config.max_passes_per_request, response_timeout(yaml_config), warm_up_seconds / passes, channels)

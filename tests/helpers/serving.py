@@ -197,3 +197,20 @@ TEST_ARCHIVES += [
 TEST_ARCHIVES += own_models.model_file_archives()  # response_format: torchserve, a model.py detector and segmenter
 #: the archives made with TorchServe's own archiver from a model file: their workers run the installed package
 MODEL_FILE_ARCHIVES = (OWN_MODEL_FILE, own_models.OWN_TORCHSERVE_FORMAT, own_models.OWN_DETECTOR, own_models.OWN_SEGMENTER)
+# tests/test_cost_budget.py: a real 429 BatchCostBudget. A short responseTimeout (5 s: a batch's budget is 4 s of
+# passes) and limits that let one request ask for ~655,000 occlusion passes, so a second request of a v1 body never
+# fits whatever this machine's seconds per pass (it would need under 7 us); the first, a Grad-CAM, always runs.
+BUDGET_MODEL = "budget_tiny"
+TEST_ARCHIVES.append(
+    ArchiveSpec(
+        config={"handler": {"architecture": "timm/test_efficientnet", "target_layers": ["bn2"]}},
+        archive_name=BUDGET_MODEL,
+        allow_random_weights=True,
+        overrides={
+            "minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1, "responseTimeout": 5,
+            "handler": {"labels": AUDIT_LABELS, "preprocessing": {"input_size": [64, 64]}, "max_targets": 10,
+                        "methods": ["gradcam", "occlusion"], "max_passes_per_request": 10_000_000,
+                        "attributions": {"max_windows": 4096, "max_passes": 100_000}},
+        },
+    )
+)  # fmt: skip
