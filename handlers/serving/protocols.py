@@ -33,7 +33,7 @@ from typing import Any
 from handlers.serving.codec import decode_base64
 from handlers.serving.errors import RequestError, error_body, quote
 
-__all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "split_body", "expand", "respond", "envelope_body", "error_body", "MAX_INSTANCES", "reason"]
+__all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "split_body", "expand", "respond", "envelope_body", "error_body", "MAX_INSTANCES", "reason", "header", "is_management_describe"]
 
 #: the most images one v1/v2 request may carry (each is one row of the batched model run)
 MAX_INSTANCES = 32
@@ -52,6 +52,25 @@ def reason(code: int) -> str:
         return REASONS.get(code) or HTTPStatus(code).phrase
     except ValueError:
         return "Error"
+
+
+def header(context: Any, index: int, key: str) -> str | None:
+    """HTTP header ``key`` of request ``index`` of the batch, or None."""
+    if context is None or not hasattr(context, "get_request_header"):
+        return None
+    try:
+        return context.get_request_header(index, key)
+    except (IndexError, KeyError, AttributeError, TypeError):
+        return None
+
+
+def is_management_describe(data: Sequence[Mapping[str, Any]], context: Any) -> bool:
+    """Whether this call is TorchServe's management describe (never an inference request): the ``describe:
+    True`` header and no body; an inference request always carries the frontend's ``explain`` header (and a
+    body), so a client's own ``describe`` header on the inference API is never taken for a describe."""
+    if len(data) != 1 or header(context, 0, "describe") != "True":
+        return False
+    return header(context, 0, "explain") is None and not any(k in data[0] for k in ("body", "data"))
 
 
 ProtocolError = RequestError  # a request that cannot be read at all
