@@ -88,24 +88,59 @@ def load_model_spec(
     :class:`CliError` with the names to choose from for an unknown name.
     """
     from handlers.config import ConfigError
-    from handlers.models import architectures, loading
-    from model_store.build import CONFIG_DIR, BuildError, load_config, load_weights
+    from handlers.models import loading
+    from model_store.build import CONFIG_DIR, BuildError, load_weights
+
+    handler = _handler_section(name)
+    reshape = _classifier_reshape(name, handler)
+    if num_classes is not None:
+        handler = {**handler, "labels": [str(i) for i in range(num_classes)]}
+    elif handler.get("labels") is None:
+        handler = {**handler, "labels": "imagenet"}
+    source = _weights_source(name, handler, weights, random_weights, num_classes)
+    section = {**handler, "weights": None, "task": "classifier", "reshape": reshape, "audit": {}}
+    if layers:
+        section["target_layers"] = list(layers)
+    try:  # the one loader the handler and the builder use (handlers.models.loading)
+        config = loading.read_config({"handler": section}, CONFIG_DIR)
+        loaded = loading.load_model(config, CONFIG_DIR, weights=lambda model: load_weights(model, source, random_weights))
+    except BuildError as error:
+        if error.reason == "no_weights":
+            raise CliError(_no_weights(name)) from None
+        raise CliError(f"{name}: {error}") from None
+    except ConfigError as error:
+        key = "--layer" if str(error).startswith("handler.target_layers") else name
+        raise CliError(f"{key}: {error}") from None
+    model = loaded.model.to(device).eval()
+    described, labels, preprocessing = loaded.weights_source or "", list(loaded.labels), loaded.preprocessing
+    target_layers, transform = list(loaded.target_layers), loaded.reshape_transform
+    return ModelSpec(name, model, labels, preprocessing, target_layers, transform, described)
+
+
+def _handler_section(name: str) -> dict[str, Any]:
+    """The handler section ``name`` stands for: that config, or the config that describes the architecture
+    ``name`` (its layers and preprocessing), or the bare architecture. :class:`CliError` for neither."""
+    from handlers.models import architectures
+    from model_store.build import CONFIG_DIR, load_config
 
     configs = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    handler: dict[str, Any] = {}
     if name in configs:
-        handler = dict(load_config(name).get("handler") or {})
-    else:
-        try:
-            architectures.get_architecture(name)
-        except KeyError as error:
-            raise CliError(f"unknown architecture {name!r}: configs {', '.join(configs)}; {error.args[0]}") from None
-        for config_name in configs:  # a bare architecture that a config describes: take that config
-            candidate = dict(load_config(config_name).get("handler") or {})
-            if candidate.get("architecture") == name:
-                handler = candidate
-                break
-        handler = {**handler, "architecture": name}
+        return dict(load_config(name).get("handler") or {})
+    try:
+        architectures.get_architecture(name)
+    except KeyError as error:
+        raise CliError(f"unknown architecture {name!r}: configs {', '.join(configs)}; {error.args[0]}") from None
+    for config_name in configs:
+        candidate = dict(load_config(config_name).get("handler") or {})
+        if candidate.get("architecture") == name:
+            return {**candidate, "architecture": name}
+    return {"architecture": name}
+
+
+def _classifier_reshape(name: str, handler: dict[str, Any]) -> str:
+    """The reshape of an image classifier the gallery can build; :class:`CliError` for any other model."""
+    from handlers.models import architectures
+
     task = handler.get("task") or ("CLIP" if handler.get("architecture") == "clip" else "classifier")
     reshape = handler.get("reshape", "auto")
     if reshape == "auto" and task == "classifier":
@@ -116,32 +151,24 @@ def load_model_spec(
             f"{name} is not an image classifier ({kind}): the gallery compares methods on classifiers; "
             "serve it and use `torchserve-cam explain` (with -o for its options)"
         )
-    if num_classes is not None:
-        handler = {**handler, "labels": [str(i) for i in range(num_classes)]}
-    elif handler.get("labels") is None:
-        handler = {**handler, "labels": "imagenet"}
+    return str(reshape)
+
+
+def _weights_source(
+    name: str, handler: dict[str, Any], weights: str | None, random_weights: bool, num_classes: int | None
+) -> str | None:
+    """``--weights``, else the config's weights unless ``--num-classes`` changed the classes; None only with
+    ``random_weights``."""
     source = weights if weights is not None else handler.get("weights")
     if num_classes is not None and weights is None:
         source = None  # a config's weights have that config's classes
     if source is None and not random_weights:
-        raise CliError(f"{name}: no weights: give --weights PATH (a state dict); --random-weights for a layout check")
-    section = {**handler, "weights": None, "task": "classifier", "reshape": reshape, "audit": {}}
-    if layers:
-        section["target_layers"] = list(layers)
-    try:  # the one loader the handler and the builder use (handlers.models.loading)
-        config = loading.read_config({"handler": section}, CONFIG_DIR)
-        loaded = loading.load_model(config, CONFIG_DIR, weights=lambda model: load_weights(model, source, random_weights))
-    except BuildError as error:
-        if error.reason == "no_weights":
-            raise CliError(f"{name}: no weights: give --weights PATH (a state dict); --random-weights for a layout check") from None
-        raise CliError(f"{name}: {error}") from None
-    except ConfigError as error:
-        key = "--layer" if str(error).startswith("handler.target_layers") else name
-        raise CliError(f"{key}: {error}") from None
-    model = loaded.model.to(device).eval()
-    described, labels, preprocessing = loaded.weights_source or "", list(loaded.labels), loaded.preprocessing
-    target_layers, transform = list(loaded.target_layers), loaded.reshape_transform
-    return ModelSpec(name, model, labels, preprocessing, target_layers, transform, described)
+        raise CliError(_no_weights(name))
+    return source
+
+
+def _no_weights(name: str) -> str:
+    return f"{name}: no weights: give --weights PATH (a state dict); --random-weights for a layout check"
 
 
 # ---------------------------------------------------------------------------------------- images

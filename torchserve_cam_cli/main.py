@@ -337,6 +337,32 @@ def _write_explanations(body: dict[str, Any], out: Path, stem: str) -> list[tupl
 
 
 # ---------------------------------------------------------------------------------------- commands
+def _request_options(args: argparse.Namespace, explain: bool) -> dict[str, Any]:
+    """The request options the flags ask for; ``-o KEY=VALUE`` last, so it may override the named flags."""
+    named: dict[str, Any] = {"top_k": args.top_k}
+    if explain:
+        named.update(output="both", targets=[parse_target(t) for t in args.target] if args.target else None,
+                     method=args.method or None, colormap=args.colormap, alpha=args.alpha)
+    options = {key: value for key, value in named.items() if value is not None}
+    options.update(dict(args.option))
+    return options
+
+
+def _print_outcome(outcome: Outcome, model: str, top_k: int | None, explain: bool, stdout: TextIO) -> None:
+    """One answered image: its predictions, what each explanation explains, the files written."""
+    body = outcome.response or {}
+    print(f"{outcome.image}  [{body.get('model', model)}]", file=stdout)
+    print(summary_table(body, top_k=top_k), file=stdout)
+    for explanation in body.get("explanations", []) if explain else []:
+        print(f"  explained {explanation_subject(explanation)} with "
+              f"{explanation.get('method')} at {', '.join(explanation.get('layers', []))}", file=stdout)
+        note = empty_explanation_note(explanation)
+        if note:
+            print(f"  WARNING: {note}", file=stdout)
+    for kind, path in outcome.written:
+        print(f"    {kind:<8} {path}", file=stdout)
+
+
 def _serve_command(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     explain = args.command == "explain"
     missing = [str(p) for p in args.images if not p.is_file()]
@@ -344,22 +370,10 @@ def _serve_command(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
         raise CliError(f"no such file: {', '.join(missing)}")
     token = resolve_token(args.token, args.key_file, args.no_token)
     client = Client(args.url, token, timeout=args.timeout)
-    options: dict[str, Any] = {}
-    if args.top_k is not None:
-        options["top_k"] = args.top_k
+    options = _request_options(args, explain)
     stems = _unique_stems(args.images)
     if explain:
-        options["output"] = "both"
-        if args.target:
-            options["targets"] = [parse_target(t) for t in args.target]
-        if args.method:
-            options["method"] = args.method
-        if args.colormap is not None:
-            options["colormap"] = args.colormap
-        if args.alpha is not None:
-            options["alpha"] = args.alpha
         args.out.mkdir(parents=True, exist_ok=True)
-    options.update(dict(args.option))  # -o KEY=VALUE last: it may override --target / --top-k
 
     def work(index: int, image: Path) -> Outcome:
         outcome = Outcome(index, image)
@@ -382,17 +396,7 @@ def _serve_command(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
             failed += 1
             print(f"error: {outcome.image}: {outcome.error}", file=stderr)
             continue
-        body = outcome.response or {}
-        print(f"{outcome.image}  [{body.get('model', args.model)}]", file=stdout)
-        print(summary_table(body, top_k=args.top_k), file=stdout)
-        for explanation in body.get("explanations", []) if explain else []:
-            print(f"  explained {explanation_subject(explanation)} with "
-                  f"{explanation.get('method')} at {', '.join(explanation.get('layers', []))}", file=stdout)
-            note = empty_explanation_note(explanation)
-            if note:
-                print(f"  WARNING: {note}", file=stdout)
-        for kind, path in outcome.written:
-            print(f"    {kind:<8} {path}", file=stdout)
+        _print_outcome(outcome, args.model, args.top_k, explain, stdout)
     stdout.flush()
     if failed:
         print(f"{failed} of {len(args.images)} image(s) failed", file=stderr)

@@ -270,14 +270,16 @@ class CamHandler:
             raise RequestError(f"unknown option(s) {', '.join(map(quote, unknown))}; allowed: {allowed}")
         explanation = self.config.explanation
         common: CommonOptions = read_options(CommonOptions, options, explanation)
-        method = attributions.method_name(common.method)
+        method = self._method_alias.get(common.method) or attributions.method_name(common.method)
         if method not in self.cams:
             raise RequestError(f"unknown method {quote(common.method)}; this model allows: {', '.join(self.cams)}")
         for smoothing in ("aug_smooth", "eigen_smooth"):
             if getattr(common, smoothing) and not getattr(explanation, smoothing):
                 raise RequestError(f"{smoothing} is not enabled for this model")
-        rendering = render.parse_render_options(options, explanation)
-        method_options = attributions.parse_options(self.cams[method], options, common.aug_smooth or common.eigen_smooth)
+        rendering: render.RenderOptions = read_options(render.RenderOptions, options, explanation)
+        method_options = None  # a CAM method given no Captum option takes none; parse_options words any refusal
+        if isinstance(self.cams[method], attributions.CaptumMethod) or not options.keys().isdisjoint(attributions.OPTIONS):
+            method_options = attributions.parse_options(self.cams[method], options, common.aug_smooth or common.eigen_smooth)
         image = decode_image(raw, self.config.max_image_pixels, self.config.image_formats, self.config.multi_frame)
         model_input, geometry = preprocess(image, self.config.preprocessing)
         request = ParsedRequest(

@@ -17,6 +17,7 @@ whole run, such as a deadline) answers every request of that run instead, withou
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ import torch
 
 from handlers.serving import budget, cost, grpc_calls, limits, protocols
 from handlers.serving.errors import as_request_error
-from handlers.serving.protocols import RequestError
+from handlers.serving.protocols import RequestError, header
 
 __all__ = ["BatchHandler", "handle_batch", "answer_units", "header"]
 
@@ -64,16 +65,6 @@ class BatchHandler(cost.CostedHandler, Protocol):
     ) -> Any: ...
 
 
-def header(context: Any, index: int, key: str) -> str | None:
-    """HTTP header ``key`` of request ``index`` of the batch, or None."""
-    if context is None or not hasattr(context, "get_request_header"):
-        return None
-    try:
-        return context.get_request_header(index, key)
-    except (IndexError, KeyError, AttributeError, TypeError):
-        return None
-
-
 def _content_type(context: Any, index: int) -> None:
     if context is not None and hasattr(context, "set_response_content_type"):
         context.set_response_content_type(index, "application/json")
@@ -108,15 +99,15 @@ def handle_batch(handler: BatchHandler, data: Sequence[Mapping[str, Any]], conte
 def _handle_batch(
     handler: BatchHandler, data: Sequence[Mapping[str, Any]], context: Any, unanswered: set[int]
 ) -> list[str]:
-    get = lambda index, key: header(context, index, key)  # noqa: E731
-    if limits.is_management_describe(data, get):
+    if protocols.is_management_describe(data, context):
         return [json.dumps(handler.describe())]
     envelopes, units = [], []
     for index, item in enumerate(data):
         try:
             if index in unanswered:
                 raise RequestError("gRPC StreamPredictions2 is not supported", 501, "NotImplemented")
-            envelope, found = protocols.expand(index, item, get(index, "explain") == "True", lambda key, i=index: get(i, key))
+            explain = header(context, index, "explain") == "True"
+            envelope, found = protocols.expand(index, item, explain, functools.partial(header, context, index))
         except Exception as error:  # noqa: BLE001 - this request's own answer (errors.as_request_error)
             envelope, found = protocols.Envelope(error=_failed(error, index, reading=True)), []
         envelopes.append(envelope)
@@ -249,5 +240,7 @@ def answer_units(
             handler.audit.record(run, batch, outputs, cams, results)
         else:
             audit_later.append((run, batch, outputs, cams, results))
-    missing = (500, protocols.error_body(500, "InternalError", "no answer was built for this image"))
-    return [answer if answer is not None else missing for answer in answers]
+    if any(answer is None for answer in answers):
+        missing = (500, protocols.error_body(500, "InternalError", "no answer was built for this image"))
+        return [answer if answer is not None else missing for answer in answers]
+    return [answer for answer in answers if answer is not None]

@@ -10,18 +10,12 @@
 - **Heatmap size.** :func:`capped_geometry` maps CAMs onto a grid of at most ``max_heatmap_pixels``
   pixels with the submitted image's aspect, so a 6000x6000 upload does not cost 36 Mpx float maps per
   target; the answer's ``width``/``height`` give the size, and ``scaled_from`` the image's own.
-- **Describe.** TorchServe's management describe (``GET /models/<m>?customized=true``) reaches the
-  handler as a request with the ``describe: True`` header and no body; an inference request always
-  carries the frontend's ``explain`` header (and a body), so a client's own ``describe`` header on the
-  inference API is never taken for a describe.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,20 +27,12 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE_SIZE",
     "max_response_size",
     "frontend_config",
-    "is_management_describe",
     "capped_geometry",
     "capped_image",
     "too_large",
 ]
 
 logger = logging.getLogger(__name__)
-
-def is_management_describe(data: Sequence[Mapping[str, Any]], header: Callable[[int, str], Any]) -> bool:
-    """Whether this call is TorchServe's management describe (never an inference request)."""
-    if len(data) != 1 or header(0, "describe") != "True":
-        return False
-    return header(0, "explain") is None and not any(k in data[0] for k in ("body", "data"))
-
 
 def too_large(size: int, limit: int, source: str) -> tuple[int, str, str]:
     """``(code, type, message)`` for an answer of ``size`` bytes over ``limit``."""

@@ -12,6 +12,7 @@ model or several options (a method the model serves, ``stride`` over ``window``)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -59,9 +60,15 @@ class TopKOptions:
     top_k: int = setting(5, integer(1), default_from="top_k", limit="classes")
 
 
+@functools.cache
 def option_names(*groups: type) -> tuple[str, ...]:
     """The option names the dataclasses ``groups`` accept, in field order."""
     return tuple(name for group in groups for name in section_keys(group))
+
+
+#: (group, id(defaults)) -> (defaults, the group read with no option given): a request that gives none of a
+#: group's options gets the model's defaults, read once, not re-validated per request (the group is frozen)
+_DEFAULTS: dict[tuple[type, int], tuple[Any, Any]] = {}
 
 
 def read_options(
@@ -69,8 +76,17 @@ def read_options(
 ) -> Any:
     """The options group ``cls`` from a request's ``options`` (keys of other groups are ignored here; the
     handler refuses unknown ones). A refused value is a :class:`RequestError` 400 naming the option."""
-    mine = {key: options[key] for key in section_keys(cls) if key in options}
+    mine = {key: options[key] for key in option_names(cls) if key in options}
+    if not mine:  # defaults never meet a limit: only given values are bounded
+        stored = _DEFAULTS.get((cls, id(defaults)))
+        if stored is not None and stored[0] is defaults:
+            return stored[1]
     try:
-        return read_values(cls, mine, "", defaults, limits)
+        parsed = read_values(cls, mine, "", defaults, limits)
     except InvalidValue as error:
         raise RequestError(f"{error.key} {error.problem}") from None
+    if not mine:
+        if len(_DEFAULTS) >= 256:  # a process serves one model: only many test handlers fill it
+            _DEFAULTS.clear()
+        _DEFAULTS[(cls, id(defaults))] = (defaults, parsed)
+    return parsed

@@ -33,7 +33,7 @@ from typing import Any
 from handlers.serving.codec import decode_base64
 from handlers.serving.errors import RequestError, error_body, quote
 
-__all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "split_body", "expand", "respond", "envelope_body", "error_body", "MAX_INSTANCES", "reason"]
+__all__ = ["Unit", "Envelope", "RequestError", "ProtocolError", "split_body", "expand", "respond", "envelope_body", "error_body", "MAX_INSTANCES", "reason", "header", "is_management_describe"]
 
 #: the most images one v1/v2 request may carry (each is one row of the batched model run)
 MAX_INSTANCES = 32
@@ -52,6 +52,25 @@ def reason(code: int) -> str:
         return REASONS.get(code) or HTTPStatus(code).phrase
     except ValueError:
         return "Error"
+
+
+def header(context: Any, index: int, key: str) -> str | None:
+    """HTTP header ``key`` of request ``index`` of the batch, or None."""
+    if context is None or not hasattr(context, "get_request_header"):
+        return None
+    try:
+        return context.get_request_header(index, key)
+    except (IndexError, KeyError, AttributeError, TypeError):
+        return None
+
+
+def is_management_describe(data: Sequence[Mapping[str, Any]], context: Any) -> bool:
+    """Whether this call is TorchServe's management describe (never an inference request): the ``describe:
+    True`` header and no body; an inference request always carries the frontend's ``explain`` header (and a
+    body), so a client's own ``describe`` header on the inference API is never taken for a describe."""
+    if len(data) != 1 or header(context, 0, "describe") != "True":
+        return False
+    return header(context, 0, "explain") is None and not any(k in data[0] for k in ("body", "data"))
 
 
 ProtocolError = RequestError  # a request that cannot be read at all
@@ -221,6 +240,32 @@ def _bytes_elements(blob: bytes, where: str) -> list[bytes]:
 def _v2_units(index: int, body: Mapping[str, Any], explain: bool, binary: bytes = b"") -> tuple[Envelope, list[Unit]]:
     request_id = body.get("id")
     envelope = Envelope("v2", explain, request_id=str(request_id) if request_id is not None else None)
+    shared = _parameters(body.get("parameters"), "parameters")
+    units: list[Unit] = []
+    offset = 0
+    for position, tensor in enumerate(_v2_inputs(body)):
+        where = f"inputs[{position}]"
+        name, shape, parameters = _v2_tensor(tensor, position)
+        options = {**shared, **_parameters(parameters, f"{where}.parameters")}
+        wants = options.pop("explain", None)
+        if wants is not None and not isinstance(wants, bool):
+            raise ProtocolError(f"parameters.explain must be true or false, got {quote(wants)}")
+        unit_explain = explain or bool(wants)
+        envelope.explain = envelope.explain or unit_explain
+        images, offset = _v2_elements(tensor, parameters, where, name, binary, offset)
+        if math.prod(shape) != len(images):
+            raise ProtocolError(
+                f"{where} ({name}): shape {shape} holds {math.prod(shape)} element(s), \"data\" has {len(images)}"
+            )
+        envelope.outputs.append((name, len(images)))
+        if len(units) + len(images) > MAX_INSTANCES:
+            raise ProtocolError(f"KServe v2: more than {MAX_INSTANCES} images in one request", 413, "TooManyInstances")
+        units.extend(_v2_image_unit(index, element, options, unit_explain, f"{where}.data") for element in images)
+    return envelope, units
+
+
+def _v2_inputs(body: Mapping[str, Any]) -> list[Any]:
+    """The body's ``inputs``: a non-empty list, else a :class:`ProtocolError` that shows the expected shape."""
     inputs = body.get("inputs")
     if "inputs" not in body:
         raise ProtocolError(
@@ -229,56 +274,53 @@ def _v2_units(index: int, body: Mapping[str, Any], explain: bool, binary: bytes 
         )
     if not isinstance(inputs, list) or not inputs:
         raise ProtocolError(f'KServe v2: "inputs" must be a non-empty list of BYTES tensors, got {quote(inputs)}')
-    shared = _parameters(body.get("parameters"), "parameters")
-    units: list[Unit] = []
-    offset = 0
-    for position, tensor in enumerate(inputs):
-        where = f"inputs[{position}]"
-        if not isinstance(tensor, Mapping):
-            raise ProtocolError(f"{where} must be an object")
-        name = str(tensor.get("name", f"input_{position}"))
-        if len(name) > 200:
-            raise ProtocolError(f"{where}: name longer than 200 characters ({len(name)})")
-        if tensor.get("datatype") != "BYTES":
-            raise ProtocolError(f"{where} ({name}): datatype must be BYTES (encoded images), got {quote(tensor.get('datatype'))}")
-        shape = tensor.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ProtocolError(f"{where} ({name}): \"shape\" must be a list of non-negative integers, got {quote(shape)}")
-        parameters = tensor.get("parameters") if isinstance(tensor.get("parameters"), Mapping) else {}
-        options = {**shared, **_parameters(parameters, f"{where}.parameters")}
-        wants = options.pop("explain", None)
-        if wants is not None and not isinstance(wants, bool):
-            raise ProtocolError(f"parameters.explain must be true or false, got {quote(wants)}")
-        unit_explain = explain or bool(wants)
-        envelope.explain = envelope.explain or unit_explain
-        size = parameters.get("binary_data_size")
-        if size is not None:  # raw bytes, after the JSON header
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise ProtocolError(f"{where}: binary_data_size {quote(size)} does not fit the body")
-            images: list[Any] = _bytes_elements(binary[offset : offset + size], where)
-            offset += size
-        else:
-            images = tensor.get("data")
-            if not isinstance(images, list) or not images:
-                raise ProtocolError(f'{where} ({name}): "data" must be a non-empty list of base64 images')
-            if images and isinstance(images[0], list):  # shape [N, 1] sent nested
-                images = [x for row in images for x in (row if isinstance(row, list) else [row])]
-        if math.prod(shape) != len(images):
-            raise ProtocolError(
-                f"{where} ({name}): shape {shape} holds {math.prod(shape)} element(s), \"data\" has {len(images)}"
-            )
-        envelope.outputs.append((name, len(images)))
-        if len(units) + len(images) > MAX_INSTANCES:
-            raise ProtocolError(f"KServe v2: more than {MAX_INSTANCES} images in one request", 413, "TooManyInstances")
-        for element in images:
-            if isinstance(element, (bytes, bytearray)):
-                units.append(Unit(index, {"data": bytes(element), "options": dict(options)}, unit_explain))
-                continue
-            try:
-                units.append(Unit(index, {"body": {**options, "image": _b64_option(element, f"{where}.data")}}, unit_explain))
-            except ProtocolError as error:
-                units.append(Unit(index, {"error": error}, unit_explain))
-    return envelope, units
+    return inputs
+
+
+def _v2_tensor(tensor: Any, position: int) -> tuple[str, list[int], Mapping[str, Any]]:
+    """One input tensor's name, shape and parameters, checked: a BYTES tensor of non-negative dimensions."""
+    where = f"inputs[{position}]"
+    if not isinstance(tensor, Mapping):
+        raise ProtocolError(f"{where} must be an object")
+    name = str(tensor.get("name", f"input_{position}"))
+    if len(name) > 200:
+        raise ProtocolError(f"{where}: name longer than 200 characters ({len(name)})")
+    if tensor.get("datatype") != "BYTES":
+        raise ProtocolError(f"{where} ({name}): datatype must be BYTES (encoded images), got {quote(tensor.get('datatype'))}")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(f"{where} ({name}): \"shape\" must be a list of non-negative integers, got {quote(shape)}")
+    parameters = tensor.get("parameters")
+    return name, shape, parameters if isinstance(parameters, Mapping) else {}
+
+
+def _v2_elements(
+    tensor: Mapping[str, Any], parameters: Mapping[str, Any], where: str, name: str, binary: bytes, offset: int
+) -> tuple[list[Any], int]:
+    """The tensor's elements and the binary offset after them: raw bytes at ``offset`` of the body after the
+    JSON header when ``binary_data_size`` says so, else its ``data`` list (base64 strings, [N, 1] flattened)."""
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise ProtocolError(f"{where}: binary_data_size {quote(size)} does not fit the body")
+        return list(_bytes_elements(binary[offset : offset + size], where)), offset + size
+    images = tensor.get("data")
+    if not isinstance(images, list) or not images:
+        raise ProtocolError(f'{where} ({name}): "data" must be a non-empty list of base64 images')
+    if isinstance(images[0], list):  # shape [N, 1] sent nested
+        images = [x for row in images for x in (row if isinstance(row, list) else [row])]
+    return images, offset
+
+
+def _v2_image_unit(index: int, element: Any, options: Mapping[str, Any], explain: bool, where: str) -> Unit:
+    """One image of a v2 tensor as a unit: raw bytes with their options, or a base64 string decoded into a body
+    (an undecodable one becomes that unit's error, not the request's)."""
+    if isinstance(element, (bytes, bytearray)):
+        return Unit(index, {"data": bytes(element), "options": dict(options)}, explain)
+    try:
+        return Unit(index, {"body": {**options, "image": _b64_option(element, where)}}, explain)
+    except ProtocolError as error:
+        return Unit(index, {"error": error}, explain)
 
 
 def expand(

@@ -21,7 +21,6 @@ Everything is bounded by the response-size limit (:mod:`handlers.serving.limits`
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +31,11 @@ from cam_engine import image as cam_image
 from handlers.serving import limits
 from handlers.serving.codec import encode_jpeg, encode_png, encode_raw
 from handlers.serving.errors import RequestError
-from handlers.serving.options import option_names, read_options
+from handlers.serving.options import option_names
 from handlers.serving.preprocess import to_source
 from handlers.settings import choice, setting, unit
 
-__all__ = ["RENDER_OPTIONS", "HEATMAP_FORMATS", "HEATMAP_SIZES", "RenderOptions", "parse_render_options", "encode_explanations"]
+__all__ = ["RENDER_OPTIONS", "HEATMAP_FORMATS", "HEATMAP_SIZES", "RenderOptions", "encode_explanations"]
 
 HEATMAP_FORMATS = ("png", "float16", "npy")
 HEATMAP_SIZES = ("image", "input")
@@ -51,17 +50,12 @@ class RenderOptions:
     heatmap_format: str = setting("png", choice(*HEATMAP_FORMATS))
     heatmap_size: str = setting("image", choice(*HEATMAP_SIZES))
 
+    def __post_init__(self) -> None:
+        if self.heatmap_format == "png" and self.heatmap_size != "image":
+            raise RequestError("heatmap_size 'input' needs heatmap_format 'float16' or 'npy' (a PNG is the photo's size)")
+
 
 RENDER_OPTIONS = option_names(RenderOptions)
-
-
-def parse_render_options(options: Mapping[str, Any], explanation: Any) -> RenderOptions:
-    """The request's ``colormap``/``alpha``/``heatmap_format``/``heatmap_size`` (defaults from ``explanation``, the
-    model's :class:`handlers.config.ExplanationConfig`); :class:`RequestError` naming the option and its allowed values."""
-    parsed: RenderOptions = read_options(RenderOptions, options, explanation)
-    if parsed.heatmap_format == "png" and parsed.heatmap_size != "image":
-        raise RequestError("heatmap_size 'input' needs heatmap_format 'float16' or 'npy' (a PNG is the photo's size)")
-    return parsed
 
 
 Entry = tuple[int, str, tuple[int, ...], int]  # (target row, "heatmap"/"overlay", picture shape, piece index)

@@ -51,6 +51,9 @@ class ClassifierHandler(CamHandler):
         indices = self.class_indices(options.get("targets"), "targets", "target")
         request.task = {"targets": indices, "top_k": top_k}
 
+    def target_count(self, request: ParsedRequest) -> int:
+        return len(request.task.get("targets") or [None])  # None: the top class, one target
+
     def targets_for(self, request: ParsedRequest) -> list[Any]:
         indices = request.task.get("targets")
         if indices is None:
@@ -63,20 +66,19 @@ class ClassifierHandler(CamHandler):
         logits = model_scores(outputs)[row].float()
         probabilities = torch.softmax(logits, dim=-1)
         scores, indices = probabilities.topk(request.task["top_k"])
-        response: dict[str, Any] = {}
-        response["predictions"] = [
+        predictions = [
             {"index": int(i), "label": self.labels[int(i)], "score": round(float(s), 6)}
             for s, i in zip(scores.tolist(), indices.tolist())
         ]
-        if explanations is not None:
-            targets = request.task.get("targets") or [int(logits.argmax())]
-            meta = self.explanation_meta(request)
-            response["explanations"] = [
-                {"target": target, "label": self.labels[target], **meta, **pictures}
-                for target, pictures in zip(targets, explanations)
-            ]
-        result = TaskResult.from_body(response, self.task.name)
         if explanations is None and self.config.response_format == TORCHSERVE:
             stock = stock_predictions(probabilities, self.labels, request.task["top_k"])
-            return TorchServeAnswer(result.task, result.results, None, result.extra, stock)
-        return result
+            return TorchServeAnswer(self.task.name, predictions, None, {}, stock)
+        if explanations is None:
+            return TaskResult(self.task.name, predictions)
+        targets = request.task.get("targets") or [int(logits.argmax())]
+        meta = self.explanation_meta(request)
+        explained = [
+            {"target": target, "label": self.labels[target], **meta, **pictures}
+            for target, pictures in zip(targets, explanations)
+        ]
+        return TaskResult(self.task.name, predictions, explained)

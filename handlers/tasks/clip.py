@@ -251,26 +251,27 @@ class ClipHandler(CamHandler):
         probabilities = torch.softmax(logits, dim=-1)
         order = probabilities.argsort(descending=True).tolist()
         values = probabilities.tolist()
-        response: dict[str, Any] = {}
-        response["predictions"] = [{"index": i, "label": labels[i], "score": round(values[i], 6)} for i in order]
-        response["text_embeddings"] = {
+        predictions = [{"index": i, "label": labels[i], "score": round(values[i], 6)} for i in order]
+        extra: dict[str, Any] = {}
+        extra["text_embeddings"] = {
             "cache": request.task["cache"],
             "hits": self.text_cache.hits,
             "misses": self.text_cache.misses,
         }
         if entry.truncated:
-            response["truncated"] = [
+            extra["truncated"] = [
                 {"index": i, "label": labels[i], "tokens": count, "max_tokens": self.max_tokens}
                 for i, count in entry.truncated
             ]
-        if explanations is not None:
-            targets = request.task.get("targets") or [order[0]]
-            meta = self.explanation_meta(request)
-            response["explanations"] = [
-                {"target": target, "label": labels[target], **meta, **pictures}
-                for target, pictures in zip(targets, explanations)
-            ]
-        return TaskResult.from_body(response, self.task.name)
+        if explanations is None:
+            return TaskResult(self.task.name, predictions, None, extra)
+        targets = request.task.get("targets") or [order[0]]
+        meta = self.explanation_meta(request)
+        explained = [
+            {"target": target, "label": labels[target], **meta, **pictures}
+            for target, pictures in zip(targets, explanations)
+        ]
+        return TaskResult(self.task.name, predictions, explained, extra)
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()

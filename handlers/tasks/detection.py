@@ -169,24 +169,23 @@ class DetectionHandler(CamHandler):
                 "label": self.labels[label] if 0 <= label < len(self.labels) else str(label),
                 "score": round(scores[index], 6),
             })  # fmt: skip
-        response: dict[str, Any] = {}
-        response["detections"] = detections
-        if explanations is not None:
-            requested = request.task["boxes"]
-            if requested is not None:
-                missing = [b for b in requested if b >= len(detections)]
-                if missing:
-                    raise RequestError(
-                        f"box index {missing[0]} is out of range: {len(detections)} detection(s) "
-                        f"at score_threshold {threshold}"
-                    )
-                ranks = requested
-            else:
-                ranks = list(range(min(len(detections), len(explanations))))
-            meta = self.explanation_meta(request)
-            response["explanations"] = [
-                {"box_index": rank, **{k: v for k, v in detections[rank].items() if k != "index"}, **meta,
-                 **explanations[position]}
-                for position, rank in enumerate(ranks)
-            ]  # fmt: skip
-        return TaskResult.from_body(response, self.task.name)
+        if explanations is None:
+            return TaskResult(self.task.name, detections)
+        requested = request.task["boxes"]
+        if requested is not None:
+            missing = [b for b in requested if b >= len(detections)]
+            if missing:
+                raise RequestError(
+                    f"box index {missing[0]} is out of range: {len(detections)} detection(s) "
+                    f"at score_threshold {threshold}"
+                )
+            ranks = requested
+        else:
+            ranks = list(range(min(len(detections), len(explanations))))
+        meta = self.explanation_meta(request)
+        explained = [
+            {"box_index": rank, **{k: v for k, v in detections[rank].items() if k != "index"}, **meta,
+             **explanations[position]}
+            for position, rank in enumerate(ranks)
+        ]  # fmt: skip
+        return TaskResult(self.task.name, detections, explained)

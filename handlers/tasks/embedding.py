@@ -186,18 +186,18 @@ class EmbeddingHandler(CamHandler):
         self, request: ParsedRequest, outputs: Any, row: int, explanations: list[dict[str, Any]] | None
     ) -> TaskResult:
         embedding = outputs[row].float().reshape(-1)
-        response: dict[str, Any] = {}
-        response["similarities"] = [
+        similarities = [
             {
                 "concept": name,
                 "similarity": round(float(F.cosine_similarity(embedding, request.task["features"][name].to(embedding.device), dim=0)), 6),
             }
             for name in request.task["concepts"]
         ]
-        if explanations is not None:
-            meta = self.explanation_meta(request)
-            response["explanations"] = [
-                {"concept": name, "target": request.task["target"], **meta, **pictures}
-                for name, pictures in zip(request.task["concepts"], explanations)
-            ]
-        return TaskResult.from_body(response, self.task.name)
+        if explanations is None:
+            return TaskResult(self.task.name, similarities)
+        meta = self.explanation_meta(request)
+        explained = [
+            {"concept": name, "target": request.task["target"], **meta, **pictures}
+            for name, pictures in zip(request.task["concepts"], explanations)
+        ]
+        return TaskResult(self.task.name, similarities, explained)

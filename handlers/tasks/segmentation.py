@@ -69,23 +69,23 @@ class SegmentationHandler(CamHandler):
         height, width = mask.shape
         counts = torch.bincount(mask.reshape(-1).long(), minlength=logits.shape[0]).tolist()
         total = height * width
-        response: dict[str, Any] = {}
-        response["mask"] = {
+        mask_field = {
             "format": "png",
             "width": int(width),
             "height": int(height),
             "data": base64.b64encode(encode_png(mask.numpy())).decode("ascii"),
         }
-        response["classes"] = [
+        classes = [
             {"index": c, "label": self.labels[c], "pixels": int(counts[c]), "fraction": round(counts[c] / total, 6)}
             for c in sorted(range(len(counts)), key=lambda c: -counts[c])
             if counts[c] > 0
         ]
-        if explanations is not None:
-            classes = request.task["classes"] or [region_class(logits, self.config.segmentation.background_class)]
-            meta = self.explanation_meta(request)
-            response["explanations"] = [
-                {"target": c, "label": self.labels[c], "pixels": int(counts[c]), **meta, **pictures}
-                for c, pictures in zip(classes, explanations)
-            ]
-        return TaskResult.from_body(response, self.task.name)
+        if explanations is None:
+            return TaskResult(self.task.name, classes, None, {"mask": mask_field})
+        explained_classes = request.task["classes"] or [region_class(logits, self.config.segmentation.background_class)]
+        meta = self.explanation_meta(request)
+        explained = [
+            {"target": c, "label": self.labels[c], "pixels": int(counts[c]), **meta, **pictures}
+            for c, pictures in zip(explained_classes, explanations)
+        ]
+        return TaskResult(self.task.name, classes, explained, {"mask": mask_field})
