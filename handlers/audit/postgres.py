@@ -166,7 +166,8 @@ class PostgresSink:
         from psycopg.types.json import Jsonb
 
         self.open()
-        rows, heatmaps, inputs = [], [], []
+        rows, inputs = [], []
+        heatmaps: list[tuple[str, int, bytes]] = []
         for record in records:
             fields = finish_record(record)
             record_id = fields["record_id"]

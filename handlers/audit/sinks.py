@@ -3,7 +3,8 @@ sink (JSON lines in the model log), and the records' columns (:data:`COLUMNS`, :
 the PostgreSQL sink is :mod:`handlers.audit.postgres`, the tables' versions :mod:`handlers.audit.migrations`.
 
 Sinks are used by the writer thread only (:mod:`handlers.audit.writer`); ``write`` takes a list of
-:class:`PendingRecord` and finishes them off (hash, PNGs, files) before storing them. A sink may also
+:class:`PendingRecord`, already summarised by the writer's ``prepare``, and finishes them off (hash, PNGs
+unless already encoded, files) before storing them. A sink may also
 offer ``check()`` (is it writable?), ``prune(cutoff_epoch)`` (delete older records with their files),
 ``errors`` (the exception types its calls raise) and ``transient(error)`` (worth retrying).
 """
