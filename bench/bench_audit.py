@@ -4,8 +4,22 @@ batch, with auditing off, on (every request, heatmaps stored) into SQLite and in
 faithfulness check (``remove_top``: the top 20% of each heatmap set to the mean colour; ``road``: imputed
 by ROAD, one sparse solve per heatmap on the CPU).
 
-    python bench/bench_audit.py [--batch 4] [--repeats 20] [--only "audit off,audit on + faithfulness road"]
+    python bench/bench_audit.py [--batch 4] [--repeats 20] [--block 3] [--only "audit off,audit on + faithfulness road"]
     python bench/bench_audit.py --repeats 30 --only "audit off,sqlite async,sqlite strict,postgres async,postgres strict"
+    python bench/bench_audit.py --repeats 10 --only "audit off,postgres async" --profile "postgres async"
+
+How it times: in each round every variant handles ``--block`` consecutive batches, of which all but the first
+are timed, then its writer is drained untimed. So an ``async`` variant's writer thread (summaries, PNGs,
+the commit: its work for batch n) runs beside that variant's own batch n+1, as in a server under steady
+traffic, and never beside another variant's batches; the first batch of a block, which would find the writer
+idle, is not timed. Rounds interleave the variants, so a change of load on the machine hits all of them;
+"vs off" is the ratio of the medians over all rounds and "paired" the median over the rounds of each
+round's ratio (the variant's median in that round over audit off's in the same round), which a load that
+drifts between rounds moves less. "CPU ms" is the CPU time per batch, from the first batch of a block to the
+end of its drain: this process (model, request path and writer thread) plus, for the PostgreSQL variants,
+the PostgreSQL server's processes; on a machine whose cores are all busy, that is what a variant costs
+whatever the threads overlap. ``--profile NAME``: cProfile of ``Auditor.record`` (the request path
+after the answers are built) of that variant, its 25 largest cumulative entries.
 
 The PostgreSQL variants run against a real PostgreSQL that the benchmark starts itself, as the tests do
 (``tests/helpers/postgres.py``: Debian's server, ``initdb`` in a temporary directory, a loopback port;
@@ -21,8 +35,10 @@ skimage photos, one request of the batch explained, the rest plain predictions (
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import sqlite3
 import sys
 import tempfile
@@ -48,9 +64,13 @@ from tests.helpers.inputs import encode  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds (after 3 untimed ones)")
+    parser.add_argument("--block", type=int, default=3, help="consecutive batches per variant per round (>= 2)")
+    parser.add_argument("--profile", default=None, help="a variant whose Auditor.record is profiled (cProfile)")
     parser.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     args = parser.parse_args()
+    if args.block < 2:
+        parser.error("--block must be at least 2 (the first batch of a block is not timed)")
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench-audit-"))
     model = architectures.build("efficientnet_lite0", 1000)
@@ -77,6 +97,8 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown variant(s) {unknown}; known: {list(variants)}")
         variants = {name: variants[name] for name in wanted}
+    if args.profile is not None and args.profile not in variants:
+        parser.error(f"--profile {args.profile!r} is not among the variants run: {list(variants)}")
     postgres = start_postgres(variants) if any(a.get("sink") == "postgres" for a in variants.values()) else None
     try:
         run(args, root, model_dir, images, variants, postgres)
@@ -105,6 +127,27 @@ def start_postgres(variants: dict[str, dict]):
     return server
 
 
+def server_cpu(postgres) -> float:
+    """CPU seconds (user + system) of the PostgreSQL server's processes so far; 0 without a server."""
+    if postgres is None or postgres.process is None:
+        return 0.0
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(postgres.process.pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # a backend that has just exited
+            continue
+        total += times.user + times.system
+    return total
+
+
 def run(args: argparse.Namespace, root: Path, model_dir: Path, images: list[bytes], variants: dict[str, dict],
         postgres) -> None:
     handlers = {}
@@ -119,50 +162,82 @@ def run(args: argparse.Namespace, root: Path, model_dir: Path, images: list[byte
         handler = ClassifierHandler()
         handler.initialize(FakeContext(variant_dir, "efficientnet_lite0"))
         handlers[name] = (handler, variant_dir)
+    warmup = 3
     times: dict[str, list[float]] = {name: [] for name in variants}
-    in_record: dict[str, list[float]] = {name: [] for name in variants}  # Auditor.record per batch
+    rounds: dict[str, list[float]] = {name: [] for name in variants}  # per timed round: the median of its block
+    in_record: dict[str, list[float]] = {name: [] for name in variants}  # Auditor.record per timed batch
+    profile = cProfile.Profile()
+    timing = {"on": False}
     for name, (handler, _) in handlers.items():
-        def timed(*args, _record=handler.audit.record, _name=name):
+        def timed(*call, _record=handler.audit.record, _name=name):
+            profiled = timing["on"] and _name == args.profile
             started = time.perf_counter()
-            unrecorded = _record(*args)  # strict: the requests whose records could not be committed
-            in_record[_name].append((time.perf_counter() - started) * 1000)
-            return unrecorded
+            if profiled:
+                profile.enable()
+            try:
+                return _record(*call)  # strict: the requests whose records could not be committed
+            finally:
+                if profiled:
+                    profile.disable()
+                if timing["on"]:
+                    in_record[_name].append((time.perf_counter() - started) * 1000)
 
         handler.audit.record = timed
-    for repeat in range(args.repeats + 3):  # interleaved, so a load change on the machine hits every variant
+    cpu: dict[str, list[float]] = {name: [] for name in variants}  # per timed round: CPU ms per batch
+    for repeat in range(args.repeats + warmup):  # interleaved, so a load change on the machine hits every variant
         for name, (handler, variant_dir) in handlers.items():
-            context = FakeContext(variant_dir, "efficientnet_lite0", [i == 0 for i in range(args.batch)])
-            started = time.perf_counter()
-            handler.handle([{"body": bytearray(b)} for b in images], context)
-            if repeat >= 3:
-                times[name].append((time.perf_counter() - started) * 1000)
+            block = []
+            server = postgres if variants[name].get("sink") == "postgres" else None  # its CPU is the variant's
+            cpu_before = time.process_time() + server_cpu(server)
+            for position in range(args.block):
+                timing["on"] = repeat >= warmup and position > 0
+                context = FakeContext(variant_dir, "efficientnet_lite0", [i == 0 for i in range(args.batch)])
+                started = time.perf_counter()
+                handler.handle([{"body": bytearray(b)} for b in images], context)
+                if timing["on"]:
+                    block.append((time.perf_counter() - started) * 1000)
+            timing["on"] = False
+            handler.audit.flush()  # untimed: the next variant starts beside an idle writer
+            if block:
+                cpu[name].append((time.process_time() + server_cpu(server) - cpu_before) * 1000 / args.block)
+                times[name].extend(block)
+                rounds[name].append(float(np.median(block)))
     results = {name: float(np.median(values)) for name, values in times.items()}
     p90 = {name: float(np.percentile(values, 90)) for name, values in times.items()}
     latency: dict[str, float] = {}
+    counts: dict[str, dict[str, int]] = {}
     for name, (handler, _) in handlers.items():
         handler.audit.flush()
         if handler.audit.writer is not None:
             latency[name] = handler.audit.writer.max_commit_latency_ms
+            counts[name] = handler.audit.writer.counters()
         handler.audit.close()
-    base = results.get("audit off", next(iter(results.values())))
+    base_name = "audit off" if "audit off" in results else next(iter(results))
+    base = results[base_name]
+    paired = {name: float(np.median(np.array(rounds[name]) / np.array(rounds[base_name]))) for name in results}
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"efficientnet_lite0, batch of {args.batch} (1 explained), {args.repeats} repeats, 1 thread, "
-          f"load average at the end {load}")
-    print("| variant | median ms per batch | p90 ms | requests/s | vs off |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"efficientnet_lite0, batch of {args.batch} (1 explained), {args.repeats} rounds of {args.block - 1} timed "
+          f"batches per variant, 1 thread, load average at the end {load}")
+    cpu_ms = {name: float(np.median(values)) for name, values in cpu.items()}
+    print("| variant | median ms per batch | p90 ms | requests/s | vs off | paired vs off | CPU ms | CPU vs off |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, ms in results.items():
-        print(f"| {name} | {ms:.1f} | {p90[name]:.1f} | {1000 * args.batch / ms:.1f} | {ms / base:.2f}x |")
+        print(f"| {name} | {ms:.1f} | {p90[name]:.1f} | {1000 * args.batch / ms:.1f} | {ms / base:.2f}x "
+              f"| {paired[name]:.2f}x | {cpu_ms[name]:.1f} | {cpu_ms[name] / cpu_ms[base_name]:.2f}x |")
     for name, ms in latency.items():
-        record = in_record[name][3 * 1 :]
+        record = in_record[name]
         print(f"{name}: longest queue -> commit {ms:.1f} ms; Auditor.record median {np.median(record):.1f} ms"
-              f" (p90 {np.percentile(record, 90):.1f}) per batch")
+              f" (p90 {np.percentile(record, 90):.1f}) per batch; records {counts[name]}")
+    if args.profile is not None:
+        print(f"cProfile of Auditor.record, {args.profile}, {len(in_record[args.profile])} timed batches:")
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
     for name, audit in variants.items():
         if not audit.get("faithfulness"):
             continue
         connection = sqlite3.connect(Path(audit["directory"]) / "audit.sqlite3")
         rows = connection.execute("SELECT faithfulness_ms, faithfulness FROM audit_records").fetchall()
         connection.close()
-        per_record = [ms / args.batch for ms, _ in rows[3 * args.batch :]]  # after the warm-up batches
+        per_record = [ms / args.batch for ms, _ in rows[warmup * args.block * args.batch :]]  # after the warm-up
         scores = [score for _, score in rows if score is not None]
         print(f"{name}: the check costs {np.median(per_record):.1f} ms per audited record (median, p90 "
               f"{np.percentile(per_record, 90):.1f}); median score {np.median(scores):+.3f} over {len(scores)} records")

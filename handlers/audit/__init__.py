@@ -28,13 +28,15 @@ How it runs (:class:`Auditor`, one per handler):
    request that asked for no explanation rides along in the same ``cam.run`` with the task's default
    targets (a classifier's top-1 class), so it costs a backward pass for its image but no forward
    pass; its response stays as it was (no ``explanations``).
-2. :meth:`Auditor.record`, called after the batch's responses are built, computes the summaries on
-   the device, runs one extra batched forward pass for the faithfulness check of all audited
-   (image, target) pairs, copies the heatmaps to the host once and queues the records. It never
-   raises: a failure is logged and counted.
-3. A background writer thread takes what is queued, hashes, encodes PNGs, writes the files and
-   inserts the records in one SQLite transaction (or prints JSON lines), then commits. Nothing on
-   the request path waits for the disk.
+2. :meth:`Auditor.record`, called after the batch's responses are built, fills each record's fields
+   from the answer, runs one extra batched forward pass for the faithfulness check of all audited
+   (image, target) pairs, copies the model-input CAMs to the host once (on a CPU server they are
+   queued as they are) and queues the records. It never raises: a failure is logged and counted.
+3. A background writer thread takes what is queued and finishes each record (the Auditor's
+   ``prepare``: the CAMs mapped onto the submitted image, their summaries, the PNGs, the record id;
+   then ``observe``: the drift metrics, once per record), hashes, writes the files and inserts the
+   records in one transaction (or prints JSON lines), then commits. Nothing on the request path
+   waits for that work or for the disk, except ``strict``'s wait for its batch's commit.
 
 Durability ``async`` (default): a record is queued before its answer leaves the handler and committed
 (WAL, ``synchronous=NORMAL``: survives SIGKILL and OOM kills, not a power cut) as soon as the writer

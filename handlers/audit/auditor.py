@@ -18,18 +18,16 @@ from typing import Any, Protocol
 import torch
 
 from cam_engine.core import model_scores
-from cam_engine.image import to_uint8
 from cam_engine.targets import ClassifierOutputTarget
 from handlers.config import AUDIT_SINKS, AuditConfig, HandlerConfig
 from handlers.serving.batch import header
-from handlers.serving.preprocess import to_source
 from handlers.tasks.registry import TaskResult
 
 from .metrics import FAITHFULNESS_SECONDS, OVERHEAD_SECONDS, AuditMetrics
 from .postgres import PostgresSink, resolve_dsn
 from .sinks import PendingRecord, SqliteSink, StdoutSink, resolve_directory
 from .status import UnavailableMarker
-from .summary import REMOVED_FRACTION, confidence, heatmap_summary, remove_top_pixels
+from .summary import REMOVED_FRACTION, confidence, remove_top_pixels, summarise
 from .writer import SHUTDOWN_FLUSH_S, AuditWriter
 
 __all__ = ["AuditedHandler", "Auditor", "TOP_CLASS", "SINK_VARIABLE", "deployed_config"]
@@ -74,6 +72,15 @@ def _request_id(context: Any, index: int) -> str | None:
     except (IndexError, KeyError, AttributeError, TypeError):
         return None
     return str(value) if value else None
+
+
+def _to_host(cams: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``cams`` detached on the CPU: as they are when already there (no copy), else one device-to-host copy."""
+    cams = [c.detach() for c in cams]
+    if not cams or all(c.device.type == "cpu" for c in cams):
+        return cams
+    host = torch.cat([c.reshape(-1) for c in cams]).cpu()
+    return [part.reshape(c.shape) for part, c in zip(host.split([c.numel() for c in cams]), cams)]
 
 
 @dataclass
@@ -156,6 +163,7 @@ class Auditor:
             sink, self.config.queue_size, handler.model_name, retry=not self.strict,
             marker=UnavailableMarker(handler.model_name) if self.strict else None,
             retention_s=None if retention is None else retention * 86400.0,
+            prepare=self._prepare, observe=lambda records: self.metrics.drift([r.fields for r in records]),
         )  # fmt: skip
         logger.info(
             "auditing %s: %.0f%% of requests to %r (heatmaps %s, faithfulness %s, inputs %s)",
@@ -189,6 +197,10 @@ class Auditor:
     ) -> set[int]:
         """Queue one record per audited request that got a response (the task's ``results`` by request index).
 
+        On this (the request) path: the record's fields from the answer, the faithfulness check (it needs the
+        model) and one device-to-host copy of the audited CAMs; the heatmap summaries, PNGs and drift
+        metrics are the writer thread's (:meth:`_prepare`, :meth:`AuditMetrics.drift`).
+
         Returns the indexes (``request.index``, keys of ``results``) of the answers that must not be
         released: with ``durability: strict``, those whose record was not committed within
         :attr:`commit_timeout` (the caller answers them 503 ``AuditUnavailable``); always empty in ``async``.
@@ -208,7 +220,6 @@ class Auditor:
         try:
             for _, record in pending:
                 self.writer.submit(record)
-            self.metrics.drift([record.fields for _, record in pending])
             if self.strict:
                 committed = self.writer.wait([record for _, record in pending], self.commit_timeout)
                 failed = audited - {index for (index, _), ok in zip(pending, committed) if ok}
@@ -238,8 +249,7 @@ class Auditor:
         records: list[PendingRecord] = []
         owners: list[int] = []  # request.index of each record
         pairs: list[_Pair] = []
-        heatmap_parts: list[torch.Tensor] = []
-        heatmap_owner: list[tuple[int, tuple[int, int], int]] = []  # (record, shape, count)
+        audited_cams: list[tuple[int, torch.Tensor]] = []  # (record, its CAMs [T, H, W])
         stamp, epoch = _utc_now()
         layers = list(handler.config.explanation.target_layers)
         for row, request in audited:
@@ -251,7 +261,7 @@ class Auditor:
             request_index = getattr(request, "request_index", request.index)
             explain_header = header(context, request_index, "explain")
             fields: dict[str, Any] = {
-                "record_id": uuid.uuid4().hex,
+                "record_id": None,  # the writer's (_prepare)
                 "request_id": _request_id(context, request_index),
                 "timestamp": stamp,
                 "epoch": epoch,
@@ -275,37 +285,33 @@ class Auditor:
                 "batch_size": len(requests),
                 "worker_pid": os.getpid(),
             }
+            record = PendingRecord(fields, bytes(request.raw), None, self.config.store_inputs)
             request_cams = cams[row] if row < len(cams) else None
             if request_cams is not None:
                 targets = list(handler.targets_for(request))[: request_cams.shape[0]]
-                mapped = to_source(request_cams, request.geometry)  # [T, h, w] in [0, 1]
                 for position, target in enumerate(targets):
                     resolved, described = self._describe_target(target, scores, row)
                     if described["label"] is None and position < len(subjects):  # the answer names it
                         described = subjects[position]
-                    summary = heatmap_summary(mapped[position])
                     fields["targets"].append(described)
-                    fields["explanations"].append({**described, **summary})
+                    fields["explanations"].append(dict(described))  # the writer adds the heatmap's summary
                     pairs.append(_Pair(row, len(records), resolved, request_cams[position], fields["explanations"][-1]))
-                if targets and self.config.store_heatmaps:
-                    pictures = to_uint8(mapped[: len(targets)])
-                    heatmap_owner.append((len(records), tuple(pictures.shape[1:]), pictures.shape[0]))
-                    heatmap_parts.append(pictures.reshape(-1))
-                if fields["explanations"]:
-                    first = fields["explanations"][0]
-                    fields.update({k: first[k] for k in ("peak_x", "peak_y", "top10_mass", "entropy")})
-            records.append(PendingRecord(fields, bytes(request.raw), None, self.config.store_inputs))
+                if targets:
+                    audited_cams.append((len(records), request_cams[: len(targets)]))
+                    record.geometry = request.geometry
+            records.append(record)
             owners.append(request.index)
         if self.config.faithfulness and pairs:
             self._faithfulness(batch, scores, pairs, records)
-        if heatmap_parts:
-            host = torch.cat(heatmap_parts).cpu().numpy()  # one device-to-host copy for the batch
-            offset = 0
-            for index, shape, count in heatmap_owner:
-                size = count * shape[0] * shape[1]
-                records[index].heatmaps = host[offset : offset + size].reshape(count, *shape)
-                offset += size
+        for index, host in zip((index for index, _ in audited_cams), _to_host([c for _, c in audited_cams])):
+            records[index].cams = host
         return list(zip(owners, records))
+
+    def _prepare(self, record: PendingRecord) -> None:
+        """The writer thread's share of a record (:class:`~handlers.audit.writer.AuditWriter`'s ``prepare``):
+        its id, its heatmaps' summaries and PNGs (:func:`~handlers.audit.summary.summarise`)."""
+        record.fields["record_id"] = record.fields.get("record_id") or uuid.uuid4().hex
+        summarise(record, self.config.store_heatmaps)
 
     def _describe_target(self, target: Any, scores: Any, row: int) -> tuple[Any, dict[str, Any]]:
         """(a target fixed to a class where it named "the top class", its JSON description)."""

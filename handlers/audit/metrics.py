@@ -1,18 +1,21 @@
 """The audit's TorchServe metrics: counters by model and sink, and time histograms.
 
 Counters (ModelName, Sink): ``AuditRecords`` (committed), ``AuditWriteErrors`` (records lost to sink
-errors), ``AuditDropped`` (queue full). They are published as deltas with each batch, from the request
-thread (the writer thread never touches TorchServe's metric cache); the first batch publishes all three,
-zeros included, so that every series exists from the start (``rate()`` and a dashboard's "drops" panel
-need it).
+errors, or that the writer could not finish), ``AuditDropped`` (queue full). They are published as deltas
+with each batch, from the request thread (the writer thread keeps the running totals); the first batch
+publishes all three, zeros included, so that every series exists from the start (``rate()`` and a
+dashboard's "drops" panel need it).
 
 Histograms (ModelName, Sink), **seconds** per audited batch on the request path, TorchServe's fixed
 buckets 5 ms .. 10 s (see :mod:`handlers.serving.metrics` for why those buckets and that unit):
-``AuditOverheadSeconds`` (the whole :meth:`~handlers.audit.Auditor.record` call: summaries, the
-faithfulness check, the host copy, queueing) and ``AuditFaithfulnessSeconds`` (the faithfulness check
+``AuditOverheadSeconds`` (the whole :meth:`~handlers.audit.Auditor.record` call: the fields, the
+faithfulness check, the host copy, queueing and, with ``strict``, the wait for the commit) and
+``AuditFaithfulnessSeconds`` (the faithfulness check
 alone: one forward pass for ``remove_top``, ROAD's imputations and passes for ``road``).
 
-Drift signals (:meth:`AuditMetrics.drift`, per audited record):
+Drift signals (:meth:`AuditMetrics.drift`, per audited record, called by the writer thread once for each
+record it finishes, committed or not; that thread alone touches their state, and TorchServe's metric
+objects only log a line per observation):
 
 - ``AuditFaithfulness`` (ModelName), histogram of each record's faithfulness (the confidence drop,
   -1..1; with the fixed buckets 0.005 .. 1 a negative drop counts in the lowest bucket, which is what a

@@ -23,8 +23,6 @@ import os
 import re
 from typing import Any
 
-from handlers.serving.codec import encode_png
-
 from .migrations import SchemaTooNew
 from .sinks import COLUMNS, JSON_COLUMNS, PendingRecord, finish_record, input_extension
 
@@ -168,13 +166,12 @@ class PostgresSink:
         from psycopg.types.json import Jsonb
 
         self.open()
-        rows, heatmaps, inputs = [], [], []
+        rows, inputs = [], []
+        heatmaps: list[tuple[str, int, bytes]] = []
         for record in records:
             fields = finish_record(record)
             record_id = fields["record_id"]
-            if record.heatmaps is not None:
-                for position, heatmap in enumerate(record.heatmaps):
-                    heatmaps.append((record_id, position, encode_png(heatmap)))
+            heatmaps.extend((record_id, position, png) for position, png in enumerate(record.heatmap_pngs()))
             if record.store_input:
                 inputs.append((record_id, input_extension(record.raw), record.raw))
             rows.append(tuple(Jsonb(fields.get(c)) if c in JSON_COLUMNS else fields.get(c) for c in COLUMNS))

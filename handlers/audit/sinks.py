@@ -3,7 +3,8 @@ sink (JSON lines in the model log), and the records' columns (:data:`COLUMNS`, :
 the PostgreSQL sink is :mod:`handlers.audit.postgres`, the tables' versions :mod:`handlers.audit.migrations`.
 
 Sinks are used by the writer thread only (:mod:`handlers.audit.writer`); ``write`` takes a list of
-:class:`PendingRecord` and finishes them off (hash, PNGs, files) before storing them. A sink may also
+:class:`PendingRecord`, already summarised by the writer's ``prepare``, and finishes them off (hash, PNGs
+unless already encoded, files) before storing them. A sink may also
 offer ``check()`` (is it writable?), ``prune(cutoff_epoch)`` (delete older records with their files),
 ``errors`` (the exception types its calls raise) and ``transient(error)`` (worth retrying).
 """
@@ -64,13 +65,28 @@ JSON_COLUMNS = ("predictions", "layers", "targets", "explanations")
 @dataclass
 class PendingRecord:
     """A record on its way to the sink: the fields computed on the request path, plus what the writer
-    finishes off it (hash, PNGs, files). ``heatmaps``: uint8 ``[T, h, w]`` or None."""
+    finishes off it (summaries, hash, PNGs, files).
+
+    ``cams``: the model-input CAMs ``[T, H, W]`` (CPU, detached) and ``geometry`` their request's
+    :class:`~handlers.serving.preprocess.Geometry`, which the writer maps onto the submitted image and
+    summarises (:func:`handlers.audit.summary.summarise`, which drops them); ``heatmaps``: uint8
+    ``[T, h, w]``, or ``pngs``: those encoded (what the sinks store)."""
 
     fields: dict[str, Any]
     raw: bytes
     heatmaps: np.ndarray | None = None
     store_input: bool = False
     committed: bool | None = None  # set by the writer: True once committed, False once lost
+    cams: Any = None  # torch.Tensor [T, H, W]
+    geometry: Any = None
+    pngs: list[bytes] | None = None
+
+    def heatmap_pngs(self) -> list[bytes]:
+        """The heatmaps as PNGs (encoded once; the arrays are dropped)."""
+        if self.pngs is None:
+            self.pngs = [] if self.heatmaps is None else [encode_png(heatmap) for heatmap in self.heatmaps]
+            self.heatmaps = None
+        return self.pngs
 
 
 def input_extension(raw: bytes) -> str:
@@ -144,12 +160,13 @@ class SqliteSink:
             fields = finish_record(record)
             day = fields["timestamp"][:10]
             model = re.sub(r"[^A-Za-z0-9_.-]", "_", fields["model"])
-            if record.heatmaps is not None:
+            pngs = record.heatmap_pngs()
+            if pngs:
                 folder = self.directory / "heatmaps" / model / day
                 folder.mkdir(parents=True, exist_ok=True)
-                for position, heatmap in enumerate(record.heatmaps):
+                for position, png in enumerate(pngs):
                     relative = f"heatmaps/{model}/{day}/{fields['record_id']}_{position}.png"
-                    (folder / f"{fields['record_id']}_{position}.png").write_bytes(encode_png(heatmap))
+                    (folder / f"{fields['record_id']}_{position}.png").write_bytes(png)
                     if position < len(fields["explanations"]):
                         fields["explanations"][position]["heatmap_path"] = relative
                     if position == 0:
@@ -245,10 +262,9 @@ class StdoutSink:
         lines = []
         for record in records:
             fields = finish_record(record)
-            if record.heatmaps is not None:
-                for position, heatmap in enumerate(record.heatmaps):
-                    if position < len(fields["explanations"]):
-                        fields["explanations"][position]["heatmap_png"] = base64.b64encode(encode_png(heatmap)).decode("ascii")
+            for position, png in enumerate(record.heatmap_pngs()):
+                if position < len(fields["explanations"]):
+                    fields["explanations"][position]["heatmap_png"] = base64.b64encode(png).decode("ascii")
             lines.append(json.dumps({"type": "cam_audit_record", **fields}, separators=(",", ":")))
         stream = self.stream or sys.stdout
         stream.write("\n".join(lines) + "\n")  # one write call: lines do not interleave with log lines

@@ -1,7 +1,15 @@
-"""The audit's writer thread: records queued on the request path are committed to a sink in batches.
+"""The audit's writer thread: records queued on the request path are finished and committed to a sink in batches.
 
-Nothing on the request path waits for the disk, unless ``durability: strict`` waits for its batch's
-records (:meth:`AuditWriter.wait`). At interpreter exit and on SIGTERM every writer's queue is drained
+The request path queues what it has already computed (fields, the model-input CAMs on the CPU, the input
+bytes); the writer's ``prepare`` hook finishes each record (heatmap summaries, PNGs) and its ``observe``
+hook sees each finished batch once (the drift metrics), before the sink writes it. Nothing on the request
+path waits for that work or for the disk, unless ``durability: strict`` waits for its batch's records
+(:meth:`AuditWriter.wait`).
+
+The queue is bounded by records (``queue_size``), not bytes: a queued record holds its input bytes (at
+most TorchServe's ``max_request_size``) and its model-input CAMs (``4 x T x H x W`` bytes: 200 KB per
+heatmap at 224x224), never a heatmap at the submitted image's size (the writer maps those one record at a
+time). At interpreter exit and on SIGTERM every writer's queue is drained
 for at most :data:`SHUTDOWN_FLUSH_S` seconds.
 
 Failures: a batch that fails with an error the sink calls transient (a lost PostgreSQL connection) is
@@ -24,6 +32,7 @@ import signal
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from .sinks import PendingRecord
@@ -79,12 +88,16 @@ def _install_shutdown_hooks() -> None:
 
 
 class AuditWriter:
-    """A background thread that commits queued records to a sink in batches, off the request path.
+    """A background thread that finishes queued records and commits them to a sink in batches, off the
+    request path.
 
     :meth:`submit` never blocks: when ``queue_size`` records are waiting, the new one is dropped and
     counted. ``retry``: retry transient sink errors (``async``); ``marker``: an
     :class:`~handlers.audit.status.UnavailableMarker` raised while the sink cannot commit (``strict``);
-    ``retention_s``: prune records older than that, at most once an hour.
+    ``retention_s``: prune records older than that, at most once an hour. ``prepare(record)``: called
+    once per record on this thread before its first write attempt (a record it raises on is lost and
+    counted as a write error); ``observe(records)``: called once per batch with the prepared records,
+    whatever the sink then does with them.
     """
 
     def __init__(
@@ -96,8 +109,12 @@ class AuditWriter:
         retry: bool = True,
         marker: Any = None,
         retention_s: float | None = None,
+        prepare: Callable[[PendingRecord], None] | None = None,
+        observe: Callable[[list[PendingRecord]], None] | None = None,
     ) -> None:
         self.sink = sink
+        self.prepare = prepare
+        self.observe = observe
         self.model_name = model_name
         self.retry = retry
         self.marker = marker
@@ -265,6 +282,32 @@ class AuditWriter:
         if removed:
             logger.info("audit: pruned %d record(s) of %s older than %.0f days", removed, self.sink, self.retention_s / 86400)
 
+    def _prepare(self, records: list[PendingRecord]) -> list[PendingRecord]:
+        """The records ``prepare`` finished (the others lost and counted), shown once to ``observe``."""
+        ready, failed = records, []
+        if self.prepare is not None:
+            ready = []
+            for record in records:
+                try:
+                    self.prepare(record)
+                    ready.append(record)
+                except Exception as error:  # noqa: BLE001 - one record lost and counted, the writer goes on
+                    failed.append(record)
+                    self._log_error(f"audit record of {self.model_name} could not be finished: {error!r}")
+        if failed:
+            with self._lock:
+                for record in failed:
+                    record.committed = False
+                self.write_errors += len(failed)
+                self._pending -= len(failed)
+                self._lock.notify_all()
+        if self.observe is not None and ready:
+            try:
+                self.observe(ready)
+            except Exception as error:  # noqa: BLE001 - metrics never cost a record
+                self._log_error(f"audit metrics of {self.model_name} failed: {error!r}")
+        return ready
+
     def _next_batch(self) -> list[PendingRecord | None]:
         """The next records to write (blocking; with a raised marker, health checks while idle)."""
         while True:
@@ -291,6 +334,9 @@ class AuditWriter:
             if not records:
                 continue
             queued = [r.fields.pop("_queued", time.perf_counter()) for r in records]
+            records = self._prepare(records)
+            if not records:
+                continue
             ok = self._write(records)
             if ok and self.marker is not None:
                 self.marker.clear()
