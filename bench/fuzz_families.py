@@ -222,13 +222,11 @@ def worker_pid(server: serve.Server) -> int | None:
 
 
 def wait_worker(server: serve.Server, timeout: float = 180) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        pid = worker_pid(server)
-        if pid:
-            return pid
-        time.sleep(0.5)
-    raise TimeoutError(f"{MODEL} has no READY worker after {timeout:.0f} s")
+    serve.wait_ready(server, [MODEL], timeout)
+    pid = worker_pid(server)
+    if pid is None:
+        raise TimeoutError(f"{MODEL} has a READY worker without a pid")
+    return pid
 
 
 def post(server: serve.Server, case: Case) -> tuple[int, Any]:

@@ -25,7 +25,7 @@ from model_store import serve
 from model_store.build import ArchiveSpec, build_archive
 from tests.helpers.browser import headless_chromium, require_chromium
 from tests.helpers.inputs import encode, square_image
-from tests.helpers.serving import AUDIT_LABELS
+from tests.helpers.serving import tiny_archive
 
 MODEL = "audit_pg"
 
@@ -34,16 +34,11 @@ MODEL = "audit_pg"
 def pg_server(postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[serve.Server, str]]:
     dsn = postgres.database("served")
     workdir = tmp_path_factory.mktemp("ts-pg")
-    spec = ArchiveSpec(
-        config={"handler": {"architecture": "timm/test_efficientnet", "target_layers": ["bn2"]}},
-        archive_name=MODEL,
-        allow_random_weights=True,
-        overrides={
-            "minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 20, "responseTimeout": 120,
-            "handler": {"labels": AUDIT_LABELS, "preprocessing": {"input_size": [64, 64]}, "top_k": 3,
-                        "audit": {"enabled": True, "sink": "postgres", "durability": "strict", "store_inputs": True,
-                                  "faithfulness": True}},
-        },
+    spec = tiny_archive(
+        MODEL,
+        {"minWorkers": 2, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 20, "responseTimeout": 120},
+        {"top_k": 3, "audit": {"enabled": True, "sink": "postgres", "durability": "strict", "store_inputs": True,
+                               "faithfulness": True}},
     )  # fmt: skip
     build_archive(spec, workdir / "model_store", log=lambda line: None)
     previous = os.environ.get("CAM_AUDIT_DSN")

@@ -54,17 +54,24 @@ AUDIT_LABELS = [f"class_{i}" for i in range(10)]
 (AUDIT_ROOT / "blocker").write_text("a file where the unwritable model's audit directory should go\n")
 
 
-def _audit_archive(name: str, audit: dict) -> ArchiveSpec:
+def tiny_archive(name: str, serving: dict, handler: dict) -> ArchiveSpec:
+    """A random-init timm ``test_efficientnet`` (64x64 input, CAMs at ``bn2``, the ten ``AUDIT_LABELS``):
+    ``serving`` its TorchServe settings (workers, batching, ``responseTimeout``), ``handler`` its handler
+    settings beyond those."""
     return ArchiveSpec(
         config={"handler": {"architecture": "timm/test_efficientnet", "target_layers": ["bn2"]}},
         archive_name=name,
         allow_random_weights=True,
-        overrides={
-            "minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20, "responseTimeout": 120,
-            "handler": {"labels": AUDIT_LABELS, "preprocessing": {"input_size": [64, 64]}, "top_k": 3,
-                        "methods": ["gradcam", "layercam"], "audit": {"enabled": True, **audit}},
-        },
-    )  # fmt: skip
+        overrides={**serving, "handler": {"labels": AUDIT_LABELS, "preprocessing": {"input_size": [64, 64]}, **handler}},
+    )
+
+
+def _audit_archive(name: str, audit: dict) -> ArchiveSpec:
+    return tiny_archive(
+        name,
+        {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 20, "responseTimeout": 120},
+        {"top_k": 3, "methods": ["gradcam", "layercam"], "audit": {"enabled": True, **audit}},
+    )
 
 
 TEST_ARCHIVES += [
@@ -202,15 +209,10 @@ MODEL_FILE_ARCHIVES = (OWN_MODEL_FILE, own_models.OWN_TORCHSERVE_FORMAT, own_mod
 # fits whatever this machine's seconds per pass (it would need under 7 us); the first, a Grad-CAM, always runs.
 BUDGET_MODEL = "budget_tiny"
 TEST_ARCHIVES.append(
-    ArchiveSpec(
-        config={"handler": {"architecture": "timm/test_efficientnet", "target_layers": ["bn2"]}},
-        archive_name=BUDGET_MODEL,
-        allow_random_weights=True,
-        overrides={
-            "minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1, "responseTimeout": 5,
-            "handler": {"labels": AUDIT_LABELS, "preprocessing": {"input_size": [64, 64]}, "max_targets": 10,
-                        "methods": ["gradcam", "occlusion"], "max_passes_per_request": 10_000_000,
-                        "attributions": {"max_windows": 4096, "max_passes": 100_000}},
-        },
+    tiny_archive(
+        BUDGET_MODEL,
+        {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1, "responseTimeout": 5},
+        {"max_targets": 10, "methods": ["gradcam", "occlusion"], "max_passes_per_request": 10_000_000,
+         "attributions": {"max_windows": 4096, "max_passes": 100_000}},
     )
 )  # fmt: skip
