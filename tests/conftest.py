@@ -87,7 +87,7 @@ def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     store = workdir / "model_store"
     names = build_cached([without_workers(spec) for spec in TEST_ARCHIVES], store)  # once per set of inputs
     ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
-    config = session_config(serve.REPO_ROOT / "config.properties", names, workdir / "session.properties")
+    config = session_config(serve.REPO_ROOT / "config.properties", store, names, workdir / "session.properties")
     try:
         running = serve.start(workdir, store, names, ports=ports, timeout=240, base_config=config, wait_for=[])
         workers = Workers(running, names)

@@ -7,13 +7,17 @@ each), sampled by a daemon thread (every half second, or less often where a samp
 core: reading smaps_rollup walks page tables), so that shared libraries count once. The same thread
 adds up the CPU seconds the tree used (user + system, per process since the last sample) and charges them to
 the file then running: on a machine shared with other jobs, CPU seconds compare better than wall time. The
-PSS of pytest alone at the end of each file shows what a file leaves behind in the test process. The budget the
+PSS of pytest alone at the end of each file shows what a file leaves behind in the test process, after garbage
+collection and ``malloc_trim`` (done between files). The budget the
 project keeps (``docs/contributing.md``): ``make test`` within 5 minutes and 6 GB PSS on a quiet 2-core
 machine. Loaded by ``tests/conftest.py``; ``pytest -p no:tests.helpers.budget`` turns it off.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import threading
 import time
@@ -21,6 +25,19 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand glibc's free heap pages back to the system (``malloc_trim``): the models and
+    tensors a test file dropped otherwise stay in pytest's heap, fragmented, for the rest of the run."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # not glibc
+    _LIBC = None
 
 
 def _children() -> dict[int, list[int]]:
@@ -82,6 +99,20 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
+_WORKER: dict[tuple[int, str], bool] = {}  # (pid, start time) -> a TorchServe Python worker
+
+
+def _worker_key(pid: int) -> tuple[int, str] | None:
+    """(pid, start time) of a TorchServe Python worker, else None (each process's command line read once)."""
+    try:
+        key = pid, Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        if key not in _WORKER:
+            _WORKER[key] = b"model_service_worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return None
+    return key if _WORKER[key] else None
+
+
 def cpu_seconds(pid: int, children: bool = False) -> float:
     """User + system CPU seconds of ``pid`` (and of its reaped children with ``children``); 0 once gone."""
     try:
@@ -106,6 +137,8 @@ class Budget:
         self.cpu: dict[str, float] = defaultdict(float)
         self.own_pss: dict[str, int] = {}
         self._cpu_seen: dict[int, float] = {}
+        self.workers: dict[tuple[int, str], float] = {}  # TorchServe workers seen (pid, start time) -> CPU seconds
+        self.started_workers: dict[str, int] = defaultdict(int)  # file -> TorchServe workers first seen during it
         self.peak = (0, "")
         self.current = ""
         self._stop = threading.Event()
@@ -127,6 +160,11 @@ class Budget:
                 now = cpu_seconds(pid, children=pid == os.getpid())
                 used += max(0.0, now - self._cpu_seen.get(pid, 0.0))
                 self._cpu_seen[pid] = now
+                worker = _worker_key(pid)
+                if worker is not None:
+                    if worker not in self.workers:
+                        self.started_workers[current.split("::", 1)[0] or "collection"] += 1
+                    self.workers[worker] = now
             self.cpu[current.split("::", 1)[0] or "collection"] += used
             # smaps_rollup walks page tables (~60 ms for a TorchServe worker): at most a tenth of a core
             pause = max(0.5, 10 * (time.process_time() - began))
@@ -139,6 +177,7 @@ class Budget:
         name = item.nodeid.split("::", 1)[0]
         self.per_file[name] += time.monotonic() - start
         if nextitem is None or nextitem.nodeid.split("::", 1)[0] != name:
+            release_freed_memory()  # between files: what a file dropped leaves pytest (~0.3-0.5 GB by the end)
             self.own_pss[name] = pss_bytes(os.getpid())
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
@@ -149,12 +188,15 @@ class Budget:
         write = terminalreporter.write_line
         shown = None if os.environ.get("BUDGET_FILES") == "all" else 12
         terminalreporter.section(f"budget: wall time per file ({'all' if shown is None else 'slowest 12; BUDGET_FILES=all for every file'}) and peak memory")
-        write("   wall    CPU  pytest PSS after")
+        write("   wall    CPU  pytest PSS after  workers started")
         for name, seconds in sorted(self.per_file.items(), key=lambda kv: -kv[1])[:shown]:
-            write(f"{seconds:7.1f}{self.cpu.get(name, 0.0):7.1f} s {self.own_pss.get(name, 0) / 2**30:5.2f} GiB  {name}")
+            write(f"{seconds:7.1f}{self.cpu.get(name, 0.0):7.1f} s {self.own_pss.get(name, 0) / 2**30:5.2f} GiB"
+                  f" {self.started_workers.get(name, 0):3d}  {name}")
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         write(f"CPU of the tree {sum(self.cpu.values()):.0f} s (set-up before the first test"
               f" {self.cpu.get('collection', 0.0):.0f} s); load average {load:.1f} at the end")
+        write(f"TorchServe workers started {len(self.workers)}, their CPU {sum(self.workers.values()):.0f} s"
+              f" (each starts with ~5 CPU-s of imports: torch, torchvision)")
         write(f"session {wall:.0f} s wall; peak PSS of pytest and its children {self.peak[0] / 2**30:.2f} GiB"
               f" (during {self.peak[1] or 'collection'})")
 

@@ -1,10 +1,10 @@
 """The session TorchServe's workers, started on demand: memory for the few models a module uses, not all.
 
-Every test archive is registered at start-up with no worker (``minWorkers: 0`` in the archive and in the
-session's ``config.properties``, so neither the archive nor ``default_workers_per_model`` starts one).
+Every test archive is registered at start-up with no worker (a ``model_snapshot`` in the session's
+``config.properties``: :func:`session_config`).
 Before a test module runs, the module-scoped ``server`` fixture (``tests/conftest.py``) scales the models
 that module uses to one worker (the scale-workers API, which stays on with the model API off) and, beyond
-``capacity`` live workers (``$TEST_SERVER_WORKERS``, 5 by default: about 0.45 GB each), scales the least
+``capacity`` live workers (``$TEST_SERVER_WORKERS``, 3 by default: about 0.6 GB PSS each), scales the least
 recently used others back to none. The models a module uses are the ``serves`` marker's, else every archive
 name or ``tests/helpers/serving.py`` constant for one that the module's source names, else all of them.
 """
@@ -17,15 +17,18 @@ import re
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
+import yaml
+
 from model_store.build import ArchiveSpec
 from model_store.serve import Server, wait_ready
 
-CAPACITY = int(os.environ.get("TEST_SERVER_WORKERS", "5"))
+CAPACITY = int(os.environ.get("TEST_SERVER_WORKERS", "3"))
 
 
 def without_workers(spec: object) -> object:
@@ -37,10 +40,29 @@ def without_workers(spec: object) -> object:
     return replace(spec, overrides={**(spec.overrides or {}), "minWorkers": 0, "maxWorkers": 1})
 
 
-def session_config(base: Path, names: list[str], path: Path) -> Path:
-    """``base`` plus a ``models`` entry per archive with no worker at start-up."""
-    models = {name: {"1.0": {"minWorkers": 0, "maxWorkers": 1}} for name in names}
-    path.write_text(base.read_text().rstrip("\n") + "\nmodels=" + json.dumps(models) + "\n")
+def _serving_settings(archive: Path) -> dict[str, int]:
+    """The worker settings an archive's own ``model-config.yaml`` gives (TorchServe's defaults where it is silent)."""
+    with zipfile.ZipFile(archive) as mar:
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+        name = (manifest.get("model") or {}).get("configFile")
+        given = (yaml.safe_load(mar.read(name)) or {}) if name and name in mar.namelist() else {}
+    settings = {"batchSize": int(given.get("batchSize", 1)), "maxBatchDelay": int(given.get("maxBatchDelay", 100))}
+    settings.update({key: int(given[key]) for key in ("responseTimeout", "startupTimeout") if key in given})
+    return settings
+
+
+def session_config(base: Path, store: Path, names: list[str], path: Path) -> Path:
+    """``base`` plus a ``model_snapshot`` registering every archive with no worker.
+
+    TorchServe reads ``minWorkers: 0`` in an archive or in ``models=`` as "use ``default_workers_per_model``",
+    which cannot be 0 either (0 means one per core): every archive would start a worker at start-up (19 of
+    them, ~5 CPU-s and 0.6 GB each, stopped again seconds later). A model snapshot restores its counts as
+    given, so the snapshot's models start none; it carries each archive's batching, which it would otherwise
+    reset."""
+    models = {name: {"1.0": {"defaultVersion": True, "marName": f"{name}.mar", "minWorkers": 0, "maxWorkers": 1,
+                             **_serving_settings(store / f"{name}.mar")}} for name in names}  # fmt: skip
+    snapshot = {"name": "session.cfg", "modelCount": len(models), "created": 0, "models": models}
+    path.write_text(base.read_text().rstrip("\n") + "\nmodel_snapshot=" + json.dumps(snapshot) + "\n")
     return path
 
 
