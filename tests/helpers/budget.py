@@ -5,7 +5,8 @@ nginx, subprocess suites).
 Memory is summed as PSS from ``/proc/<pid>/smaps_rollup`` (a page shared by N processes counts 1/N in
 each), sampled by a daemon thread (every half second, or less often where a sample costs more than a tenth of a
 core: reading smaps_rollup walks page tables), so that shared libraries count once. The same thread
-adds up the CPU seconds the tree used (user + system, per process since the last sample) and charges them to
+adds up the CPU seconds the tree used (user + system, per process since the last sample; a process that lives
+less than one sample is missed) and charges them to
 the file then running: on a machine shared with other jobs, CPU seconds compare better than wall time. The
 PSS of pytest alone at the end of each file shows what a file leaves behind in the test process, after garbage
 collection and ``malloc_trim`` (done between files). The budget the
@@ -113,14 +114,13 @@ def _worker_key(pid: int) -> tuple[int, str] | None:
     return key if _WORKER[key] else None
 
 
-def cpu_seconds(pid: int, children: bool = False) -> float:
-    """User + system CPU seconds of ``pid`` (and of its reaped children with ``children``); 0 once gone."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` itself; 0 once gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return 0.0
-    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_pss_bytes(root: int, directory: str | None = None) -> int:
@@ -157,7 +157,7 @@ class Budget:
                 self.peak = (pss, current)
             used = 0.0
             for pid in pids:
-                now = cpu_seconds(pid, children=pid == os.getpid())
+                now = cpu_seconds(pid)  # not pytest's reaped children: sampled while alive, they would count twice
                 used += max(0.0, now - self._cpu_seen.get(pid, 0.0))
                 self._cpu_seen[pid] = now
                 worker = _worker_key(pid)
