@@ -17,6 +17,7 @@ import yaml
 from captum import attr
 from PIL import Image
 
+from cam_engine.targets import ClassifierOutputTarget
 from handlers.config import ConfigError, HandlerConfig
 from handlers.serving import attributions, fast_forward
 from handlers.serving.codec import decode_image
@@ -120,7 +121,7 @@ def test_layer_ig_runs_the_tail_only_where_that_equals_captums_class(handler) ->
         method = attributions.CaptumMethod("layer_integrated_gradients", model, layer,
                                            attributions.AttributionConfig(n_steps=4), preprocessing)
         assert method.truncated is truncated
-        result = method.run(x, [[SimpleNamespace(category=3)], [SimpleNamespace(category=1)]])
+        result = method.run(x, [[ClassifierOutputTarget(3)], [ClassifierOutputTarget(1)]])
         base = attributions.make_baselines("black", x, preprocessing.mean, preprocessing.std)
         a = attr.LayerIntegratedGradients(model, layer).attribute(x, baselines=base, target=[3, 1], n_steps=4, internal_batch_size=16)
         expected = a.sum(1)

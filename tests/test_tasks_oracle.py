@@ -395,3 +395,16 @@ def test_segmentation_heatmap_falls_on_the_object() -> None:
         images[:8], [PredictedRegionTarget((int(c) + 1) % 3 + 1) for c in labels[:8]]
     )
     assert float(absent.max()) == 0.0
+
+
+def test_class_of_names_the_explained_class_for_the_audit_and_captum() -> None:
+    """One place says which class a target explains: a given class is its category; "the top class" is each
+    image's own arg-max (not the batch's); a non-class target (a box) names none."""
+    from cam_engine.targets import ClassifierOutputTarget
+    from handlers.tasks.targets import RankedBoxTarget, TopClassTarget, class_of
+
+    scores = torch.tensor([[0.1, 2.0, 0.3], [5.0, 0.2, 0.1]])
+    assert [class_of(TopClassTarget(), scores, row) for row in (0, 1)] == [1, 0]
+    assert class_of(ClassifierOutputTarget(2), scores, 0) == 2
+    assert class_of(RankedBoxTarget(0), scores, 0) is None
+    assert class_of(TopClassTarget(), {"boxes": scores}, 0) is None  # scores that are not class scores

@@ -57,7 +57,7 @@ schema), :mod:`~handlers.audit.writer` (the writer thread), :mod:`~handlers.audi
 
 from __future__ import annotations
 
-from .auditor import TOP_CLASS, Auditor
+from .auditor import Auditor
 from .sinks import DB_NAME, JSON_COLUMNS, PendingRecord, SqliteSink, StdoutSink, resolve_directory
 from .summary import REMOVED_FRACTION, TOP_MASS_FRACTION, heatmap_summary, remove_top_pixels
 from .writer import SHUTDOWN_FLUSH_S, AuditWriter
@@ -75,6 +75,5 @@ __all__ = [
     "JSON_COLUMNS",
     "REMOVED_FRACTION",
     "SHUTDOWN_FLUSH_S",
-    "TOP_CLASS",
     "TOP_MASS_FRACTION",
 ]

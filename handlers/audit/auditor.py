@@ -22,6 +22,7 @@ from cam_engine.targets import ClassifierOutputTarget
 from handlers.config import AUDIT_SINKS, AuditConfig, HandlerConfig
 from handlers.serving.batch import header
 from handlers.tasks.registry import TaskResult
+from handlers.tasks.targets import class_of
 
 from .metrics import FAITHFULNESS_SECONDS, OVERHEAD_SECONDS, AuditMetrics
 from .postgres import PostgresSink, resolve_dsn
@@ -30,12 +31,11 @@ from .status import UnavailableMarker
 from .summary import REMOVED_FRACTION, confidence, remove_top_pixels, summarise
 from .writer import SHUTDOWN_FLUSH_S, AuditWriter
 
-__all__ = ["AuditedHandler", "Auditor", "TOP_CLASS", "SINK_VARIABLE", "deployed_config"]
+__all__ = ["AuditedHandler", "Auditor", "SINK_VARIABLE", "deployed_config"]
 
 logger = logging.getLogger(__name__)
 
 #: the ``kind`` of a target that names the image's own top class (resolved to that class in the record)
-TOP_CLASS = "top_class"
 
 
 #: the environment variable that switches every audited model's sink (the Kubernetes component audit-postgres)
@@ -118,8 +118,8 @@ class Auditor:
     ``handler``: the handler it observes, read through these attributes only: ``config`` (its
     ``audit`` and ``explanation`` sections), ``model_name``, ``version``, ``weights_source``,
     ``labels``, ``model``, ``context``, ``targets_for(request)`` and ``explanation_meta(request)``.
-    ``metrics``: ``(cache, MetricTypes)`` of TorchServe, or None. A target whose ``kind`` is
-    ``"top_class"`` names the image's own top class; the record names that class.
+    ``metrics``: ``(cache, MetricTypes)`` of TorchServe, or None. A record names the class a target explained
+    (:func:`~handlers.tasks.targets.class_of`: the image's own top class for "the top class").
 
     Disabled (``handler.audit.enabled: false``, the default), both calls return at once.
     """
@@ -316,11 +316,9 @@ class Auditor:
     def _describe_target(self, target: Any, scores: Any, row: int) -> tuple[Any, dict[str, Any]]:
         """(a target fixed to a class where it named "the top class", its JSON description)."""
         labels = self.handler.labels
-        index = getattr(target, "category", None)
-        if index is None and getattr(target, "kind", None) == TOP_CLASS and isinstance(scores, torch.Tensor):
-            index = int(scores[row].reshape(-1).argmax())
+        index = class_of(target, scores, row)
+        if index is not None:
             target = ClassifierOutputTarget(index)
-        if isinstance(index, int):
             label = labels[index] if 0 <= index < len(labels) else None
             return target, {"target": index, "label": label}
         return target, {"target": repr(target), "label": None}

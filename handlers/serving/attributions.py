@@ -43,6 +43,7 @@ from handlers.config import ConfigError
 from handlers.serving.errors import RequestError, quote
 from handlers.serving.options import option_names, read_options
 from handlers.settings import boolean, choice, integer, read_section, setting, unit
+from handlers.tasks.targets import class_of
 
 __all__ = [
     "METHODS",
@@ -342,9 +343,7 @@ class CaptumMethod:
         pairs, classes = [], []
         for image, image_targets in enumerate(targets):
             for position, target in enumerate(image_targets):
-                category = getattr(target, "category", None)
-                if category is None and getattr(target, "kind", None) == "top_class":
-                    category = int(scores[image].argmax())
+                category = class_of(target, scores, image)
                 if category is None:
                     raise ValueError(f"{self.name} explains class targets only, got {quote(target)}")
                 pairs.append((image, position))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from cam_engine.targets import FasterRCNNBoxScoreTarget, SemanticSegmentationTarget
+from cam_engine.targets import ClassifierOutputTarget, FasterRCNNBoxScoreTarget, SemanticSegmentationTarget
 
-__all__ = ["TopClassTarget", "RankedBoxTarget", "PredictedRegionTarget", "ranked_detections", "region_class", "SumTarget"]
+__all__ = ["TopClassTarget", "RankedBoxTarget", "PredictedRegionTarget", "ranked_detections", "region_class", "SumTarget",
+           "class_of"]  # fmt: skip
 
 
 class TopClassTarget:
@@ -22,13 +23,27 @@ class TopClassTarget:
     Lets one batched ``cam.run`` explain "the top class" for some images and given classes for others.
     """
 
-    kind = "top_class"  # what the audit observer reads (handlers.audit.TOP_CLASS)
-
     def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
         return model_output.max(dim=-1).values
 
+    @staticmethod
+    def resolve(scores: torch.Tensor, row: int) -> int:
+        """The class this target names for image ``row`` of the class scores ``[B, C]``: its arg-max."""
+        return int(scores[row].reshape(-1).argmax())
+
     def __repr__(self) -> str:
         return "TopClassTarget()"
+
+
+def class_of(target: object, scores: object, row: int) -> int | None:
+    """The class a classifier target names for image ``row`` of ``scores`` (the batch's class scores): a
+    ``ClassifierOutputTarget``'s category, the top class's arg-max (where ``scores`` is a tensor); None for
+    any other target. The one place the audit and the Captum attributions learn which class was explained."""
+    if isinstance(target, ClassifierOutputTarget):
+        return int(target.category)
+    if isinstance(target, TopClassTarget) and isinstance(scores, torch.Tensor):
+        return target.resolve(scores, row)
+    return None
 
 
 def ranked_detections(output: dict[str, torch.Tensor]) -> torch.Tensor:
