@@ -18,8 +18,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.linalg import spsolve
 
 from .perturbation_confidence import (
     AveragerAcrossThresholds,
@@ -77,6 +75,8 @@ def imputation_system(mask: np.ndarray, image: np.ndarray):
     a_rows.append(np.arange(count))
     a_cols.append(np.arange(count))
     a_vals.append(-diagonal)
+    from scipy.sparse import coo_matrix  # here, not at import: scipy costs every server worker ~0.4 s to load
+
     matrix = coo_matrix(
         (np.concatenate(a_vals), (np.concatenate(a_rows), np.concatenate(a_cols))), shape=(count, count)
     ).tocsc()
@@ -101,6 +101,8 @@ class NoisyLinearImputer:
             return img.clone()
         matrix, b, missing = imputation_system(mask_np, flat.numpy().reshape(img.shape))
         if (mask_np > 0.5).any():
+            from scipy.sparse.linalg import spsolve
+
             solution = spsolve(matrix, b)
             res = torch.tensor(np.asarray(solution).reshape(len(missing), -1), dtype=torch.float)
         else:
