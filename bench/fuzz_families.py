@@ -48,7 +48,7 @@ from handlers.tasks.classifier import ClassifierHandler  # noqa: E402
 from model_store import serve  # noqa: E402
 from tests.helpers.archive_cache import build_cached  # noqa: E402
 from tests.helpers.images import ALLOWED_SAVES, jpeg_header_only, photo, save  # noqa: E402
-from tests.helpers.inputs import bad_payloads  # noqa: E402
+from tests.helpers.inputs import b64, bad_payloads  # noqa: E402
 from tests.helpers.serving import BATCH_LABELS, BATCH_MODEL, TEST_ARCHIVES  # noqa: E402
 
 MODEL = BATCH_MODEL
@@ -80,10 +80,6 @@ class Family:
     unexpected: list[str] = field(default_factory=list)
     restarts: int = 0
     cut: int = 0  # cases not sent: the family's time ran out
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def route(kind: str, explain: bool = False) -> str:

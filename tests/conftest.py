@@ -81,11 +81,11 @@ def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from model_store import serve
     from tests.helpers.archive_cache import build_cached
     from tests.helpers.serving import TEST_ARCHIVES
-    from tests.helpers.workers import Workers, session_config, without_workers
+    from tests.helpers.workers import Workers, session_config
 
     workdir = tmp_path_factory.mktemp("torchserve")
     store = workdir / "model_store"
-    names = build_cached([without_workers(spec) for spec in TEST_ARCHIVES], store)  # once per set of inputs
+    names = build_cached(TEST_ARCHIVES, store)  # once per set of inputs
     ports = {api: serve.free_port() for api in serve.PORT_VARIABLES}
     config = session_config(serve.REPO_ROOT / "config.properties", store, names, workdir / "session.properties")
     try:

@@ -35,9 +35,6 @@ __all__ = ["AuditedHandler", "Auditor", "SINK_VARIABLE", "deployed_config"]
 
 logger = logging.getLogger(__name__)
 
-#: the ``kind`` of a target that names the image's own top class (resolved to that class in the record)
-
-
 #: the environment variable that switches every audited model's sink (the Kubernetes component audit-postgres)
 SINK_VARIABLE = "CAM_AUDIT_SINK"
 

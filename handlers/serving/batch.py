@@ -240,7 +240,5 @@ def answer_units(
             handler.audit.record(run, batch, outputs, cams, results)
         else:
             audit_later.append((run, batch, outputs, cams, results))
-    if any(answer is None for answer in answers):
-        missing = (500, protocols.error_body(500, "InternalError", "no answer was built for this image"))
-        return [answer if answer is not None else missing for answer in answers]
-    return [answer for answer in answers if answer is not None]
+    missing = (500, protocols.error_body(500, "InternalError", "no answer was built for this image"))
+    return [answer if answer is not None else missing for answer in answers]

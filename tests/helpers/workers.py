@@ -19,25 +19,14 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections import OrderedDict
-from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
 import yaml
 
-from model_store.build import ArchiveSpec
 from model_store.serve import Server, wait_ready
 
 CAPACITY = int(os.environ.get("TEST_SERVER_WORKERS", "3"))
-
-
-def without_workers(spec: object) -> object:
-    """``spec`` whose archive starts no worker of its own (``minWorkers: 0``: TorchServe then takes the
-    count from ``config.properties``). Other servers started from the session's store (their own
-    ``default_workers_per_model=1``) still get one."""
-    if not isinstance(spec, ArchiveSpec):
-        return spec
-    return replace(spec, overrides={**(spec.overrides or {}), "minWorkers": 0, "maxWorkers": 1})
 
 
 def _serving_settings(archive: Path) -> dict[str, int]:
